@@ -1,0 +1,50 @@
+"""Functional access to nested param dicts by key path."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from sensprune.types import Layer, Path
+
+
+def get_path(tree: Mapping[str, Any], path: Path) -> Any:
+    """Returns ``tree[path[0]][path[1]]...``; KeyError names the full path."""
+    node = tree
+    for i, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError(
+                f"path {'/'.join(path)!r} not found in the params tree "
+                f"(missing {key!r} at depth {i})"
+            )
+        node = node[key]
+    return node
+
+
+def set_path(tree: Mapping[str, Any], path: Path, value: Any) -> dict:
+    """Returns a copy of ``tree`` with the leaf at ``path`` replaced (no mutation)."""
+    if not path:
+        return value
+    head, *rest = path
+    if head not in tree:
+        raise KeyError(f"path {'/'.join(path)!r} not found in the params tree")
+    out = dict(tree)
+    out[head] = set_path(tree[head], tuple(rest), value)
+    return out
+
+
+def kernel_path(layer: Layer) -> Path:
+    """Path of a layer's kernel leaf in the params tree."""
+    return layer.path + ("kernel",)
+
+
+def bias_path(layer: Layer) -> Path:
+    """Path of a layer's bias leaf in the params tree."""
+    return layer.path + ("bias",)
+
+
+def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
+    return get_path(params, kernel_path(layer))
+
+
+def set_kernel(params: Mapping[str, Any], layer: Layer, value: Any) -> dict:
+    return set_path(params, kernel_path(layer), value)

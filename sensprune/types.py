@@ -1,0 +1,131 @@
+"""Plain data types shared by every sensprune module.
+
+Params, masks, sensitivities and scales are ordinary pytrees / dicts of arrays.
+A prunable layer is identified by ``Layer.path``: the tuple of keys that leads
+to its module in the params tree (the kernel lives at ``path + ('kernel',)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+
+Path = tuple[str, ...]
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """Static description of one prunable Dense or Conv layer.
+
+    Attributes:
+      path: keys of the module in the params tree, e.g. ``('block1', 'Conv_0')``.
+      kind: ``'dense'`` or ``'conv'``.
+      kernel_shape: shape of the kernel leaf. Dense: ``(in, out)``; Conv:
+        ``(*window, in, out)`` (Flax's HWIO layout).
+      use_bias: whether the layer has a bias leaf.
+      input_shape: per-sample shape of the layer input (without batch axis).
+      output_shape: per-sample shape of the layer output (without batch axis).
+      strides, padding, input_dilation, kernel_dilation: conv geometry, already
+        resolved to explicit tuples; ``padding`` is a tuple of ``(low, high)``
+        pairs. Empty tuples for Dense layers.
+      order: position of the layer in the forward pass (0 = first call).
+    """
+
+    path: Path
+    kind: str
+    kernel_shape: tuple[int, ...]
+    use_bias: bool
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    strides: tuple[int, ...] = ()
+    padding: tuple[tuple[int, int], ...] = ()
+    input_dilation: tuple[int, ...] = ()
+    kernel_dilation: tuple[int, ...] = ()
+    order: int = 0
+
+    @property
+    def name(self) -> str:
+        """Human-readable path, e.g. ``'block1/Conv_0'``."""
+        return "/".join(self.path)
+
+    @property
+    def in_channels(self) -> int:
+        return self.kernel_shape[-2]
+
+    @property
+    def out_channels(self) -> int:
+        return self.kernel_shape[-1]
+
+    @property
+    def window_size(self) -> int:
+        """Number of kernel positions (kappa in the papers; 1 for Dense)."""
+        size = 1
+        for k in self.kernel_shape[:-2]:
+            size *= k
+        return size
+
+    @property
+    def num_patches(self) -> int:
+        """Output positions per sample (P in the papers; 1 for Dense)."""
+        size = 1
+        for k in self.output_shape[:-1]:
+            size *= k
+        return size
+
+    @property
+    def num_neurons(self) -> int:
+        """Output entries per sample (eta_l in the papers)."""
+        return self.num_patches * self.out_channels
+
+    @property
+    def kernel_size(self) -> int:
+        size = 1
+        for k in self.kernel_shape:
+            size *= k
+        return size
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    """Empirical sensitivities of one layer, maxima over every point of S.
+
+    Attributes:
+      weight: kernel-shaped, sensitivity of each weight (SiPP), >= 0.
+      channel: shape ``(in_channels,)``, sensitivity of each input channel (PFP).
+    """
+
+    weight: jax.Array
+    channel: jax.Array
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What :func:`sensprune.prune` returns.
+
+    Attributes:
+      params: pruned params (masked, and reweighted for sampling methods).
+      masks: bool pytree with the structure of params (True = kept).
+      keep_ratio: achieved fraction of nonzero parameters vs. the reference
+        (dense) count, biases and norm parameters included.
+      target_keep_ratio: the requested keep ratio.
+      layer_kept: kept kernel entries per layer, by layer name.
+      layer_total: kernel entries per layer, by layer name.
+      flops: multiply-accumulates of the pruned model (per sample).
+      flops_dense: same for the dense reference.
+      sensitivities: per-layer sensitivities (or scores) used, by layer name.
+      info: method-specific extras (epsilon, sample counts, ...).
+    """
+
+    params: PyTree
+    masks: PyTree
+    keep_ratio: float
+    target_keep_ratio: float
+    layer_kept: Mapping[str, int]
+    layer_total: Mapping[str, int]
+    flops: int
+    flops_dense: int
+    sensitivities: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
