@@ -1,0 +1,75 @@
+"""sensprune: provable, sensitivity-based pruning (SiPP, PFP) for JAX/Flax.
+
+Typical use::
+
+    import sensprune as sp
+    result = sp.prune(model, variables, points, method="pfp", keep_ratio=0.3, key=key)
+    tx = sp.masked(optax.sgd(0.01, momentum=0.9), result.masks)
+
+Everything works on plain pytrees: params, masks (bool, True = kept) and
+sensitivities keyed by layer name.
+"""
+
+from sensprune.budget import search_budget, validate_keep_ratio
+from sensprune.context import PruneContext
+from sensprune.counting import (
+    count_nonzero,
+    count_params,
+    dense_flops,
+    flops,
+    layer_nonzero,
+    sample_size,
+)
+from sensprune.layers import capture_inputs, find_layers
+from sensprune.masking import (
+    apply_masks,
+    check_same_structure,
+    get_masks,
+    intersect_masks,
+    masked,
+    nonzero_masks,
+    ones_like_masks,
+    set_masks,
+)
+from sensprune.registry import Method, Selection, available_methods, get_method, register_method
+from sensprune.sensitivity import compute_sensitivities, layer_sensitivity
+
+# Importing the method modules registers them.
+from sensprune import pfp, sipp  # noqa: F401  isort: skip
+from sensprune.prune import prune  # isort: skip
+from sensprune.types import Layer, LayerSensitivity, PruneResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layer",
+    "LayerSensitivity",
+    "Method",
+    "PruneContext",
+    "PruneResult",
+    "Selection",
+    "apply_masks",
+    "available_methods",
+    "capture_inputs",
+    "check_same_structure",
+    "compute_sensitivities",
+    "count_nonzero",
+    "count_params",
+    "dense_flops",
+    "find_layers",
+    "flops",
+    "get_masks",
+    "get_method",
+    "intersect_masks",
+    "layer_nonzero",
+    "layer_sensitivity",
+    "masked",
+    "nonzero_masks",
+    "ones_like_masks",
+    "prune",
+    "register_method",
+    "sample_size",
+    "search_budget",
+    "set_masks",
+    "validate_keep_ratio",
+]

@@ -1,0 +1,123 @@
+"""Building blocks shared by the experiment configs (configs are data)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import ml_collections
+
+
+def training(
+    num_epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 0.1,
+    warmup: int = 0,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 1e-4,
+    augment: str = "none",
+) -> ml_collections.ConfigDict:
+    """A training schedule (the fields of ``experiments.train.TrainConfig``)."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_milestones=list(lr_milestones),
+            lr_gamma=lr_gamma,
+            warmup=warmup,
+            optimizer=optimizer,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            augment=augment,
+            dtype="float32",
+            max_steps_per_epoch=-1,  # -1: no cap (smoke tests set a small number)
+            start_epoch=0,
+        )
+    )
+
+
+def geometric(max_val: float, min_val: float, num: int) -> dict[str, Any]:
+    return dict(type="geometric", num_intervals=num, max_val=max_val, min_val=min_val)
+
+
+def linear(max_val: float, min_val: float, num: int) -> dict[str, Any]:
+    return dict(type="linear", num_intervals=num, max_val=max_val, min_val=min_val)
+
+
+def experiment(
+    *,
+    network: str,
+    dataset: str,
+    train: ml_collections.ConfigDict,
+    retrain_overrides: Optional[dict[str, Any]] = None,
+    methods: Sequence[str],
+    spacing: Sequence[dict[str, Any]],
+    mode: str = "cascade",
+    retrain_iterations: int = -1,
+    num_nets: int = 1,
+    num_repetitions: int = 1,
+    delta_s: float = 1e-16,
+    c_constant: float = 3.0,
+    plot_min: float = 0.02,
+    plot_max: float = 0.85,
+    data_dir: Optional[str] = None,
+    eval_batch_size: int = 500,
+) -> ml_collections.ConfigDict:
+    """The full experiment config; every field can be overridden with --config.x=y."""
+    retrain = ml_collections.ConfigDict(train.to_dict())
+    retrain.update(retrain_overrides or {})
+    config = ml_collections.ConfigDict()
+    config.network = network
+    config.seed = 0
+    config.dataset = ml_collections.ConfigDict(
+        dict(name=dataset, data_dir=data_dir or "", valid_fraction=0.1, max_train=-1, max_test=-1)
+    )
+    config.training = train
+    config.retraining = retrain
+    config.experiments = ml_collections.ConfigDict(
+        dict(
+            methods=list(methods),
+            mode=mode,
+            num_nets=num_nets,
+            num_repetitions=num_repetitions,
+            spacing=[dict(s) for s in spacing],
+            retrain_iterations=retrain_iterations,
+            plotting=dict(min_val=plot_min, max_val=plot_max),
+        )
+    )
+    config.coresets = ml_collections.ConfigDict(
+        dict(delta_s=delta_s, c_constant=c_constant, size=-1, chunk_size=32)
+    )
+    config.eval_batch_size = eval_batch_size
+    config.multihost = False
+    return config
+
+
+# Method lists of the reference's experiment files (display names in parentheses):
+# PFPNet (pfp), FilterThresNet (ft), SiPPNet (sipp), ThresNet (wt), SnipNet (snip).
+ORIGINAL_METHODS = ("pfp", "ft", "sipp", "wt", "snip")
+SIPP_METHODS = ("sipp", "sipp_rand", "sipp_hybrid", "wt", "snip")
+PFP_METHODS = ("pfp", "ft", "softnet", "thinet")
+
+# Reference training schedules (torchprune_reference.md, section 2).
+CIFAR_RESNET = dict(num_epochs=182, batch_size=128, learning_rate=0.1, lr_milestones=(91, 136), lr_gamma=0.1,
+                    warmup=5, momentum=0.9, weight_decay=1e-4, augment="cifar")
+CIFAR_VGG = dict(num_epochs=300, batch_size=256, learning_rate=0.05, lr_milestones=tuple(range(30, 300, 30)),
+                 lr_gamma=0.5, warmup=10, momentum=0.9, weight_decay=5e-4, augment="cifar")
+CIFAR_WRN = dict(num_epochs=200, batch_size=128, learning_rate=0.1, lr_milestones=(60, 120, 160), lr_gamma=0.2,
+                 warmup=5, momentum=0.9, nesterov=True, weight_decay=5e-4, augment="cifar")
+CIFAR_DENSENET = dict(num_epochs=300, batch_size=64, learning_rate=0.1, lr_milestones=(150, 225), lr_gamma=0.1,
+                      warmup=10, momentum=0.9, nesterov=True, weight_decay=1e-4, augment="cifar")
+IMAGENET_RESNET = dict(num_epochs=90, batch_size=256, learning_rate=0.1, lr_milestones=(30, 60, 80), lr_gamma=0.1,
+                       warmup=5, momentum=0.9, weight_decay=1e-4, augment="imagenet")
+IMAGENET_VGG = dict(num_epochs=90, batch_size=16, learning_rate=0.01, lr_milestones=(30, 60, 80), lr_gamma=0.1,
+                    warmup=5, momentum=0.9, weight_decay=5e-4, augment="imagenet")
+IMAGENET_WRN = dict(num_epochs=90, batch_size=128, learning_rate=0.1, lr_milestones=(30, 60, 80), lr_gamma=0.1,
+                    warmup=5, momentum=0.9, nesterov=True, weight_decay=5e-4, augment="imagenet")
+MNIST_LENET = dict(num_epochs=40, batch_size=64, learning_rate=0.01, lr_milestones=(30, 45), lr_gamma=0.1,
+                   warmup=0, momentum=0.9, weight_decay=1e-4)

@@ -1,0 +1,35 @@
+"""WT: global magnitude pruning (Han et al. 2015, "Deep Compression").
+
+Every alive kernel entry of every prunable layer is scored by ``|w|`` and the
+``B`` largest over the whole network are kept (one global threshold). Already
+pruned (zero) entries are never revived. No data and no reweighting are used;
+the reference's extra per-row top-k step selects the same set, so it is not
+repeated here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import numpy as np
+
+from sensprune import registry, selection
+from sensprune.context import PruneContext
+
+
+def scores(ctx: PruneContext) -> dict[str, np.ndarray]:
+    """Layer name -> ``|kernel|`` (cached)."""
+    if "wt_scores" not in ctx.cache:
+        ctx.cache["wt_scores"] = {name: np.abs(k) for name, k in ctx.kernels().items()}
+    return ctx.cache["wt_scores"]
+
+
+def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
+    """Keeps the ``budget`` alive kernel entries of largest magnitude over all layers."""
+    s = scores(ctx)
+    masks = selection.global_topk(s, ctx.alive(), budget)
+    return registry.Selection(masks=masks, scores=s)
+
+
+registry.register_method("wt", select, description="WT: global magnitude pruning, top-B |w| over all layers")

@@ -1,0 +1,175 @@
+"""The one entry point: ``prune(model, variables, data, method=..., keep_ratio=...)``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from sensprune import budget as budget_lib
+from sensprune import counting, masking, paths, registry
+from sensprune.context import PruneContext
+from sensprune.types import Layer, PruneResult
+
+
+def default_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
+
+
+def _as_points(data: Any) -> np.ndarray:
+    if isinstance(data, (list, tuple)) and data and not np.isscalar(data[0]):
+        data = np.concatenate([np.asarray(d) for d in data], axis=0)
+    data = np.asarray(data)
+    if data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(
+            f"data must be an array of points [N, *input_shape] with N >= 1 (or a list of such batches), "
+            f"got shape {data.shape}"
+        )
+    return data
+
+
+def _kernel_masks_tree(params, layers: Sequence[Layer], masks: Mapping[str, np.ndarray]):
+    tree = masking.ones_like_masks(params)
+    for layer in layers:
+        if layer.name in masks:
+            tree = paths.set_kernel(tree, layer, jnp.asarray(masks[layer.name], bool))
+    return tree
+
+
+def _pruned_params(params, layers: Sequence[Layer], sel: registry.Selection):
+    for layer in layers:
+        kernel = paths.get_kernel(params, layer)
+        new = np.asarray(kernel) * sel.masks[layer.name]
+        if layer.name in sel.scales:
+            new = new * np.asarray(sel.scales[layer.name])
+        params = paths.set_kernel(params, layer, jnp.asarray(new, kernel.dtype))
+    return params
+
+
+def prune(
+    model: Any,
+    variables: Mapping[str, Any],
+    data: Any,
+    *,
+    method: str,
+    keep_ratio: float,
+    key: Optional[jax.Array] = None,
+    labels: Optional[Any] = None,
+    loss_fn: Optional[Callable[[Any, Any], jax.Array]] = None,
+    delta: float = 1e-16,
+    c_constant: float = 3.0,
+    chunk_size: int = 32,
+    reference_size: Optional[int] = None,
+    rtol: float = 0.005,
+    layers: Optional[Sequence[Layer]] = None,
+    protect_input_channels: bool = True,
+    apply_method: Any = None,
+    apply_kwargs: Optional[Mapping[str, Any]] = None,
+) -> PruneResult:
+    """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
+
+    Args:
+      model: a ``flax.linen.Module``.
+      variables: its variables, with a ``'params'`` collection (and e.g.
+        ``'batch_stats'``, used as is).
+      data: the points of S, ``[N, *input_shape]`` (or a list of batches).
+      method: a registered method name (see ``sensprune.available_methods()``).
+      keep_ratio: fraction of all parameters (nonzero entries, biases and norm
+        parameters included) to keep, in (0, 1], relative to ``reference_size``.
+      key: ``jax.random`` key, required by sampling methods.
+      labels, loss_fn: labels of S and ``loss_fn(outputs, labels)`` for
+        gradient-based methods (default loss: softmax cross-entropy).
+      delta, c_constant: failure probability and constant C of the bounds.
+      chunk_size: points per chunk in the sensitivity pass (memory bound).
+      reference_size: parameter count the ratio refers to; default: every
+        entry of ``params`` (the dense size). Pass the original dense count to
+        prune an already pruned model further ("cascade").
+      rtol: relative tolerance of the achieved size.
+      layers: precomputed ``find_layers`` result (optional).
+      protect_input_channels: filter methods keep the input channels of layers
+        that read the model input.
+      apply_method, apply_kwargs: forwarded to ``model.apply`` (e.g.
+        ``apply_kwargs={'train': False}``).
+
+    Returns:
+      A :class:`~sensprune.types.PruneResult`.
+    """
+    from sensprune.layers import find_layers
+
+    spec = registry.get_method(method)
+    keep_ratio = budget_lib.validate_keep_ratio(keep_ratio)
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
+    if spec.stochastic and key is None:
+        raise ValueError(f"method {method!r} samples: pass key=jax.random.PRNGKey(seed)")
+    if spec.needs_labels and labels is None:
+        raise ValueError(f"method {method!r} needs labels of the points in data (labels=...)")
+    points = _as_points(data)
+    apply_kwargs = dict(apply_kwargs or {})
+    params = variables["params"]
+    if layers is None:
+        try:
+            layers = find_layers(model, variables, points[:1], method=apply_method, **apply_kwargs)
+        except flax.errors.FlaxError as err:
+            raise ValueError(
+                f"variables do not match the model {type(model).__name__} on data of shape "
+                f"{points.shape[1:]}: {err}"
+            ) from err
+    layers = list(layers)
+    ctx = PruneContext(
+        model=model,
+        variables=variables,
+        layers=layers,
+        data=points,
+        labels=None if labels is None else np.asarray(labels),
+        loss_fn=loss_fn or default_loss,
+        delta=delta,
+        c_constant=c_constant,
+        chunk_size=chunk_size,
+        apply_kwargs=apply_kwargs,
+        apply_method=apply_method,
+        protect_input_channels=protect_input_channels,
+    )
+    alive = ctx.alive()
+    kernel_alive = int(sum(int(a.sum()) for a in alive.values()))
+    fixed = counting.count_nonzero(params) - kernel_alive
+    reference = int(reference_size) if reference_size is not None else counting.count_params(params)
+    target = keep_ratio * reference
+    selections: dict[int, registry.Selection] = {}
+
+    def achieved(b: int) -> int:
+        if b not in selections:
+            selections[b] = spec.select(ctx, b, key)
+        return fixed + int(sum(int(np.sum(m)) for m in selections[b].masks.values()))
+
+    guess = int(round(target - fixed))
+    chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
+    if not ok:
+        logging.warning(
+            "prune(%s): keep_ratio %.4f not reachable within %.2f%%; achieved %.4f",
+            method, keep_ratio, 100 * rtol, size / reference,
+        )
+    sel = selections[chosen]
+    new_params = _pruned_params(params, layers, sel)
+    masks = _kernel_masks_tree(params, layers, sel.masks)
+    kept = {layer.name: int(np.sum(sel.masks[layer.name])) for layer in layers}
+    info = dict(sel.info)
+    info.update(nominal_budget=chosen, reachable=ok, searches=len(selections), method=method)
+    return PruneResult(
+        params=new_params,
+        masks=masks,
+        keep_ratio=counting.count_nonzero(new_params) / reference,
+        target_keep_ratio=keep_ratio,
+        layer_kept=kept,
+        layer_total={layer.name: layer.kernel_size for layer in layers},
+        flops=counting.flops(new_params, layers),
+        flops_dense=counting.dense_flops(layers),
+        sensitivities=dict(sel.scores),
+        info=info,
+    )

@@ -1,0 +1,97 @@
+"""Registry of pruning methods: name -> :class:`Method`.
+
+A method is a selection function ``select(ctx, budget, key) -> Selection`` that
+keeps about ``budget`` kernel entries of the prunable layers. Everything else
+(budget accounting, the keep-ratio search, building masks and pruned params,
+statistics) is shared by :func:`sensprune.prune`. Add your own with
+:func:`register_method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import jax
+
+    from sensprune.context import PruneContext
+
+
+@dataclasses.dataclass
+class Selection:
+    """What a method's ``select`` returns.
+
+    Attributes:
+      masks: layer name -> bool array of the kernel's shape (True = kept).
+      scales: layer name -> float array broadcastable to the kernel (importance
+        reweighting of sampling methods); layers not listed are not rescaled.
+      scores: layer name -> the scores the choice was based on (for reporting).
+      info: method-specific extras (epsilon, draws, ...).
+    """
+
+    masks: dict[str, np.ndarray]
+    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    scores: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+SelectFn = Callable[["PruneContext", int, Optional["jax.Array"]], Selection]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered pruning method.
+
+    Attributes:
+      name: registry key.
+      select: ``select(ctx, budget, key) -> Selection``.
+      structured: True for filter/channel methods (masks whole input channels).
+      stochastic: True if ``select`` needs a ``jax.random`` key.
+      needs_labels: True if the method needs labels and a loss (e.g. SNIP).
+      description: one line for listings.
+    """
+
+    name: str
+    select: SelectFn
+    structured: bool = False
+    stochastic: bool = False
+    needs_labels: bool = False
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    select: SelectFn,
+    *,
+    structured: bool = False,
+    stochastic: bool = False,
+    needs_labels: bool = False,
+    description: str = "",
+    overwrite: bool = False,
+) -> Method:
+    """Registers ``select`` under ``name`` and returns the :class:`Method`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"method name must be a non-empty string, got {name!r}")
+    if name in _METHODS and not overwrite:
+        raise ValueError(f"method {name!r} is already registered (pass overwrite=True to replace it)")
+    method = Method(name, select, structured, stochastic, needs_labels, description)
+    _METHODS[name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """Looks a method up by name; unknown names list the available ones."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    """Sorted names of all registered methods."""
+    return sorted(_METHODS)

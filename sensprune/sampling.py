@@ -1,0 +1,105 @@
+"""Importance sampling with reweighting, and the sample-size relations it needs.
+
+Sampling methods draw ``m`` items with replacement from a distribution ``p`` over
+the entries of a row (weights of an output neuron, or input channels of a layer),
+keep the items drawn at least once and rescale each kept item by
+``count / (m * p)``, which makes the reweighted row an unbiased estimate of the
+original one.
+
+Budgets count *distinct* kept items, so two relations between the number of
+draws ``m`` and the expected number of distinct items are needed:
+
+    E[#unique](m) = sum_j 1 - (1 - p_j)^m.
+
+``draws_for_unique`` inverts it (SiPP: budget -> draws) by vectorised bisection;
+``expected_unique`` evaluates it (PFP: draws -> budget).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def expected_unique(p: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Expected distinct items after ``m`` draws from each row of ``p``.
+
+    Args:
+      p: probabilities, shape ``[rows, n]`` (rows sum to 1 or are all zero).
+      m: number of draws per row, shape ``[rows]`` (float allowed).
+
+    Returns:
+      Shape ``[rows]``.
+    """
+    p = np.asarray(p, np.float64)
+    m = np.asarray(m, np.float64)
+    # (1 - p)^m computed as exp(m * log1p(-p)) for accuracy at small p.
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-np.minimum(p, 1.0))
+    return np.sum(1.0 - np.exp(m[:, None] * log_miss), axis=-1)
+
+
+def draws_for_unique(p: np.ndarray, target: np.ndarray, iters: int = 64) -> np.ndarray:
+    """Number of draws whose expected distinct count equals ``target``.
+
+    Solves ``expected_unique(p, m) = target`` for every row by bisection in
+    ``log m``. The target is capped at ``support - 1`` (the expectation reaches
+    the full support only as m -> inf); rows whose target is below 1 or whose
+    support is empty get 0 draws.
+
+    Args:
+      p: probabilities ``[rows, n]``.
+      target: desired distinct counts ``[rows]``.
+      iters: bisection steps.
+
+    Returns:
+      Integer draws ``[rows]`` (ceil of the real solution).
+    """
+    p = np.asarray(p, np.float64)
+    support = np.sum(p > 0, axis=-1)
+    target = np.minimum(np.asarray(target, np.float64), np.maximum(support - 1, 0))
+    active = target >= 1
+    target = np.where(active, target, 1.0)
+    lo = np.log(np.maximum(target, 1.0))  # at least `target` draws are needed
+    hi = lo + 1.0
+    # Grow the upper bracket until it covers every row.
+    for _ in range(200):
+        short = expected_unique(p, np.exp(hi)) < target
+        if not np.any(short & active):
+            break
+        hi = np.where(short, hi + 2.0, hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = expected_unique(p, np.exp(mid)) < target
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    draws = np.ceil(np.exp(hi) - 1e-9)
+    return np.where(active, draws, 0).astype(np.int64)
+
+
+def rng_from_key(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded by a ``jax.random`` key (same key, same stream)."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+
+
+def sample_counts(key: jax.Array, p: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Multinomial counts for each row: ``counts[r] ~ Multinomial(draws[r], p[r])``.
+
+    Runs on the host (allocation is host-side, and row sizes vary), seeded by
+    ``key`` so that the same key always gives the same counts.
+    """
+    p = np.asarray(p, np.float64)
+    draws = np.asarray(draws, np.int64)
+    total = p.sum(-1, keepdims=True)
+    safe = np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / p.shape[-1])
+    counts = rng_from_key(key).multinomial(np.maximum(draws, 0), safe)
+    return np.where(draws[..., None] > 0, counts, 0).astype(np.float64)
+
+
+def reweight_factors(counts: np.ndarray, p: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Importance weights ``count / (m * p)``; 0 where nothing was drawn."""
+    counts = np.asarray(counts, np.float64)
+    denom = np.asarray(draws, np.float64)[..., None] * np.asarray(p, np.float64)
+    return np.where((counts > 0) & (denom > 0), counts / np.where(denom > 0, denom, 1.0), 0.0)

@@ -1,0 +1,376 @@
+"""Empirical sensitivities of weights (SiPP) and input channels (PFP).
+
+Notation (spec §1.1). A layer is a matrix product per output position ``p``:
+patches ``a(x, p)`` of length ``J`` times the kernel matrix ``W [J, O]``
+(:mod:`sensprune.patches`); the bias is ignored. With ``W+ = max(W, 0)`` and
+``W- = min(W, 0)``::
+
+    z+_i(x, p) = sum_j W+_ji a_j(x, p)       z-_i(x, p) = sum_j W-_ji a_j(x, p)
+    g_ji(x, p) = W_ji a_j(x, p) / z^{sign W_ji}_i(x, p)        (0 if W_ji == 0)
+
+Denominators with ``|z| <= eps(float32)`` contribute 0. ``g`` is reduced over
+``p`` by ``mean`` (deterministic SiPP) or ``max`` (SiPP rand / hybrid, PFP),
+then maxed over every point of S.
+
+Input sign split. A point with a negative entry is replaced by the two
+nonnegative pseudo-points ``max(a, 0)`` and ``max(-a, 0)``. Splitting a
+nonnegative point yields ``(a, 0)`` and the zero point contributes nothing, so
+the split is decided per small group of points (``lax.cond`` on "any negative
+entry"): the result is exactly the reference's per-batch rule, independent of
+chunking, and post-ReLU inputs pay no 2x.
+
+Efficient formulation. Numerator and denominator share their sign, so::
+
+    g_ji(x, p) = |W_ji| * a_j(x, p) * q_{s(ji), i}(x, p),
+    q+ = 1 / z+,  q- = 1 / |z-|   (0 where guarded),  s(ji) = sign of W_ji.
+
+Both ``z`` come from one matmul against ``[W+, W-]`` and ``|W|`` factors out of
+every reduction (it is constant per ``(j, i)``):
+
+* ``mean`` over ``P > 1`` positions: ``sum_p a_j q_i`` is one batched matmul
+  (``'gpj,gpi->gji'``) against ``[q+, q-]``; the sign of each weight then
+  selects its half, followed by a max over points.
+* ``max`` (and Dense layers, where ``P == 1`` makes both reductions equal) is a
+  (max, x) contraction over all rows ``n = (point, p)``:
+  ``max_n a[n, j] * q_sel[n, j, i]``, where ``q_sel`` picks ``q+`` or ``q-``
+  by the sign of ``W_ji`` *before* the product, so there is one contraction,
+  not two (measured 1.5-2x faster than two contractions and a final select).
+  It is a ``lax.scan`` over blocks of rows:
+
+  - on CPU (``MAX_CONTRACTION='carry'``) each step is a pure elementwise
+    update ``carry = max(carry, a_rows * q_sel_rows)`` of a ``[rows, O, J]``
+    carry (about ``_CARRY_ELEMENTS``), reduced over ``rows`` once at the end.
+    XLA:CPU emits reductions as slow scalar loops (a fused multiply-max reduce
+    over ``N`` ran at ~0.3 G products/s) but vectorises elementwise updates
+    (3-5x faster); ``[O, J]`` layout beat ``[J, O]`` by ~1.5x.
+  - elsewhere (``'reduce'``) each step is one fused broadcast-multiply-max
+    reduce over a block of about ``_BLOCK_ELEMENTS`` products, which keeps
+    GPU kernel launches few; nothing of size ``N * J * O`` is materialised.
+
+Points are processed in groups inside a ``lax.scan`` (patches are built per
+group), so memory is ``O(group * P * J + J * O)`` whatever the chunk size.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sensprune import layers as layers_lib
+from sensprune import paths
+from sensprune.patches import input_patches, kernel_matrix, matrix_to_kernel
+from sensprune.types import Layer, LayerSensitivity
+
+EPS = float(np.finfo(np.float32).eps)
+REDUCTIONS = ("mean", "max")
+_HIGHEST = lax.Precision.HIGHEST
+
+# Sizes of per-step intermediates, in elements (tuned on CPU, see module doc).
+_GROUP_ELEMENTS = 2**18  # patch entries per group of points
+_CARRY_ELEMENTS = 2**15  # running-max carry of the (max, x) contraction on CPU
+_BLOCK_ELEMENTS = 2**24  # products per fused reduce on accelerators
+# (max, x) contraction strategy: "auto" (carry on CPU, reduce elsewhere), "carry", "reduce".
+MAX_CONTRACTION = "auto"
+
+
+def _ensure_pytree() -> None:
+    """Registers LayerSensitivity as a pytree (unless types.py already does)."""
+    probe = LayerSensitivity(weight=0, channel=1)  # type: ignore[arg-type]
+    if len(jax.tree_util.tree_leaves(probe)) != 2:
+        jax.tree_util.register_dataclass(
+            LayerSensitivity, data_fields=["weight", "channel"], meta_fields=[]
+        )
+
+
+_ensure_pytree()
+
+
+def max_sensitivity(a: LayerSensitivity, b: LayerSensitivity) -> LayerSensitivity:
+    """Elementwise maximum of two sensitivities of the same layer."""
+    return LayerSensitivity(
+        weight=jnp.maximum(a.weight, b.weight), channel=jnp.maximum(a.channel, b.channel)
+    )
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _guarded_inverse(z: jax.Array) -> jax.Array:
+    """``1 / |z|``, and 0 where ``|z| <= eps``."""
+    mag = jnp.abs(z)
+    ok = mag > EPS
+    return jnp.where(ok, 1.0 / jnp.where(ok, mag, 1.0), 0.0)
+
+
+def _scan_max(fn: Callable[..., jax.Array], xs: tuple, shape: tuple[int, ...]) -> jax.Array:
+    """``max_k fn(*[x[k] for x in xs])`` as a scan with a running-max carry."""
+    if xs[0].shape[0] == 1:
+        return fn(*(x[0] for x in xs))
+
+    def step(carry, x):
+        return jnp.maximum(carry, fn(*x)), None
+
+    return lax.scan(step, jnp.zeros(shape, jnp.float32), xs)[0]
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _use_carry() -> bool:
+    """Whether the (max, x) contraction runs as elementwise max-updates (CPU)."""
+    if MAX_CONTRACTION == "auto":
+        return jax.default_backend() == "cpu"
+    return MAX_CONTRACTION == "carry"
+
+
+def _max_contract(
+    a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, positive: jax.Array
+) -> jax.Array:
+    """``max_n a[n, j] * (q+[n, i] if W_ji > 0 else q-[n, i])`` -> ``[J, O]``.
+
+    ``a [N, J]`` and ``q+/- [N, O]`` are nonnegative; ``positive [J, O]``.
+    Works in ``[O, J]`` layout (the longer fan-in axis is minor).
+    """
+    n, fan_in = a.shape
+    out = q_plus.shape[1]
+    budget = _CARRY_ELEMENTS if _use_carry() else _BLOCK_ELEMENTS
+    rows = min(_pow2_floor(budget // (fan_in * out)), _pow2_floor(n))
+    pad = -n % rows
+    if pad:  # zero rows add zero products, which never raise a max of values >= 0
+        a, q_plus, q_minus = (jnp.pad(v, ((0, pad), (0, 0))) for v in (a, q_plus, q_minus))
+    a = a.reshape(-1, rows, fan_in)
+    q_plus = q_plus.reshape(-1, rows, out)
+    q_minus = q_minus.reshape(-1, rows, out)
+    positive = positive.T
+
+    def products(a_rows, qp_rows, qn_rows):  # [rows, O, J]
+        q_sel = jnp.where(positive, qp_rows[:, :, None], qn_rows[:, :, None])
+        return a_rows[:, None, :] * q_sel
+
+    if _use_carry():
+        # XLA:CPU runs reductions slowly but elementwise updates fast: keep a
+        # [rows, O, J] running max and reduce it once at the end.
+        carry = _scan_max(products, (a, q_plus, q_minus), (rows, out, fan_in))
+        return jnp.max(carry, axis=0).T
+    block_max = lambda *x: jnp.max(products(*x), axis=0)  # noqa: E731  (one fused reduce)
+    return _scan_max(block_max, (a, q_plus, q_minus), (out, fan_in)).T
+
+
+def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str):
+    """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``."""
+    points, num_patches, fan_in = a.shape
+    out = positive.shape[1]
+    q = _guarded_inverse(jnp.einsum("gpj,jo->gpo", a, w_split, precision=_HIGHEST))
+    if reduction == "mean" and num_patches > 1:
+        sums = jnp.einsum("gpj,gpo->gjo", a, q, precision=_HIGHEST) / num_patches
+        return jnp.max(jnp.where(positive, sums[..., :out], sums[..., out:]), axis=0)
+    q = q.reshape(-1, 2 * out)
+    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive)
+
+
+def _group_size(layer: Layer, batch: int) -> int:
+    """Points per scan step: about ``_GROUP_ELEMENTS`` patch entries, balanced groups."""
+    per_point = layer.num_patches * max(
+        layer.in_channels * layer.window_size, 2 * layer.out_channels
+    )
+    groups = -(-batch // max(1, _GROUP_ELEMENTS // per_point))
+    return -(-batch // groups)
+
+
+def _weight_ratio(layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: str) -> jax.Array:
+    """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``."""
+    w_split = jnp.concatenate([jnp.maximum(wmat, 0.0), jnp.minimum(wmat, 0.0)], axis=1)
+    positive = wmat > 0
+    ratios = functools.partial(_group_ratios, w_split=w_split, positive=positive, reduction=reduction)
+
+    def split(a):
+        return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
+
+    def group_max(x):
+        return lax.cond(jnp.any(x < 0), split, ratios, input_patches(layer, x))
+
+    batch = inputs.shape[0]
+    size = _group_size(layer, batch)
+    pad = -batch % size
+    if pad:  # repeated points do not change a max
+        inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
+    groups = inputs.reshape((-1, size) + inputs.shape[1:])
+    return _scan_max(group_max, (groups,), wmat.shape)
+
+
+def channel_from_weight(weight: jax.Array) -> jax.Array:
+    """Input-channel sensitivity: max over window positions and outputs -> ``(in,)``."""
+    axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
+    return jnp.max(weight, axis=axes) if axes else weight
+
+
+def layer_sensitivity(
+    layer: Layer, kernel: jax.Array, inputs: jax.Array, *, reduction: str
+) -> LayerSensitivity:
+    """Sensitivities of one layer over one chunk of points (pure, jittable).
+
+    Args:
+      layer: static geometry.
+      kernel: the layer's kernel (``layer.kernel_shape``).
+      inputs: what the layer received, ``[B, *layer.input_shape]``.
+      reduction: ``'mean'`` or ``'max'`` over output positions.
+    """
+    _check_reduction(reduction)
+    wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32))
+    ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction)
+    weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio)
+    return LayerSensitivity(weight=weight, channel=channel_from_weight(weight))
+
+
+# ---------------------------------------------------------------------------
+# Streaming over S.
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, jax.Array))
+
+
+def _concat(arrays: list[Any]) -> Any:
+    if len(arrays) == 1:
+        return arrays[0]
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.concatenate(arrays)
+    return jnp.concatenate(arrays)
+
+
+def _chunks(data: Any, chunk_size: int) -> Iterator[Any]:
+    """Fixed-size chunks of points; the last one is padded by repeating its first point."""
+    if _is_array(data):
+        if data.ndim == 0 or data.shape[0] == 0:
+            raise ValueError("data must hold at least one point (got an empty array)")
+        size = min(chunk_size, data.shape[0])
+        batches: Iterable[Any] = [data]
+    else:
+        size = chunk_size
+        batches = data
+    pending: list[Any] = []
+    held = 0
+    for batch in batches:
+        if not _is_array(batch) or batch.ndim == 0:
+            raise ValueError(
+                "data must be an array [N, ...] or an iterable of arrays [n, ...], got "
+                f"{type(batch).__name__}"
+            )
+        pending.append(batch)
+        held += batch.shape[0]
+        if held < size:
+            continue
+        joined = _concat(pending)
+        full = held - held % size
+        for start in range(0, full, size):
+            yield joined[start : start + size]
+        pending = [joined[full:]] if held > full else []
+        held -= full
+    if held:
+        rest = _concat(pending)
+        yield _concat([rest] + [rest[:1]] * (size - held))
+
+
+def _first(iterator: Iterator[Any]) -> Any:
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise ValueError("data must hold at least one point (got no batches)") from None
+
+
+def compute_sensitivities(
+    model: Any,
+    variables: Mapping[str, Any],
+    data: Any,
+    *,
+    reduction: str = "mean",
+    chunk_size: int = 32,
+    layers: Sequence[Layer] | None = None,
+    method: Callable[..., Any] | str | None = None,
+    **apply_kwargs: Any,
+) -> dict[str, LayerSensitivity]:
+    """Empirical sensitivities of every prunable layer over the points in ``data``.
+
+    Args:
+      model, variables: a Flax Linen model and its variables.
+      data: an array ``[N, ...]`` or an iterable of arrays ``[n, ...]`` (S).
+      reduction: ``'mean'`` (SiPP det) or ``'max'`` (SiPP rand / hybrid, PFP)
+        over output positions.
+      chunk_size: points per jitted call; the last chunk is padded by repeating
+        its first point, so every call has the same shape.
+      layers: restrict to these layers (default: :func:`find_layers`).
+      method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
+
+    Returns:
+      layer name -> :class:`LayerSensitivity`, maxima over all of ``data``.
+    """
+    _check_reduction(reduction)
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunks = _chunks(data, int(chunk_size))
+    first = _first(chunks)
+    if layers is None:
+        layers = layers_lib.find_layers(model, variables, first, method=method, **apply_kwargs)
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers is empty; pass None to use every prunable layer")
+    run = _chunk_function(model, layers, reduction, method, apply_kwargs)
+    result = run(variables, first)
+    for chunk in chunks:
+        result = _tree_maximum(result, run(variables, chunk))
+    return result
+
+
+@jax.jit
+def _tree_maximum(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.maximum, a, b)
+
+
+def _chunk_sensitivities(variables, x, model, layers, reduction, method, apply_items):
+    """All layers' sensitivities over one chunk ``x`` (traced under jit)."""
+    apply_kwargs = dict(apply_items)
+    inputs = layers_lib.capture_inputs(
+        model, variables, x, method=method, layers=layers, **apply_kwargs
+    )
+    return {
+        layer.name: layer_sensitivity(
+            layer,
+            paths.get_kernel(variables["params"], layer),
+            inputs[layer.name],
+            reduction=reduction,
+        )
+        for layer in layers
+    }
+
+
+_STATIC = ("model", "layers", "reduction", "method", "apply_items")
+_cached_chunk_sensitivities = jax.jit(_chunk_sensitivities, static_argnames=_STATIC)
+
+
+def _chunk_function(model, layers, reduction, method, apply_kwargs) -> Callable[..., Any]:
+    """Jitted ``(variables, chunk) -> sensitivities``; compiled once per model/shape.
+
+    Uses a jit cache keyed by the (hashable) model and options so that repeated
+    calls (cascade pruning, sweeps) do not recompile; falls back to a fresh jit
+    when something is unhashable (e.g. an ``rngs`` dict in ``apply_kwargs``).
+    """
+    static = dict(
+        model=model,
+        layers=layers,
+        reduction=reduction,
+        method=method,
+        apply_items=tuple(sorted(apply_kwargs.items())),
+    )
+    try:
+        hash(tuple(static.values()))
+    except TypeError:
+        return jax.jit(functools.partial(_chunk_sensitivities, **static))
+    return functools.partial(_cached_chunk_sensitivities, **static)

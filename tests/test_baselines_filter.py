@@ -1,0 +1,329 @@
+"""Filter-pruning baselines: ft, softnet, uniform_filters (out mode) and thinet (in mode)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import sensprune as sp
+from sensprune import filter_norm, random_pruning, thinet
+from sensprune.context import PruneContext
+from sensprune.layers import find_layers
+
+FILTER_METHODS = ["ft", "softnet", "uniform_filters", "thinet"]
+
+
+class MLP(nn.Module):
+    widths: tuple = (48, 32)
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        for w in self.widths:
+            x = nn.relu(nn.Dense(w)(x))
+        return nn.Dense(self.classes)(x)
+
+
+class Residual(nn.Module):
+    """Dense_0 feeds Dense_1 *and* a skip connection; Dense_1 feeds only Dense_2."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8)(x))
+        h2 = nn.relu(nn.Dense(8)(h))
+        return nn.Dense(3)(h + h2)
+
+
+class ConvFlatten(nn.Module):
+    channel_last_flatten: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        if not self.channel_last_flatten:
+            x = x.transpose(0, 3, 1, 2)  # NCHW flatten: feature = c * HW + pos
+        x = nn.relu(nn.Dense(6)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(3)(x)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x)
+        x = nn.relu(nn.Conv(12, (3, 3), strides=2, padding="VALID")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), use_bias=False)(x)).mean(axis=(1, 2))
+        return nn.Dense(5)(x)
+
+
+def np_init(model, x, seed=0):
+    """Variables of ``model`` filled with numpy (fan-in scaled normal kernels): no XLA RNG compiles."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = getattr(path[-1], "key", "")
+        if name == "kernel":
+            return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
+        if name == "bias":
+            return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
+        return jnp.ones(s.shape, s.dtype) if name in ("scale", "var") else jnp.zeros(s.shape, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return ((x / 16.0) - 0.3).astype(np.float32).reshape(-1, 8, 8, 1), y.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def mlp():
+    x, _ = digits()
+    model = MLP()
+    return model, np_init(model, x[:1], seed=0)
+
+
+def make_ctx(model, variables, data, **kw):
+    return PruneContext(model=model, variables=variables, layers=find_layers(model, variables, data[:1]), data=data, **kw)
+
+
+def kmask(res, name):
+    return np.asarray(res.masks[name]["kernel"])
+
+
+def test_registered_flags():
+    for name in FILTER_METHODS:
+        m = sp.get_method(name)
+        assert m.structured and not m.needs_labels
+        assert m.stochastic == (name == "uniform_filters")
+
+
+def test_ft_removes_smallest_l1_filters_same_fraction_and_consumer_columns():
+    model, variables = mlp()
+    x, _ = digits()
+    res = sp.prune(model, variables, x[:64], method="ft", keep_ratio=0.4)
+    names = list(res.layer_kept)
+    frac = res.info["fraction"]
+    assert res.info["skipped"] == {}
+    for i, name in enumerate(names):
+        w = np.asarray(variables["params"][name]["kernel"])
+        filters = kmask(res, name).any(axis=0)
+        if i + 1 == len(names):
+            assert filters.all()  # the model's outputs are never pruned
+            continue
+        n = w.shape[1]
+        assert filters.sum() == max(1, round(frac * n))  # same fraction in every layer
+        l1 = np.abs(w).sum(0)
+        assert l1[filters].min() > l1[~filters].max()
+        np.testing.assert_array_equal(kmask(res, name), np.broadcast_to(filters, w.shape) & kmask(res, name).any(1)[:, None])
+        consumer = kmask(res, names[i + 1])
+        assert not consumer[~filters].any()  # input rows of removed filters are zero
+        assert consumer.any(1)[filters].all()
+        assert np.all(np.asarray(res.params[names[i + 1]]["kernel"])[~filters] == 0)
+
+
+def _l1_l2_model():
+    """Dense_0 (6 -> 4) whose filters rank differently under L1 and L2, then Dense_1 (4 -> 3)."""
+    model = MLP(widths=(4,), classes=3)
+    variables = np_init(model, jnp.zeros((1, 6)), seed=0)
+    k = np.full((6, 4), 0.01, np.float32)
+    k[:, 0] = 0.5                    # L1 3.00, L2 1.22
+    k[0, 1] = 2.0                    # L1 2.05, L2 2.00
+    k[:, 2] = 0.3                    # L1 1.80, L2 0.73
+    k[0, 3] = 1.0                    # L1 1.05, L2 1.00
+    params = {**variables["params"], "Dense_0": {**variables["params"]["Dense_0"], "kernel": jnp.asarray(k)}}
+    return model, {"params": params}
+
+
+@pytest.mark.parametrize("keep, ft_kept, softnet_kept", [(1, [0], [1]), (3, [0, 1, 2], [0, 1, 3])])
+def test_softnet_ranks_by_l2_ft_by_l1(keep, ft_kept, softnet_kept):
+    model, variables = _l1_l2_model()
+    data = np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32)
+    for select, expected in ((filter_norm.select_ft, ft_kept), (filter_norm.select_softnet, softnet_kept)):
+        ctx = make_ctx(model, variables, data)
+        sel = select(ctx, 9 * keep, None)  # k filters of Dense_0: 6k entries + k rows of Dense_1 (x3)
+        np.testing.assert_array_equal(np.flatnonzero(sel.masks["Dense_0"].any(0)), expected)
+        np.testing.assert_array_equal(np.flatnonzero(sel.masks["Dense_1"].any(1)), expected)
+        assert sel.masks["Dense_1"].any(0).all()
+        assert sum(int(m.sum()) for m in sel.masks.values()) == 9 * keep
+
+
+def test_filters_feeding_a_skip_connection_are_left_dense():
+    model = Residual()
+    data = np.random.default_rng(0).standard_normal((32, 5)).astype(np.float32)
+    variables = np_init(model, data[:1], seed=0)
+    ctx = make_ctx(model, variables, data)
+    cmap = filter_norm.consumer_map(ctx)
+    assert cmap == {"Dense_0": None, "Dense_1": ("Dense_2", 1), "Dense_2": None}
+    assert "skip" in filter_norm.skipped_layers(ctx)["Dense_0"]
+    res = sp.prune(model, variables, data, method="ft", keep_ratio=0.6)
+    assert kmask(res, "Dense_0").all() and kmask(res, "Dense_1").any(axis=1).all()
+    removed = ~kmask(res, "Dense_1").any(0)
+    assert removed.any()
+    assert not kmask(res, "Dense_2")[removed].any()
+    # Removing Dense_1's filters together with their columns of Dense_2 is exactly
+    # what zeroing those columns alone does: the model stays consistent.
+    only_cols = jax.tree_util.tree_map(lambda a: a, variables["params"])
+    only_cols["Dense_2"] = {**only_cols["Dense_2"], "kernel": only_cols["Dense_2"]["kernel"] * ~removed[:, None]}
+    np.testing.assert_allclose(
+        model.apply({"params": res.params}, data), model.apply({"params": only_cols}, data), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_flatten_mapping_is_verified():
+    x, _ = digits()
+    data = x[:16]
+    good = ConvFlatten()
+    variables = np_init(good, data[:1], seed=0)
+    ctx = make_ctx(good, variables, data, apply_kwargs={"train": False})
+    assert filter_norm.consumer_map(ctx)["Conv_0"] == ("Dense_0", 64)
+    # Half the filters: 2 of 4 conv filters (9 entries each), 3 of 6 Dense_0 units
+    # reading 2 * 64 features, 3 rows of Dense_1.
+    sel = filter_norm.select_ft(ctx, 9 * 2 + (2 * 64) * 3 + 3 * 3, None)
+    kept = sel.masks["Conv_0"].reshape(-1, 4).any(0)
+    assert kept.sum() == 2 and sel.masks["Dense_0"].any(0).sum() == 3
+    dense_rows = sel.masks["Dense_0"].any(1).reshape(64, 4)  # feature = position * C + channel
+    np.testing.assert_array_equal(dense_rows, np.broadcast_to(kept, (64, 4)))
+    # A channel-first flatten breaks the assumed order: the conv layer is left dense.
+    bad = ConvFlatten(channel_last_flatten=False)
+    ctx = make_ctx(bad, np_init(bad, data[:1], seed=0), data, apply_kwargs={"train": False})
+    assert filter_norm.consumer_map(ctx)["Conv_0"] is None
+    assert "Conv_0" in filter_norm.skipped_layers(ctx)
+
+
+def test_uniform_filters_random_same_fraction_and_key_deterministic():
+    model, variables = mlp()
+    x, _ = digits()
+    run = lambda s: sp.prune(model, variables, x[:32], method="uniform_filters", keep_ratio=0.4, key=jax.random.PRNGKey(s))
+    a, b, c = run(0), run(0), run(1)
+    for name in ("Dense_0", "Dense_1"):
+        np.testing.assert_array_equal(kmask(a, name), kmask(b, name))
+        n = kmask(a, name).shape[1]
+        assert kmask(a, name).any(0).sum() == max(1, round(a.info["fraction"] * n))
+    assert any(not np.array_equal(kmask(a, n), kmask(c, n)) for n in ("Dense_0", "Dense_1"))
+    assert kmask(a, "Dense_2").any(0).all()
+
+
+# ----------------------------------------------------------------------------- ThiNet
+
+
+def test_greedy_order_matches_brute_force_greedy():
+    x = np.random.default_rng(0).standard_normal((50, 7))
+    cand = np.array([1, 1, 0, 1, 1, 1, 1], bool)
+    order = thinet.greedy_removal_order(x, cand)
+    chosen, remaining = [], set(np.flatnonzero(cand))
+    while remaining:
+        best = min(sorted(remaining), key=lambda c: np.sum((x[:, chosen + [c]].sum(1)) ** 2))
+        chosen.append(best)
+        remaining.remove(best)
+    np.testing.assert_array_equal(order, chosen)
+
+
+class OneDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(x)
+
+
+def test_thinet_removes_cancelling_pair_keeps_the_channel_that_matters():
+    """Channels A (0) and B (1) cancel exactly; C (2) has the smallest weights but matters."""
+    rng = np.random.default_rng(0)
+    z, u = rng.standard_normal(64), rng.standard_normal(64)
+    data = np.stack([z, -z, 100.0 * u], axis=1).astype(np.float32)
+    model = OneDense()
+    kernel = np.array([[1.0, 0.8], [1.0, 0.8], [0.1, 0.1]], np.float32)
+    variables = {"params": {"Dense_0": {"kernel": jnp.asarray(kernel), "bias": jnp.array([0.3, -0.2])}}}
+    ctx = make_ctx(model, variables, data, protect_input_channels=False)
+    order = thinet.removal_orders(ctx)["Dense_0"]
+    assert set(order[:2]) == {0, 1}  # the pair is removed first ...
+    sel = thinet.select(ctx, 2, None)  # ... so keeping one channel keeps C
+    np.testing.assert_array_equal(sel.masks["Dense_0"].any(1), [False, False, True])
+    # Removing the pair leaves the output unchanged; removing C (what magnitude
+    # pruning would drop) or keeping A (the inverted ranking) does not.
+    out = lambda m: np.asarray(model.apply({"params": {"Dense_0": {**variables["params"]["Dense_0"],
+                                                                      "kernel": kernel * m}}}, data))
+    ref = out(np.ones_like(kernel))
+    np.testing.assert_allclose(out(sel.masks["Dense_0"]), ref, atol=1e-5)
+    assert np.abs(out(np.array([[1], [1], [0]], np.float32)) - ref).max() > 1.0
+    assert np.abs(out(np.array([[1], [0], [0]], np.float32)) - ref).max() > 0.5
+    assert thinet.channel_ranks(ctx)["Dense_0"][2] == 2  # removed last = most important
+
+
+def test_thinet_in_mode_protects_inputs_and_propagates():
+    model, variables = mlp()
+    x, _ = digits()
+    res = sp.prune(model, variables, x[:64], method="thinet", keep_ratio=0.35)
+    names = list(res.layer_kept)
+    # The first layer reads the model input: its input channels are protected.
+    np.testing.assert_array_equal(kmask(res, names[0]).any(1), np.asarray(variables["params"][names[0]]["kernel"]).any(1))
+    frac = res.info["fraction"]
+    for i, name in enumerate(names):
+        m = kmask(res, name)
+        rows, filters = m.any(1), m.any(0)
+        np.testing.assert_array_equal(m, rows[:, None] & filters[None, :])  # whole channels / filters
+        if i > 0:
+            assert rows.sum() == max(1, round(frac * m.shape[0]))
+        if i + 1 < len(names):  # a filter survives exactly when its consumer keeps the channel
+            np.testing.assert_array_equal(filters, kmask(res, names[i + 1]).any(1))
+    assert kmask(res, names[-1]).any(0).all()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def assert_hit_or_closest(res, model, variables, data, method, target, key, grid=17, **ctx_kw):
+    """Within 0.5% of the target, or (unreachable) no nominal budget on a grid gets closer."""
+    if res.info["reachable"]:
+        assert abs(res.keep_ratio - target) <= 0.005 * target
+        return
+    ctx = make_ctx(model, variables, data, **ctx_kw)
+    dense = sp.count_params(variables["params"])
+    fixed = sp.count_nonzero(variables["params"]) - sum(int(a.sum()) for a in ctx.alive().values())
+    select = sp.get_method(method).select
+    budgets = np.linspace(0.6, 1.4, grid) * (target * dense - fixed)
+    sizes = [fixed + sum(int(m.sum()) for m in select(ctx, int(b), key).masks.values()) for b in budgets]
+    assert min(sizes) < target * dense < max(sizes)
+    assert abs(res.keep_ratio - target) <= min(abs(s / dense - target) for s in sizes) + 1e-12
+
+
+@pytest.mark.parametrize("method", FILTER_METHODS)
+def test_prune_hits_keep_ratio_or_closest(method):
+    model, variables = mlp()
+    x, _ = digits()
+    target, key = 0.3, jax.random.PRNGKey(0)
+    res = sp.prune(model, variables, x[:64], method=method, keep_ratio=target, key=key)
+    sp.check_same_structure(variables["params"], res.masks)
+    for p, m, p0 in zip(
+        jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(res.masks),
+        jax.tree_util.tree_leaves(variables["params"]),
+    ):
+        p, m, p0 = np.asarray(p), np.asarray(m), np.asarray(p0)
+        assert p.shape == m.shape and m.dtype == bool
+        assert np.all(p[~m] == 0)
+        np.testing.assert_array_equal(p[m], p0[m])  # no reweighting
+    assert_hit_or_closest(res, model, variables, x[:64], method, target, key)
+
+
+@pytest.mark.parametrize("method", ["ft", "thinet"])
+def test_filter_methods_on_cnn_with_batchnorm(method):
+    x, _ = digits()
+    model = CNN()
+    variables = np_init(model, x[:2], seed=1)
+    res = sp.prune(model, variables, x[:32], method=method, keep_ratio=0.5, apply_kwargs={"train": False}, chunk_size=16)
+    assert res.info.get("skipped", {}) == {}
+    assert_hit_or_closest(res, model, variables, x[:32], method, 0.5, None, grid=9, apply_kwargs={"train": False},
+                          chunk_size=16)
+    out = model.apply({**variables, "params": res.params}, x[:4], train=False)
+    assert np.all(np.isfinite(np.asarray(out)))
+    # Whole filters are removed in the hidden conv layers, never the outputs of the last layer.
+    assert kmask(res, "Dense_0").any(0).all()
+    assert any(not kmask(res, f"Conv_{i}").reshape(-1, kmask(res, f"Conv_{i}").shape[-1]).any(0).all() for i in range(3))

@@ -1,0 +1,303 @@
+"""Tests for experiments/train.py (tiny models, synthetic data, CPU)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import train as T
+from experiments.checkpoint import Checkpointer
+from sensprune import masking
+
+
+class MLP(nn.Module):
+    """Dense -> BatchNorm -> ReLU -> Dropout -> Dense."""
+
+    hidden: int = 16
+    classes: int = 3
+    use_bn: bool = True
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(self.hidden)(x)
+        if self.use_bn:
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x)
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.classes)(x)
+
+
+class TinyCNN(nn.Module):
+    classes: int = 7
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.classes)(x)
+
+
+def blobs(n: int = 480, dim: int = 8, classes: int = 3, seed: int = 0):
+    """Well separated Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)) * 4.0
+    y = rng.integers(0, classes, n).astype(np.int32)
+    x = (centers[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    return x, y
+
+
+def noise_augment(key: jax.Array, x: jax.Array) -> jax.Array:
+    return x + 0.1 * jax.random.normal(key, x.shape, x.dtype)
+
+
+# One model, batch size and augmentation for the training tests, so that they
+# share compiled steps (dropout and augmentation exercise the step keys).
+MODEL = MLP(dropout=0.1)
+KW = dict(augment_fn=noise_augment, progress=False)
+
+
+BASE = dict(
+    num_epochs=4,
+    batch_size=32,
+    learning_rate=0.05,
+    lr_milestones=[3],
+    lr_gamma=0.1,
+    warmup=1,
+    optimizer="sgd",
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=5e-4,
+    augment="none",
+    dtype="float32",
+)
+
+
+# ----------------------------------------------------------------------------
+# Config, schedule, optimizer
+# ----------------------------------------------------------------------------
+
+
+def test_config_validation_names_field_and_allowed_values():
+    cfg = T.as_train_config(T.default_config())
+    assert cfg.lr_milestones == (91, 136) and cfg.optimizer == "sgd"
+    cases = [
+        ({"optimizer": "rmsprop"}, "'optimizer'", "['sgd', 'adam']"),
+        ({"dtype": "float16"}, "'dtype'", "bfloat16"),
+        ({"augment": "mixup"}, "'augment'", "cifar"),
+        ({"batch_size": 0}, "'batch_size'", ">= 1"),
+        ({"lr_milestones": [3, "x"]}, "'lr_milestones'", "integer"),
+        ({"momentum": 1.0}, "'momentum'", "[0, 1)"),
+        ({"momentum": 0.0, "nesterov": True}, "'nesterov'", "momentum"),
+        ({"max_steps_per_epoch": 0}, "'max_steps_per_epoch'", ">= 1"),
+        ({"lr_milestone": [3]}, "unknown field", "lr_milestones"),
+    ]
+    for change, field, allowed in cases:
+        with pytest.raises(ValueError) as e:
+            T.as_train_config({**BASE, **change})
+        assert field in str(e.value) and allowed in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="missing required field.*learning_rate"):
+        T.as_train_config({"num_epochs": 1, "batch_size": 2})
+
+
+def test_schedule_warmup_and_milestones():
+    cfg = {**BASE, "learning_rate": 0.1, "warmup": 2, "lr_milestones": [5, 3], "lr_gamma": 0.1}
+    sched = T.make_schedule(cfg, steps_per_epoch=10)  # warm-up: steps 0..19
+    expected = {
+        0: 0.0,  # torchprune's WarmupLR starts at 0
+        5: 0.1 * 5 / 20,
+        19: 0.1 * 19 / 20,
+        20: 0.1,
+        29: 0.1,
+        30: 0.01,  # first step of milestone epoch 3
+        49: 0.01,
+        50: 0.001,  # epoch 5
+        1000: 0.001,
+    }
+    for step, lr in expected.items():
+        np.testing.assert_allclose(float(sched(step)), lr, rtol=1e-6, err_msg=f"step {step}")
+    # Milestone inside the warm-up: both factors apply.
+    sched = T.make_schedule({**cfg, "lr_milestones": [1]}, steps_per_epoch=10)
+    np.testing.assert_allclose(float(sched(15)), 0.1 * 0.1 * 15 / 20, rtol=1e-6)
+    # No warm-up: full lr at step 0.
+    sched = T.make_schedule({**cfg, "warmup": 0, "lr_milestones": []}, steps_per_epoch=10)
+    np.testing.assert_allclose(float(sched(0)), 0.1, rtol=1e-7)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_matches_torch_semantics_on_quadratic(nesterov):
+    # f(w) = 0.5 * a * w^2, g = a * w; torch.optim.SGD(lr, momentum=mu,
+    # weight_decay=wd, nesterov): d = g + wd * w; buf = mu * buf + d (buf = d at
+    # step 1); step = d + mu * buf (nesterov) or buf; w -= lr * step.
+    a, w0, lr, mu, wd = 2.0, 1.0, 0.1, 0.9, 0.01
+    cfg = {**BASE, "learning_rate": lr, "momentum": mu, "weight_decay": wd,
+           "warmup": 0, "lr_milestones": [], "nesterov": nesterov}
+    tx = T.make_optimizer(cfg, steps_per_epoch=1)
+    # step 1: d1 = 2*1 + 0.01*1 = 2.01; buf1 = 2.01
+    #   plain: w1 = 1 - 0.1 * 2.01 = 0.799
+    #   nesterov: step = 2.01 + 0.9 * 2.01 = 3.819; w1 = 1 - 0.3819 = 0.6181
+    # step 2 (plain): d2 = 2.01 * 0.799 = 1.60599; buf2 = 0.9*2.01 + 1.60599 = 3.41499
+    #   w2 = 0.799 - 0.341499 = 0.457501
+    # step 2 (nesterov): d2 = 2.01 * 0.6181 = 1.242381; buf2 = 1.809 + 1.242381 = 3.051381
+    #   step = 1.242381 + 0.9 * 3.051381 = 3.9886239; w2 = 0.6181 - 0.39886239 = 0.21923761
+    expected = [0.6181, 0.21923761] if nesterov else [0.799, 0.457501]
+    w = jnp.asarray(w0, jnp.float32)
+    state = tx.init(w)
+    for want in expected:
+        updates, state = tx.update(a * w, state, w)
+        w = optax.apply_updates(w, updates)
+        np.testing.assert_allclose(float(w), want, rtol=1e-6)
+
+
+def test_adam_uses_coupled_weight_decay():
+    # torch.optim.Adam, first step: g' = g + wd*w; update = -lr * g'/(|g'| + eps) ~ -lr.
+    cfg = {**BASE, "optimizer": "adam", "learning_rate": 0.01, "weight_decay": 0.5,
+           "warmup": 0, "lr_milestones": []}
+    tx = T.make_optimizer(cfg, steps_per_epoch=1)
+    w = jnp.asarray([1.0, -2.0])
+    g = jnp.asarray([0.0, 0.0])  # the decay alone drives the first step
+    updates, _ = tx.update(g, tx.init(w), w)
+    np.testing.assert_allclose(np.asarray(updates), [-0.01, 0.01], rtol=1e-5)
+
+
+def test_rewind_start_epoch_offsets_optimizer_schedule():
+    cfg = {**BASE, "learning_rate": 0.1, "warmup": 0, "lr_milestones": [2],
+           "momentum": 0.0, "weight_decay": 0.0, "start_epoch": 2}
+    tx = T.make_optimizer(cfg, steps_per_epoch=5)
+    w = jnp.asarray(0.0)
+    updates, _ = tx.update(jnp.asarray(1.0), tx.init(w), w)  # optimizer step 0 = epoch 2
+    np.testing.assert_allclose(float(updates), -0.01, rtol=1e-6)
+    state = T.state_from_params({"w": w}, None, cfg, steps_per_epoch=5)
+    assert int(state.step) == 10
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+def test_train_learns_separable_problem():
+    x, y = blobs()
+    model = MODEL
+    cfg = T.as_train_config(BASE)
+    spe = T.steps_per_epoch(len(x), cfg)
+    assert spe == 15
+    state = T.create_state(model, jax.random.key(0), x.shape[1:], cfg, spe)
+    before = T.evaluate(state, model, x, y, 128)
+    seen = []
+    state = T.train(model, state, x, y, cfg, seed=0, **KW,
+                    on_epoch_end=lambda e, s, m: seen.append((e, int(s.step), m)))
+    after = T.evaluate(state, model, x, y, 128)
+    assert [e for e, _, _ in seen] == [0, 1, 2, 3]
+    assert [s for _, s, _ in seen] == [15, 30, 45, 60]
+    assert seen[-1][2]["loss"] < seen[0][2]["loss"]
+    np.testing.assert_allclose(seen[-1][2]["lr"], 0.005, rtol=1e-6)
+    assert after["loss"] < before["loss"]
+    assert after["error"] < 0.1, after
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
+
+
+def test_max_steps_per_epoch_and_bfloat16():
+    x, y = blobs(n=200)
+    model = MODEL
+    cfg = T.as_train_config({**BASE, "max_steps_per_epoch": 3, "dtype": "bfloat16",
+                             "num_epochs": 2})
+    spe = T.steps_per_epoch(len(x), cfg)
+    assert spe == 3
+    state = T.create_state(model, jax.random.key(1), x.shape[1:], cfg, spe)
+    out = T.train(model, state, x, y, cfg, seed=0, **KW)
+    assert int(out.step) == 6
+    for leaf in jax.tree.leaves((out.params, out.batch_stats, out.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    assert np.isfinite(T.evaluate(out, model, x, y, 64, dtype="bfloat16")["loss"])
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_resume_from_checkpoint_equals_straight_run(tmp_path, with_masks):
+    x, y = blobs(n=200)
+    model = MODEL
+    cfg = T.as_train_config(BASE)  # 200 % 32 != 0: the last batch wraps around
+    spe = T.steps_per_epoch(len(x), cfg)
+    masks = None
+    init = T.create_state(model, jax.random.key(3), x.shape[1:], cfg, spe)
+    if with_masks:
+        rng = np.random.default_rng(1)
+        masks = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) > 0.5), init.params)
+        init = T.state_from_params(init.params, init.batch_stats, cfg, spe, masks)
+    kw = dict(seed=7, **KW)
+
+    straight = T.train(model, init, x, y, cfg, **kw)
+
+    def save(epoch, state, metrics):
+        Checkpointer(tmp_path).save(
+            int(state.step), **T.state_to_items(state), masks=masks,
+            meta={"epoch": epoch + 1, "loss": metrics["loss"]},
+        )
+
+    T.train(model, init, x, y, cfg, end_epoch=2, on_epoch_end=save, **kw)
+    ckpt = Checkpointer(tmp_path)  # fresh objects, as after a restart
+    assert ckpt.latest_step() == 2 * spe
+    target = T.state_to_items(T.abstract_state(model, x.shape[1:], cfg, spe, masks))
+    restored = ckpt.restore(like=target)
+    assert restored["meta"]["epoch"] == 2
+    resumed = T.state_from_items(restored, ckpt.latest_step())
+    resumed = T.train(model, resumed, x, y, cfg, **kw)
+
+    assert int(resumed.step) == int(straight.step) == 4 * spe
+    for a, b in zip(jax.tree.leaves((straight.params, straight.batch_stats, straight.opt_state)),
+                    jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_masked_training_keeps_pruned_weights_zero():
+    x, y = blobs()
+    model = MODEL
+    cfg = T.as_train_config({**BASE, "num_epochs": 2})
+    spe = T.steps_per_epoch(len(x), cfg)
+    dense = T.create_state(model, jax.random.key(0), x.shape[1:], cfg, spe)
+    rng = np.random.default_rng(0)
+    masks = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) > 0.3), dense.params)
+    state = T.state_from_params(dense.params, dense.batch_stats, cfg, spe, masks)
+    out = T.train(model, state, x, y, cfg, seed=0, **KW)
+    for p, m, p0 in zip(jax.tree.leaves(out.params), jax.tree.leaves(masks),
+                        jax.tree.leaves(dense.params)):
+        p, m = np.asarray(p), np.asarray(m)
+        assert np.all(p[~m] == 0.0)
+        assert np.any(p[m] != np.asarray(p0)[m])  # kept weights did train
+    assert masking.get_masks(out.opt_state) is not None
+
+
+def test_evaluate_pads_last_batch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(23, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 7, 23).astype(np.int32)
+    model = TinyCNN()
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    got = T.evaluate(variables, model, x, y, batch_size=10)  # 10 + 10 + 3 (padded)
+    logits = jax.jit(model.apply)(variables, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    np.testing.assert_allclose(got["loss"], float(jnp.mean(loss)), rtol=1e-5)
+    np.testing.assert_allclose(got["error"], float(np.mean(np.argmax(logits, -1) != y)))
+    np.testing.assert_allclose(got["error5"], float(np.mean(~np.any(top5 == y[:, None], -1))))
+    # Bare params give the same numbers (no BatchNorm).
+    assert T.evaluate(variables["params"], model, x, y, batch_size=10) == pytest.approx(got)
+
+
+def test_train_rejects_state_off_epoch_boundary():
+    x, y = blobs(n=64)
+    model = MODEL
+    cfg = T.as_train_config({**BASE, "num_epochs": 1})
+    spe = T.steps_per_epoch(len(x), cfg)
+    state = T.create_state(model, jax.random.key(0), x.shape[1:], cfg, spe)
+    state, metrics = T.train_step(state, x[:32], y[:32], jax.random.key(0), model=model,
+                                  cfg=cfg, steps_per_epoch=spe, augment_fn=noise_augment)
+    assert int(state.step) == 1 and float(metrics["lr"]) == 0.0  # warm-up starts at 0
+    with pytest.raises(ValueError, match="epoch boundary"):
+        T.train(model, state, x, y, cfg, seed=0, **KW)
