@@ -26,7 +26,7 @@ def training(
             num_epochs=num_epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
-            lr_milestones=list(lr_milestones),
+            lr_milestones=tuple(lr_milestones),
             lr_gamma=lr_gamma,
             warmup=warmup,
             optimizer=optimizer,
@@ -81,11 +81,11 @@ def experiment(
     config.retraining = retrain
     config.experiments = ml_collections.ConfigDict(
         dict(
-            methods=list(methods),
+            methods=tuple(methods),
             mode=mode,
             num_nets=num_nets,
             num_repetitions=num_repetitions,
-            spacing=[dict(s) for s in spacing],
+            spacing=tuple(dict(s) for s in spacing),
             retrain_iterations=retrain_iterations,
             plotting=dict(min_val=plot_min, max_val=plot_max),
         )

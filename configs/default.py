@@ -14,7 +14,7 @@ def get_config():
                             weight_decay=1e-4)
     config = common.experiment(
         network="lenet300_100", dataset="mnist_embedded", train=train,
-        retrain_overrides=dict(num_epochs=4, learning_rate=0.01, lr_milestones=[3]),
+        retrain_overrides=dict(num_epochs=4, learning_rate=0.01, lr_milestones=(3,)),
         methods=("sipp", "sipp_rand", "pfp", "wt", "ft", "snip", "random"),
         spacing=[common.geometric(0.5, 0.03, 6)], mode="cascade", retrain_iterations=-1, num_nets=1,
         delta_s=1e-12, plot_min=0.03, plot_max=0.5, eval_batch_size=500)

@@ -81,9 +81,8 @@ def capture_fn(ctx: PruneContext):
         layers = list(ctx.layers)
 
         def capture(params, x):
-            return capture_inputs(
-                ctx.model, {**ctx.variables, "params": params}, x, method=ctx.apply_method, layers=layers, **kwargs
-            )
+            variables = {**ctx.variables, "params": params}
+            return capture_inputs(ctx.model, variables, x, method=ctx.apply_method, layers=layers, **kwargs)
 
         ctx.cache["out_mode_capture"] = jax.jit(capture)
     return ctx.cache["out_mode_capture"]
@@ -105,9 +104,8 @@ def consumer_columns(out_channels: int, factor: int, filters) -> np.ndarray:
 
 def filter_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> bool ``[out]``: output filters with any nonzero kernel entry."""
-    return {
-        layer.name: ctx.alive()[layer.name].reshape(-1, layer.out_channels).any(axis=0) for layer in ctx.layers
-    }
+    alive = ctx.alive()
+    return {layer.name: alive[layer.name].reshape(-1, layer.out_channels).any(axis=0) for layer in ctx.layers}
 
 
 def _with_filter(params, layer: Layer, f: int, kernel_value, bias_value):
@@ -137,7 +135,9 @@ def _same(a, b) -> bool:
     return True
 
 
-def _check_layer(ctx: PruneContext, layer: Layer, nxt: Layer, factor: int, x, base_inputs, alive) -> Optional[str]:
+def _check_layer(
+    ctx: PruneContext, layer: Layer, nxt: Layer, factor: int, x, base_inputs, alive
+) -> Optional[str]:
     """None when filter -> consumer-column mapping passes both checks, else the reason it failed."""
     apply, capture = _apply_fn(ctx), capture_fn(ctx)
     params = ctx.params
@@ -167,7 +167,10 @@ def _check_layer(ctx: PruneContext, layer: Layer, nxt: Layer, factor: int, x, ba
         only_cols = _without_columns(params, nxt, cols)
         both = _with_filter(only_cols, layer, int(f), 0.0, 0.0)
         if not _same(apply(only_cols, x), apply(both, x)):
-            return f"filter {int(f)} reaches the output other than through {nxt.name!r} (e.g. a skip connection)"
+            return (
+                f"filter {int(f)} reaches the output other than through {nxt.name!r} "
+                "(e.g. a skip connection)"
+            )
     return None
 
 
@@ -278,7 +281,8 @@ def select_filters(
 
     def size(keep_out) -> int:
         keep_in = _input_keep(ctx, cmap, keep_out)
-        return int(sum(keep_in[n].astype(np.int64) @ counts[n] @ keep_out[n].astype(np.int64) for n in counts))
+        as_int = lambda v: v.astype(np.int64)
+        return int(sum(as_int(keep_in[n]) @ counts[n] @ as_int(keep_out[n]) for n in counts))
 
     lo, hi = 0.0, 1.0
     if size(keep_out_at(hi)) <= budget:
@@ -340,5 +344,5 @@ registry.register_method(
 )
 registry.register_method(
     "softnet", select_softnet, structured=True,
-    description="SoftNet (He et al. 2018, scoring only): same fraction of output filters per layer, largest L2 norm",
+    description="SoftNet (He et al. 2018, scoring step): same fraction of filters per layer, largest L2 norm",
 )

@@ -85,15 +85,20 @@ def _channels_for(stats, eps: float) -> dict[str, int]:
 
 
 def _model_size(ctx: PruneContext, stats, counts: dict[str, int]) -> float:
-    """Kernel entries kept if each layer keeps counts[l] input channels."""
+    """Kernel entries kept if each layer keeps counts[l] input channels.
+
+    A layer's live output filters shrink in proportion to the channels its
+    successor (in call order) keeps; the outer keep-ratio search corrects for
+    graphs where that is not exact.
+    """
     layers = ctx.layers
+    alive = ctx.alive()
     size = 0.0
     for i, layer in enumerate(layers):
-        out = layer.out_channels
+        out = float(alive[layer.name].reshape(-1, layer.out_channels).any(0).sum())
         if i + 1 < len(layers):
             nxt = layers[i + 1]
-            live_next = max(int(stats[nxt.name][3].sum()), 1)
-            out = out * counts[nxt.name] / live_next
+            out *= counts[nxt.name] / max(int(stats[nxt.name][3].sum()), 1)
         size += counts[layer.name] * out * layer.window_size
     return size
 

@@ -166,7 +166,7 @@ def _max_contract(
 
 def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str):
     """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``."""
-    points, num_patches, fan_in = a.shape
+    _, num_patches, fan_in = a.shape
     out = positive.shape[1]
     q = _guarded_inverse(jnp.einsum("gpj,jo->gpo", a, w_split, precision=_HIGHEST))
     if reduction == "mean" and num_patches > 1:
@@ -195,7 +195,8 @@ def _weight_ratio(layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: s
         return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
 
     def group_max(x):
-        return lax.cond(jnp.any(x < 0), split, ratios, input_patches(layer, x))
+        patches = input_patches(layer, x, order="window")
+        return lax.cond(jnp.any(x < 0), split, ratios, patches)
 
     batch = inputs.shape[0]
     size = _group_size(layer, batch)
@@ -209,7 +210,7 @@ def _weight_ratio(layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: s
 def channel_from_weight(weight: jax.Array) -> jax.Array:
     """Input-channel sensitivity: max over window positions and outputs -> ``(in,)``."""
     axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
-    return jnp.max(weight, axis=axes) if axes else weight
+    return jnp.max(weight, axis=axes)
 
 
 def layer_sensitivity(
@@ -224,9 +225,9 @@ def layer_sensitivity(
       reduction: ``'mean'`` or ``'max'`` over output positions.
     """
     _check_reduction(reduction)
-    wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32))
+    wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
     ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction)
-    weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio)
+    weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")
     return LayerSensitivity(weight=weight, channel=channel_from_weight(weight))
 
 
@@ -283,7 +284,7 @@ def _first(iterator: Iterator[Any]) -> Any:
     try:
         return next(iterator)
     except StopIteration:
-        raise ValueError("data must hold at least one point (got no batches)") from None
+        raise ValueError("data must hold at least one point (got no points)") from None
 
 
 def compute_sensitivities(
@@ -334,7 +335,15 @@ def _tree_maximum(a: Any, b: Any) -> Any:
     return jax.tree_util.tree_map(jnp.maximum, a, b)
 
 
-def _chunk_sensitivities(variables, x, model, layers, reduction, method, apply_items):
+def _chunk_sensitivities(
+    variables: Mapping[str, Any],
+    x: jax.Array,
+    model: Any,
+    layers: tuple[Layer, ...],
+    reduction: str,
+    method: Any,
+    apply_items: tuple[tuple[str, Any], ...],
+) -> dict[str, LayerSensitivity]:
     """All layers' sensitivities over one chunk ``x`` (traced under jit)."""
     apply_kwargs = dict(apply_items)
     inputs = layers_lib.capture_inputs(
@@ -355,7 +364,13 @@ _STATIC = ("model", "layers", "reduction", "method", "apply_items")
 _cached_chunk_sensitivities = jax.jit(_chunk_sensitivities, static_argnames=_STATIC)
 
 
-def _chunk_function(model, layers, reduction, method, apply_kwargs) -> Callable[..., Any]:
+def _chunk_function(
+    model: Any,
+    layers: tuple[Layer, ...],
+    reduction: str,
+    method: Any,
+    apply_kwargs: Mapping[str, Any],
+) -> Callable[..., Any]:
     """Jitted ``(variables, chunk) -> sensitivities``; compiled once per model/shape.
 
     Uses a jit cache keyed by the (hashable) model and options so that repeated

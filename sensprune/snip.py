@@ -69,7 +69,8 @@ def loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
     data, labels = np.asarray(ctx.data), np.asarray(ctx.labels)
     if labels.shape[0] != data.shape[0]:
         raise ValueError(
-            f"labels must have one entry per point of data: got {labels.shape[0]} labels for {data.shape[0]} points"
+            f"labels must have one entry per point of data: got {labels.shape[0]} labels "
+            f"for {data.shape[0]} points"
         )
     fn = _kernel_grad_fn(ctx)
     n, chunk = data.shape[0], max(int(ctx.chunk_size), 1)

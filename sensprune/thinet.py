@@ -44,6 +44,7 @@ from sensprune.types import Layer
 
 SAMPLES = 400
 MAX_POINTS = 256
+_GRAM_MAX = 4096  # channels up to which the greedy steps use the precomputed Gram matrix
 
 
 def greedy_removal_order(x: np.ndarray, candidates: Optional[np.ndarray] = None) -> np.ndarray:
@@ -61,14 +62,15 @@ def greedy_removal_order(x: np.ndarray, candidates: Optional[np.ndarray] = None)
     n = x.shape[1]
     remaining = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool).copy()
     norms2 = np.einsum("tc,tc->c", x, x)
-    s = np.zeros(x.shape[0])
+    gram = x.T @ x if n <= _GRAM_MAX else None
+    v = np.zeros(n)  # s . x_c for the current removed sum s
     order = []
     for _ in range(int(remaining.sum())):
-        cost = 2.0 * (s @ x) + norms2  # ||s + x_c||^2 - ||s||^2
+        cost = 2.0 * v + norms2  # ||s + x_c||^2 - ||s||^2
         c = int(np.argmin(np.where(remaining, cost, np.inf)))
         order.append(c)
         remaining[c] = False
-        s += x[:, c]
+        v += gram[c] if gram is not None else x[:, c] @ x
     return np.asarray(order, np.int64)
 
 
@@ -84,7 +86,9 @@ def _contribution_fn(layer: Layer):
     return jax.jit(fn)
 
 
-def contributions(ctx: PruneContext, samples: int = SAMPLES, max_points: int = MAX_POINTS) -> dict[str, np.ndarray]:
+def contributions(
+    ctx: PruneContext, samples: int = SAMPLES, max_points: int = MAX_POINTS
+) -> dict[str, np.ndarray]:
     """Layer name -> sampled per-channel contributions ``X [samples, in_channels]`` (cached)."""
     key = ("thinet_contributions", samples, max_points)
     if key in ctx.cache:
@@ -118,7 +122,8 @@ def contributions(ctx: PruneContext, samples: int = SAMPLES, max_points: int = M
             n_idx, p_idx, w_sel, fn = plans[layer.name]
             local = n_idx - start
             valid = (local >= 0) & (local < min(chunk, n_points - start))
-            out = fn(inputs[layer.name], jnp.asarray(np.clip(local, 0, chunk - 1)), p_idx, w_sel, jnp.asarray(valid))
+            rows = jnp.asarray(np.clip(local, 0, chunk - 1))
+            out = fn(inputs[layer.name], rows, p_idx, w_sel, jnp.asarray(valid))
             totals[layer.name] += np.asarray(out, np.float64)
     ctx.cache[key] = totals
     return totals

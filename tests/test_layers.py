@@ -190,6 +190,7 @@ def test_model_without_layers_is_refused():
         (lambda: nn.DenseGeneral((2, 3)), "DenseGeneral"),
         (lambda: nn.ConvTranspose(3, (3,)), "ConvTranspose"),
         (lambda: nn.ConvLocal(3, (3,)), "ConvLocal"),
+        (lambda: nn.Einsum((4, 3), "btf,fo->bto"), "Einsum"),
     ],
 )
 def test_unsupported_linear_layers_are_named(make, kind):

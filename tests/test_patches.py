@@ -43,12 +43,17 @@ def test_patches_times_kernel_matrix_is_the_conv(geometry):
     (layer,) = find_layers(conv, variables, x)
     kernel = _random(layer.kernel_shape, 1)
     want = jax.jit(conv.apply)({"params": {"kernel": kernel}}, x)
-    patches = input_patches(layer, x)
-    assert patches.shape == (2, layer.num_patches, layer.window_size * layer.in_channels)
-    got = patches @ kernel_matrix(layer, kernel)
-    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(reference_patches(layer, x), patches)
-    np.testing.assert_array_equal(matrix_to_kernel(layer, kernel_matrix(layer, kernel)), kernel)
+    for order in ("channel", "window"):
+        patches = input_patches(layer, x, order=order)
+        assert patches.shape == (2, layer.num_patches, layer.window_size * layer.in_channels)
+        got = patches @ kernel_matrix(layer, kernel, order=order)
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+        matrix = kernel_matrix(layer, kernel, order=order)
+        np.testing.assert_array_equal(matrix_to_kernel(layer, matrix, order=order), kernel)
+    # default order is channel-major, exactly lax.conv_general_dilated_patches
+    np.testing.assert_array_equal(reference_patches(layer, x), input_patches(layer, x))
+    channel_major = np.moveaxis(kernel, -2, 0).reshape(-1, 4)
+    np.testing.assert_array_equal(kernel_matrix(layer, kernel), channel_major)
 
 
 @pytest.mark.parametrize("shape", [(2, 5), (2, 3, 5)])
@@ -71,3 +76,5 @@ def test_shape_errors_name_the_layer():
         input_patches(layer, _random((2, 6), 5))
     with pytest.raises(ValueError, match="kernel shape"):
         kernel_matrix(layer, _random((6, 3), 6))
+    with pytest.raises(ValueError, match="order"):
+        input_patches(layer, x, order="spatial")

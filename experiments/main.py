@@ -1,0 +1,45 @@
+"""Launches an experiment: train -> prune -> retrain -> evaluate, resumable.
+
+  python -m experiments.main --config=configs/default.py --workdir=runs/default
+  python -m experiments.main --config=configs/cifar/resnet20.py --workdir=runs/r20 \\
+      --config.dataset.data_dir=/data/cifar --config.experiments.num_nets=1
+
+The logic lives in :mod:`experiments.pipeline` (importable from a notebook);
+this file only parses flags. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/...).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, results and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    config = _CONFIG.value
+    if config.get("multihost", False):
+        jax.distributed.initialize()
+    logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+    from experiments import pipeline
+
+    pipeline.run(config, _WORKDIR.value)
+    workdir = os.path.abspath(_WORKDIR.value)
+    report = os.path.join(workdir, "report.md")
+    if jax.process_index() == 0 and os.path.exists(report):
+        with open(report) as f:
+            print(f.read())
+        print(f"Results: {workdir}/results.npz\nPlots:   {workdir}/plots/\nReport:  {report}\n"
+              f"TensorBoard: tensorboard --logdir {workdir}/tensorboard")
+
+
+if __name__ == "__main__":
+    app.run(main)

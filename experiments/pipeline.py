@@ -1,0 +1,474 @@
+"""The experiment loop: train -> (prune -> retrain -> evaluate) per method and keep ratio.
+
+Everything is resumable. Under ``workdir``:
+
+  checkpoints/net<n>/train/             per-epoch training checkpoints (orbax)
+  checkpoints/net<n>/rewind/            the rewind point (cascade-rewind only)
+  checkpoints/net<n>/rep<r>/<method>/chain/        the retrained net after each keep ratio
+  checkpoints/net<n>/rep<r>/<method>/retrain<i>/   per-epoch retraining checkpoints
+  results.npz, tensorboard/, plots/, report.md, config.json
+
+Each finished keep ratio is written to its chain checkpoint (with its metrics)
+before ``results.npz``, so a run killed at any point and started again with the
+same command skips finished work, resumes an interrupted training or retraining
+at its last finished epoch and produces the same numbers as an uninterrupted run
+(all randomness is derived from the seed and the position in the loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+import sensprune as sp
+from experiments import checkpoint as ckpt_lib
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import plot as plot_lib
+from experiments import results as results_lib
+from experiments import spacing as spacing_lib
+from experiments import train as train_lib
+
+MODES = ("train", "retrain", "cascade", "cascade-rewind", "cascade-random")
+
+
+# ----------------------------------------------------------------------------
+# Config validation (fails before any training)
+# ----------------------------------------------------------------------------
+def _optional(value: Any) -> Any:
+    """Configs use '' and -1 for "not set" (ConfigDict fields keep one type)."""
+    return None if value in ("", -1, None) else value
+
+
+def train_config(cfg: Any) -> train_lib.TrainConfig:
+    """The validated TrainConfig of a config's training/retraining block."""
+    fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    fields["max_steps_per_epoch"] = _optional(fields.get("max_steps_per_epoch"))
+    return train_lib.as_train_config(fields)
+
+
+def validate_config(config: Any) -> list[spacing_lib.Step]:
+    """Checks every field a run needs; returns the keep-ratio steps.
+
+    Raises:
+      ValueError naming the field and the allowed values.
+    """
+    if config.network not in models_lib.MODELS:
+        raise ValueError(
+            f"config.network={config.network!r} is unknown; allowed: {', '.join(sorted(models_lib.MODELS))}"
+        )
+    exp = config.experiments
+    if exp.mode not in MODES:
+        raise ValueError(f"config.experiments.mode={exp.mode!r}; allowed: {', '.join(MODES)}")
+    methods = list(exp.methods)
+    known = sp.available_methods()
+    for i, m in enumerate(methods):
+        if m not in known:
+            raise ValueError(f"config.experiments.methods[{i}]={m!r} is unknown; allowed: {', '.join(known)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"config.experiments.methods has duplicates: {methods}")
+    if exp.mode != "train" and not methods:
+        raise ValueError("config.experiments.methods is empty; name at least one method")
+    for field in ("num_nets", "num_repetitions"):
+        if int(exp[field]) < 1:
+            raise ValueError(f"config.experiments.{field} must be >= 1, got {exp[field]!r}")
+    for block in ("training", "retraining"):
+        try:
+            train_config(config[block])
+        except ValueError as err:
+            raise ValueError(f"config.{block}: {err}") from None
+    delta = float(config.coresets.delta_s)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"config.coresets.delta_s must be in (0, 1), got {delta}")
+    if float(config.coresets.c_constant) <= 0:
+        raise ValueError(f"config.coresets.c_constant must be > 0, got {config.coresets.c_constant}")
+    if int(config.coresets.chunk_size) < 1:
+        raise ValueError(f"config.coresets.chunk_size must be >= 1, got {config.coresets.chunk_size}")
+    ratios = spacing_lib.keep_ratios(list(exp.spacing))
+    return spacing_lib.split_keep_ratios(ratios, int(exp.retrain_iterations), cascade=exp.mode != "retrain")
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+def _seed(*parts: Any) -> int:
+    """A stable 31-bit seed from the position in the loop."""
+    return zlib.crc32(json.dumps([str(p) for p in parts]).encode()) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything derived once from the config."""
+
+    config: Any
+    workdir: Path
+    dataset: data_lib.Dataset
+    model: Any
+    layers: list[sp.Layer]
+    steps: list[spacing_lib.Step]
+    train_cfg: train_lib.TrainConfig
+    retrain_cfg: train_lib.TrainConfig
+    dense_size: int
+    dense_flops: int
+    s_size: int
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.config.experiments.methods)
+
+    def ckpt(self, *parts: str) -> ckpt_lib.Checkpointer:
+        return ckpt_lib.Checkpointer(self.workdir.joinpath("checkpoints", *parts), max_to_keep=2)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.input_shape)
+
+
+def build(config: Any, workdir: str | Path) -> Experiment:
+    """Validates the config, loads data and builds the model (no training)."""
+    steps = validate_config(config)
+    ds_cfg = config.dataset
+    dataset = data_lib.load_dataset(
+        ds_cfg.name,
+        data_dir=_optional(ds_cfg.data_dir),
+        valid_fraction=float(ds_cfg.valid_fraction),
+        seed=int(config.seed),
+        max_train=_optional(ds_cfg.max_train),
+        max_test=_optional(ds_cfg.max_test),
+    )
+    model = models_lib.get_model(config.network, dataset.num_classes)
+    x0 = np.zeros((1, *dataset.input_shape), np.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0, train=False))
+    layers = sp.find_layers(model, variables, x0, train=False)
+    size_s = int(config.coresets.size)
+    if size_s <= 0:
+        size_s = sp.sample_size(
+            layers, float(config.coresets.delta_s), float(config.coresets.c_constant),
+            batch_size=int(config.training.batch_size),
+        )
+    dense_size = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables["params"]))
+    return Experiment(
+        config=config,
+        workdir=Path(workdir),
+        dataset=dataset,
+        model=model,
+        layers=layers,
+        steps=steps,
+        train_cfg=train_config(config.training),
+        retrain_cfg=train_config(config.retraining),
+        dense_size=dense_size,
+        dense_flops=sp.dense_flops(layers),
+        s_size=min(size_s, dataset.num_valid),
+    )
+
+
+def _steps_per_epoch(exp: Experiment, cfg: train_lib.TrainConfig) -> int:
+    return train_lib.steps_per_epoch(exp.dataset.num_train, cfg)
+
+
+def _variables(state: train_lib.TrainState) -> dict:
+    out = {"params": state.params}
+    if state.batch_stats:
+        out["batch_stats"] = state.batch_stats
+    return out
+
+
+def _train_with_checkpoints(
+    exp: Experiment,
+    ckpt: ckpt_lib.Checkpointer,
+    state: train_lib.TrainState,
+    cfg: train_lib.TrainConfig,
+    *,
+    seed: int,
+    masks: Any = None,
+    meta: Optional[Mapping[str, Any]] = None,
+    desc: str,
+    tb: Optional[results_lib.TensorBoardLogger] = None,
+    tb_tag: str = "",
+    on_epoch: Any = None,
+) -> train_lib.TrainState:
+    """Trains to the end of ``cfg``'s schedule, checkpointing after every epoch."""
+    spe = _steps_per_epoch(exp, cfg)
+    meta = dict(meta or {})
+
+    def on_epoch_end(epoch: int, st: train_lib.TrainState, metrics: Mapping[str, float]) -> None:
+        ckpt.save(
+            epoch + 1, params=st.params, batch_stats=st.batch_stats, opt_state=st.opt_state,
+            masks=masks, meta={**meta, "epoch": epoch + 1, "metrics": dict(metrics)},
+        )
+        if tb is not None:
+            tb.log_train(tb_tag, dict(metrics), epoch, phase=desc.split()[0], unit="epoch")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, st)
+
+    return train_lib.train(
+        exp.model, state, exp.dataset.train_x, exp.dataset.train_y, cfg, seed=seed,
+        on_epoch_end=on_epoch_end, desc=desc, progress=True,
+    )
+
+
+def _restore_state(
+    ckpt: ckpt_lib.Checkpointer, like: train_lib.TrainState, spe: int, masks_like: Any = None
+) -> tuple[Optional[train_lib.TrainState], dict]:
+    """The latest per-epoch state of a training run, or (None, {}).
+
+    ``meta['epoch']`` is the (global) number of finished epochs, so the global
+    step is ``epoch * steps_per_epoch``.
+    """
+    step = ckpt.latest_step()
+    if step is None:
+        return None, {}
+    target = {"params": like.params, "batch_stats": like.batch_stats, "opt_state": like.opt_state}
+    if masks_like is not None:
+        target["masks"] = masks_like
+    items = ckpt.restore(step, like=target)
+    meta = items.pop("meta")
+    items.pop("masks", None)
+    return train_lib.state_from_items(items, int(meta["epoch"]) * spe), meta
+
+
+def _retrain_cfg(exp: Experiment, start_epoch: int) -> train_lib.TrainConfig:
+    """Retraining schedule; cascade-rewind replays the tail of the training schedule."""
+    base = exp.train_cfg if exp.config.experiments.mode == "cascade-rewind" else exp.retrain_cfg
+    return dataclasses.replace(base, start_epoch=int(start_epoch))
+
+
+# ----------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------
+def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> train_lib.TrainState:
+    """Trains net ``net`` (or resumes / loads it)."""
+    cfg = exp.train_cfg
+    spe = _steps_per_epoch(exp, cfg)
+    seed = _seed(exp.config.seed, "net", net)
+    fresh = train_lib.create_state(exp.model, jax.random.PRNGKey(seed), exp.input_shape, cfg, spe)
+    ckpt = exp.ckpt(f"net{net}", "train")
+    state, meta = _restore_state(ckpt, fresh, spe)
+    if state is not None and meta.get("epoch", 0) >= cfg.num_epochs:
+        logging.info("net %d: trained checkpoint found (%d epochs)", net, meta["epoch"])
+        return state
+    if state is not None:
+        logging.info("net %d: resuming training at epoch %d", net, meta["epoch"])
+    rewind_epoch = max(cfg.num_epochs - exp.retrain_cfg.num_epochs, 0)
+    rewind = exp.ckpt(f"net{net}", "rewind")
+
+    def keep_rewind(epoch: int, st: train_lib.TrainState) -> None:
+        if exp.config.experiments.mode == "cascade-rewind" and epoch == rewind_epoch:
+            rewind.save(epoch, params=st.params, batch_stats=st.batch_stats, meta={"epoch": epoch})
+
+    if exp.config.experiments.mode == "cascade-rewind" and rewind_epoch == 0 and rewind.latest_step() is None:
+        rewind.save(0, params=fresh.params, batch_stats=fresh.batch_stats, meta={"epoch": 0})
+    state = state if state is not None else fresh
+    return _train_with_checkpoints(
+        exp, ckpt, state, cfg, seed=seed, desc=f"train net{net}", tb=tb,
+        tb_tag="dense", on_epoch=keep_rewind,
+    )
+
+
+def _sensitivity_set(exp: Experiment, net: int) -> tuple[np.ndarray, np.ndarray]:
+    """S: a seeded random subset of the validation split (with labels, for SNIP)."""
+    rng = np.random.default_rng(_seed(exp.config.seed, "S", net))
+    idx = rng.choice(exp.dataset.num_valid, size=exp.s_size, replace=False)
+    return exp.dataset.valid_x[idx], exp.dataset.valid_y[idx]
+
+
+def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
+    co = exp.config.coresets
+    return sp.prune(
+        exp.model, variables, s_x, method=method, keep_ratio=ratio, key=key, labels=s_y,
+        delta=float(co.delta_s), c_constant=float(co.c_constant), chunk_size=int(co.chunk_size),
+        reference_size=exp.dense_size, layers=exp.layers, apply_kwargs={"train": False},
+    )
+
+
+def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables: dict, seed: int):
+    """Params/batch stats retraining starts from, and its config, by mode."""
+    mode = exp.config.experiments.mode
+    cfg = _retrain_cfg(exp, 0)
+    params, batch_stats = result.params, variables.get("batch_stats", {})
+    if mode == "cascade-random":
+        fresh = exp.model.init(jax.random.PRNGKey(seed), np.zeros((1, *exp.input_shape), np.float32), train=False)
+        params, batch_stats = sp.apply_masks(fresh["params"], result.masks), fresh.get("batch_stats", {})
+    elif mode == "cascade-rewind":
+        rewind = exp.ckpt(f"net{net}", "rewind")
+        like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        items = rewind.restore(rewind.latest_step(), like=like)
+        params, batch_stats = sp.apply_masks(items["params"], result.masks), items["batch_stats"]
+        cfg = _retrain_cfg(exp, int(items["meta"]["epoch"]))
+    return params, batch_stats, cfg
+
+
+def run_chain(
+    exp: Experiment,
+    net: int,
+    rep: int,
+    method: str,
+    trained: dict,
+    results: results_lib.Results,
+    tb: results_lib.TensorBoardLogger,
+    save_results: Any,
+    bar: tqdm,
+) -> None:
+    """All keep ratios of one (net, repetition, method), resuming where it stopped."""
+    mode = exp.config.experiments.mode
+    base = ("net%d" % net, "rep%d" % rep, method)
+    chain = exp.ckpt(*base, "chain")
+    s_x, s_y = _sensitivity_set(exp, net)
+    masks_like = sp.ones_like_masks(trained["params"])
+    like = {"params": trained["params"], "batch_stats": trained.get("batch_stats", {}), "masks": masks_like}
+    current = dict(trained)
+    start = 0
+    done_step = chain.latest_step()
+    if done_step is not None:
+        items = chain.restore(done_step, like=like)
+        current = {"params": items["params"]}
+        if items["batch_stats"]:
+            current["batch_stats"] = items["batch_stats"]
+        start = done_step
+        _record(exp, results, net, rep, method, done_step - 1, items["meta"], tb)
+        save_results()
+    bar.update(start)
+    for i in range(start, len(exp.steps)):
+        step = exp.steps[i]
+        if mode == "retrain":
+            current = dict(trained)
+        seed = _seed(exp.config.seed, net, rep, method, i)
+        retrain_ckpt = exp.ckpt(*base, f"retrain{i}")
+        state, meta = _resume_retrain(exp, retrain_ckpt, current, masks_like)
+        if state is None:
+            variables = dict(current)
+            for j, ratio in enumerate(step.compress_only):
+                res = _prune(exp, variables, method, ratio, jax.random.PRNGKey(_seed(seed, "c", j)), s_x, s_y)
+                variables = {**variables, "params": res.params}
+            result = _prune(exp, variables, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
+            params, batch_stats, cfg = _retrain_start(exp, net, result, variables, seed)
+            meta = {
+                "keep_ratio": result.keep_ratio,
+                "flops": result.flops / max(exp.dense_flops, 1),
+                "layer_kept": dict(result.layer_kept),
+                "start_epoch": cfg.start_epoch,
+            }
+            state = train_lib.state_from_params(params, batch_stats, cfg, _steps_per_epoch(exp, cfg),
+                                                masks=result.masks)
+            retrain_ckpt.save(0, params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
+                              masks=result.masks, meta={**meta, "epoch": cfg.start_epoch})
+        cfg = _retrain_cfg(exp, meta["start_epoch"])
+        masks = sp.get_masks(state.opt_state)
+        state = _train_with_checkpoints(
+            exp, retrain_ckpt, state, cfg, seed=seed, masks=masks, meta=meta,
+            desc=f"retrain {method} r={step.keep_ratio:.3f}", tb=tb, tb_tag=method,
+        )
+        metrics = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+                                     int(exp.config.eval_batch_size))
+        meta = {**{k: meta[k] for k in ("keep_ratio", "flops", "layer_kept")}, **metrics}
+        current = _variables(state)
+        chain.save(i + 1, params=state.params, batch_stats=state.batch_stats, masks=masks, meta=meta)
+        _record(exp, results, net, rep, method, i, meta, tb)
+        save_results()
+        shutil.rmtree(retrain_ckpt.directory, ignore_errors=True)
+        bar.update(1)
+
+
+def _resume_retrain(exp, ckpt, current, masks_like):
+    """A retraining interrupted mid-way: its latest per-epoch state and prune metadata."""
+    if ckpt.latest_step() is None:
+        return None, {}
+    cfg = _retrain_cfg(exp, int(ckpt.restore_meta().get("start_epoch", 0)))
+    spe = _steps_per_epoch(exp, cfg)
+    like = train_lib.state_from_params(current["params"], current.get("batch_stats", {}), cfg, spe,
+                                       masks=masks_like)
+    state, meta = _restore_state(ckpt, like, spe, masks_like)
+    logging.info("resuming retraining %s at epoch %d", ckpt.directory, meta["epoch"])
+    return state, meta
+
+
+def _record(exp, results, net, rep, method, i, meta, tb) -> None:
+    results.record(
+        net, i, rep, method, error=meta["error"], error5=meta["error5"], loss=meta["loss"],
+        sizes=meta["keep_ratio"], flops=meta["flops"], layer_kept=meta["layer_kept"],
+    )
+    tb.log_test(method, size=meta["keep_ratio"], flops=meta["flops"], error=meta["error"],
+                error5=meta["error5"], loss=meta["loss"])
+    total = {layer.name: layer.kernel_size for layer in exp.layers}
+    tb.log_layer_budget(method, meta["layer_kept"], total, size=meta["keep_ratio"])
+    logging.info(
+        "net %d rep %d %s: keep %.4f flops %.4f -> test error %.4f",
+        net, rep, method, meta["keep_ratio"], meta["flops"], meta["error"],
+    )
+
+
+# ----------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------
+def run(config: Any, workdir: str | Path) -> results_lib.Results:
+    """Runs (or resumes) the experiment described by ``config`` in ``workdir``."""
+    exp = build(config, workdir)
+    exp.workdir.mkdir(parents=True, exist_ok=True)
+    _check_config_unchanged(exp)
+    steps = exp.steps if exp.config.experiments.mode != "train" else []
+    exp_cfg = exp.config.experiments
+    layout = dict(
+        methods=exp.methods,
+        keep_ratios=[s.keep_ratio for s in steps],
+        num_nets=int(exp_cfg.num_nets),
+        num_repetitions=int(exp_cfg.num_repetitions),
+        layer_names=[layer.name for layer in exp.layers],
+        layer_total={layer.name: layer.kernel_size for layer in exp.layers},
+        sizes_total=exp.dense_size,
+        flops_total=exp.dense_flops,
+    )
+    results_path = exp.workdir / "results.npz"
+    results = results_lib.load_or_empty(results_path, **layout)
+    is_main = jax.process_index() == 0
+    save = (lambda: results.save_npz(results_path)) if is_main else (lambda: None)
+    logging.info(
+        "experiment: %s on %s (%d train / %d valid / %d test), %d prunable layers, |S| = %d, %d keep ratios",
+        exp.config.network, exp.dataset.name, exp.dataset.num_train, exp.dataset.num_valid,
+        exp.dataset.num_test, len(exp.layers), exp.s_size, len(steps),
+    )
+    with results_lib.TensorBoardLogger(exp.workdir / "tensorboard", enabled=is_main) as tb:
+        tb.log_config(exp.config)
+        total = int(exp_cfg.num_nets) * int(exp_cfg.num_repetitions) * len(exp.methods) * len(steps)
+        with tqdm(total=total, desc="prune/retrain", unit="ratio", disable=total == 0) as bar:
+            for net in range(int(exp_cfg.num_nets)):
+                state = train_net(exp, net, tb)
+                dense = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+                                           int(exp.config.eval_batch_size))
+                results.record_dense(net, **dense)
+                save()
+                logging.info("net %d dense: test error %.4f", net, dense["error"])
+                for rep in range(int(exp_cfg.num_repetitions)):
+                    for method in exp.methods if steps else []:
+                        run_chain(exp, net, rep, method, _variables(state), results, tb, save, bar)
+        if is_main and steps:
+            tag = exp.workdir.name or "results"
+            plot_lib.make_plots(results, exp.workdir / "plots", tag)
+            report = plot_lib.make_report(results)
+            (exp.workdir / "report.md").write_text(report)
+            tb.log_text("report", report)
+    return results
+
+
+def _check_config_unchanged(exp: Experiment) -> None:
+    """Refuses to resume a workdir that was started with a different config."""
+    path = exp.workdir / "config.json"
+    current = json.loads(exp.config.to_json_best_effort(sort_keys=True))
+    if path.exists():
+        stored = ckpt_lib.read_json(path)
+        if stored != current:
+            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            raise ValueError(
+                f"--workdir {exp.workdir} holds a run with another config (differs in: {', '.join(diff)}); "
+                "use a new --workdir or the same config"
+            )
+    else:
+        ckpt_lib.write_json(path, current)

@@ -1,0 +1,154 @@
+"""The experiment package end to end: configs, validation, resume after SIGKILL."""
+
+import glob
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import pipeline
+from experiments import results as results_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(
+    p for p in glob.glob(str(ROOT / "configs" / "**" / "*.py"), recursive=True)
+    if not p.endswith(("__init__.py", "common.py"))
+)
+
+
+def load_config(path):
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return importlib.import_module(rel).get_config()
+
+
+def tiny(config, *, dataset="digits", methods=None, ratios=(0.5,)):
+    """Shrinks a config to a couple of steps on tiny data."""
+    config.dataset.name = dataset
+    for block in (config.training, config.retraining):
+        block.num_epochs = 1
+        block.max_steps_per_epoch = 2
+        block.warmup = 0
+        block.lr_milestones = ()
+        block.batch_size = min(block.batch_size, 16)
+    config.experiments.num_nets = 1
+    config.experiments.spacing = (dict(type="manual", values=list(ratios)),)
+    config.experiments.retrain_iterations = -1
+    if methods is not None:
+        config.experiments.methods = tuple(methods)
+    config.coresets.size = 4
+    config.coresets.chunk_size = 4
+    config.eval_batch_size = 16
+    return config
+
+
+def test_every_config_loads_and_validates():
+    assert len(CONFIGS) >= 15
+    for path in CONFIGS:
+        config = load_config(path)
+        steps = pipeline.validate_config(config)
+        assert steps and all(0 < s.keep_ratio <= 1 for s in steps), path
+        doc = importlib.import_module(os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")).__doc__
+        assert f"--config={os.path.relpath(path, ROOT)}" in doc, f"{path}: docstring must give the command"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_runs_a_couple_of_steps(path, tmp_path):
+    config = load_config(path)
+    shape = models_lib.input_shape(config.network)
+    classes = 10
+    dataset = f"synthetic:{shape[0]}x{shape[1]}x{shape[2]}:{classes}"
+    if shape[0] >= 224 and "vgg" not in config.network:
+        dataset = f"synthetic:64x64x{shape[2]}:{classes}"  # global pooling: any size works
+    method = config.experiments.methods[0]
+    if "vgg" in config.network and shape[0] >= 224:
+        method = "wt"  # the 100M-weight fc6 of ImageNet VGG makes sensitivities slow on CPU
+    config = tiny(config, dataset=dataset, methods=[method])
+    results = pipeline.run(config, tmp_path)
+    assert results.done.all()
+    assert np.isfinite(results.error).all()
+    assert (tmp_path / "results.npz").exists()
+
+
+def test_bad_configs_fail_before_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(pipeline.train_lib, "train", no_training)
+    base = lambda: tiny(load_config(ROOT / "configs" / "default.py"))  # noqa: E731
+    cases = [
+        (lambda c: setattr(c, "network", "lenet9"), "config.network='lenet9' is unknown; allowed: .*lenet300_100"),
+        (lambda c: setattr(c.experiments, "methods", ("sipp", "magic")), r"methods\[1\]='magic' is unknown; allowed"),
+        (lambda c: setattr(c.experiments, "mode", "sometimes"), "mode='sometimes'; allowed: train, retrain, cascade"),
+        (lambda c: setattr(c.dataset, "name", "imagenet21k"), "imagenet21k"),
+        (lambda c: setattr(c.experiments, "spacing", (dict(type="manual", values=[0.5, 1.5]),)), r"\(0, 1\]"),
+        (lambda c: setattr(c.experiments, "spacing", (dict(type="manual", values=[0.0]),)), r"\(0, 1\]"),
+        (lambda c: setattr(c.experiments, "spacing", (dict(type="zigzag"),)), "type must be one of"),
+        (lambda c: setattr(c.training, "optimizer", "lion"), "optimizer"),
+        (lambda c: setattr(c.coresets, "delta_s", 2.0), "delta_s must be in"),
+    ]
+    for mutate, message in cases:
+        config = base()
+        mutate(config)
+        with pytest.raises(ValueError, match=message):
+            pipeline.run(config, tmp_path / "bad")
+    config = base()
+    config.dataset.name = "mnist"
+    config.dataset.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(data_lib.DataNotFoundError, match="mnist"):
+        pipeline.run(config, tmp_path / "bad2")
+
+
+def test_other_config_in_same_workdir_is_refused(tmp_path):
+    config = tiny(load_config(ROOT / "configs" / "default.py"), methods=["sipp"])
+    config.experiments.mode = "train"
+    pipeline.run(config, tmp_path)
+    config.training.learning_rate = 0.5
+    with pytest.raises(ValueError, match="another config.*training"):
+        pipeline.run(config, tmp_path)
+
+
+def _command(workdir):
+    return [
+        sys.executable, "-m", "experiments.main", "--config=configs/default.py", f"--workdir={workdir}",
+        "--config.dataset.name=digits", "--config.training.num_epochs=3", "--config.retraining.num_epochs=2",
+        "--config.training.lr_milestones=(2,)", "--config.retraining.lr_milestones=(1,)",
+        "--config.experiments.methods=('sipp', 'sipp_rand', 'pfp')", "--config.coresets.size=32",
+    ]
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path):
+    """SIGKILL mid-run, re-run the same command: results equal an uninterrupted run."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    straight = tmp_path / "straight"
+    subprocess.run(_command(straight), cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    trigger = killed / "checkpoints" / "net0" / "rep0" / "sipp_rand"
+    deadline = time.time() + 600
+    while not trigger.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = results_lib.Results.load_npz(killed / "results.npz")
+    assert 0 < partial.done.sum() < partial.done.size  # really interrupted mid-way
+    out = subprocess.run(_command(killed), cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+                         timeout=900)
+    assert "Commensurate accuracy" in out.stdout
+    a = results_lib.Results.load_npz(straight / "results.npz")
+    b = results_lib.Results.load_npz(killed / "results.npz")
+    assert a.done.all() and b.done.all()
+    for field in ("error", "error5", "loss", "sizes", "flops", "layer_kept"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-7, err_msg=field)
+    for path in ("plots", "tensorboard", "report.md"):
+        assert (killed / path).exists()
