@@ -10,6 +10,7 @@ this file only parses flags. Re-running the same command resumes.
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 
 from absl import app, flags, logging
@@ -20,11 +21,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, r
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+    """Drops INFO chatter of orbax/jax internals from the absl log."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/jax/_src/"))
+        return record.levelno >= logging_std.WARNING or not noisy
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
+    # Much faster to compile on CPU than threefry for initialising large models; deterministic.
+    jax.config.update("jax_default_prng_impl", "rbg")
     config = _CONFIG.value
     if config.get("multihost", False):
         jax.distributed.initialize()

@@ -250,9 +250,13 @@ def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> t
     cfg = exp.train_cfg
     spe = _steps_per_epoch(exp, cfg)
     seed = _seed(exp.config.seed, "net", net)
-    fresh = train_lib.create_state(exp.model, jax.random.PRNGKey(seed), exp.input_shape, cfg, spe)
+    init = train_lib.create_state(exp.model, jax.random.PRNGKey(seed), exp.input_shape, cfg, spe)
+    # Dense training runs the same (masked, all-ones) step as retraining, so the two share
+    # one compiled train step when their schedules agree.
+    fresh = train_lib.state_from_params(init.params, init.batch_stats, cfg, spe,
+                                        masks=sp.ones_like_masks(init.params))
     ckpt = exp.ckpt(f"net{net}", "train")
-    state, meta = _restore_state(ckpt, fresh, spe)
+    state, meta = _restore_state(ckpt, fresh, spe, sp.ones_like_masks(init.params))
     if state is not None and meta.get("epoch", 0) >= cfg.num_epochs:
         logging.info("net %d: trained checkpoint found (%d epochs)", net, meta["epoch"])
         return state
@@ -269,7 +273,7 @@ def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> t
         rewind.save(0, params=fresh.params, batch_stats=fresh.batch_stats, meta={"epoch": 0})
     state = state if state is not None else fresh
     return _train_with_checkpoints(
-        exp, ckpt, state, cfg, seed=seed, desc=f"train net{net}", tb=tb,
+        exp, ckpt, state, cfg, seed=seed, masks=sp.ones_like_masks(init.params), desc=f"train net{net}", tb=tb,
         tb_tag="dense", on_epoch=keep_rewind,
     )
 

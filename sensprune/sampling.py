@@ -35,23 +35,26 @@ def expected_unique(p: np.ndarray, m: np.ndarray) -> np.ndarray:
     p = np.asarray(p, np.float64)
     m = np.asarray(m, np.float64)
     # (1 - p)^m computed as exp(m * log1p(-p)) for accuracy at small p.
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         log_miss = np.log1p(-np.minimum(p, 1.0))
-    return np.sum(1.0 - np.exp(m[:, None] * log_miss), axis=-1)
+        hit = np.where(p > 0, 1.0 - np.exp(np.minimum(m, 1e300)[:, None] * log_miss), 0.0)
+    return np.sum(hit, axis=-1)
 
 
-def draws_for_unique(p: np.ndarray, target: np.ndarray, iters: int = 64) -> np.ndarray:
+def draws_for_unique(p: np.ndarray, target: np.ndarray, iters: int = 50) -> np.ndarray:
     """Number of draws whose expected distinct count equals ``target``.
 
-    Solves ``expected_unique(p, m) = target`` for every row by bisection in
-    ``log m``. The target is capped at ``support - 1`` (the expectation reaches
-    the full support only as m -> inf); rows whose target is below 1 or whose
-    support is empty get 0 draws.
+    Solves ``expected_unique(p, m) = target`` for every row with Newton's
+    method started at ``m = target``: the function is concave and increasing in
+    ``m``, so the iterates approach the root monotonically from below. The
+    target is capped at ``support - 1`` (the expectation reaches the full
+    support only as m -> inf); rows whose target is below 1 or whose support
+    is empty get 0 draws.
 
     Args:
       p: probabilities ``[rows, n]``.
       target: desired distinct counts ``[rows]``.
-      iters: bisection steps.
+      iters: Newton steps at most.
 
     Returns:
       Integer draws ``[rows]`` (ceil of the real solution).
@@ -61,20 +64,19 @@ def draws_for_unique(p: np.ndarray, target: np.ndarray, iters: int = 64) -> np.n
     target = np.minimum(np.asarray(target, np.float64), np.maximum(support - 1, 0))
     active = target >= 1
     target = np.where(active, target, 1.0)
-    lo = np.log(np.maximum(target, 1.0))  # at least `target` draws are needed
-    hi = lo + 1.0
-    # Grow the upper bracket until it covers every row.
-    for _ in range(200):
-        short = expected_unique(p, np.exp(hi)) < target
-        if not np.any(short & active):
-            break
-        hi = np.where(short, hi + 2.0, hi)
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-np.minimum(p, 1.0))  # <= 0; -inf where p == 1
+    log_miss = np.where(np.isfinite(log_miss), log_miss, -1e300)
+    m = target.copy()
     for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        below = expected_unique(p, np.exp(mid)) < target
-        lo = np.where(below, mid, lo)
-        hi = np.where(below, hi, mid)
-    draws = np.ceil(np.exp(hi) - 1e-9)
+        miss = np.exp(m[:, None] * log_miss)
+        gap = target - np.sum(1.0 - miss, axis=-1)
+        todo = active & (gap > 1e-9 * target)
+        if not np.any(todo):
+            break
+        slope = -np.sum(log_miss * miss, axis=-1)
+        m = np.where(todo, m + gap / np.maximum(slope, 1e-300), m)
+    draws = np.ceil(m - 1e-6)
     return np.where(active, draws, 0).astype(np.int64)
 
 

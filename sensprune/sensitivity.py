@@ -53,7 +53,9 @@ group), so memory is ``O(group * P * J + J * O)`` whatever the chunk size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -323,69 +325,71 @@ def compute_sensitivities(
     layers = tuple(layers)
     if not layers:
         raise ValueError("layers is empty; pass None to use every prunable layer")
-    run = _chunk_function(model, layers, reduction, method, apply_kwargs)
-    result = run(variables, first)
-    for chunk in chunks:
-        result = _tree_maximum(result, run(variables, chunk))
+    capture = _capture_function(model, layers, method, apply_kwargs)
+    geometry = {layer.name: _geometry(layer) for layer in layers}
+    result: dict[str, LayerSensitivity] = {}
+    for chunk in itertools.chain([first], chunks):
+        inputs = capture(variables, chunk)
+        for layer in layers:
+            kernel = paths.get_kernel(variables["params"], layer)
+            previous = result.get(layer.name)
+            if previous is None:  # sensitivities are >= 0: zeros are the identity of the running max
+                zeros = jnp.zeros(kernel.shape, jnp.float32)
+                previous = LayerSensitivity(zeros, jnp.zeros(kernel.shape[-2], jnp.float32))
+            result[layer.name] = _layer_step(geometry[layer.name], reduction, kernel, inputs[layer.name], previous)
     return result
 
 
-@jax.jit
-def _tree_maximum(a: Any, b: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.maximum, a, b)
+def _geometry(layer: Layer) -> Layer:
+    """The layer without its identity: layers of equal geometry share one compiled kernel."""
+    return dataclasses.replace(layer, path=(), order=0)
 
 
-def _chunk_sensitivities(
+@functools.partial(jax.jit, static_argnames=("layer", "reduction"))
+def _layer_step(
+    layer: Layer,
+    reduction: str,
+    kernel: jax.Array,
+    inputs: jax.Array,
+    previous: LayerSensitivity,
+) -> LayerSensitivity:
+    """One chunk's sensitivities of one layer, maxed with the running value."""
+    return max_sensitivity(previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction))
+
+
+def _capture(
     variables: Mapping[str, Any],
     x: jax.Array,
     model: Any,
     layers: tuple[Layer, ...],
-    reduction: str,
     method: Any,
     apply_items: tuple[tuple[str, Any], ...],
-) -> dict[str, LayerSensitivity]:
-    """All layers' sensitivities over one chunk ``x`` (traced under jit)."""
-    apply_kwargs = dict(apply_items)
-    inputs = layers_lib.capture_inputs(
-        model, variables, x, method=method, layers=layers, **apply_kwargs
-    )
-    return {
-        layer.name: layer_sensitivity(
-            layer,
-            paths.get_kernel(variables["params"], layer),
-            inputs[layer.name],
-            reduction=reduction,
-        )
-        for layer in layers
-    }
+) -> dict[str, jax.Array]:
+    """Inputs of every layer for one chunk ``x`` (traced under jit)."""
+    return layers_lib.capture_inputs(model, variables, x, method=method, layers=layers, **dict(apply_items))
 
 
-_STATIC = ("model", "layers", "reduction", "method", "apply_items")
-_cached_chunk_sensitivities = jax.jit(_chunk_sensitivities, static_argnames=_STATIC)
+_STATIC = ("model", "layers", "method", "apply_items")
+_cached_capture = jax.jit(_capture, static_argnames=_STATIC)
 
 
-def _chunk_function(
+def _capture_function(
     model: Any,
     layers: tuple[Layer, ...],
-    reduction: str,
     method: Any,
     apply_kwargs: Mapping[str, Any],
 ) -> Callable[..., Any]:
-    """Jitted ``(variables, chunk) -> sensitivities``; compiled once per model/shape.
+    """Jitted ``(variables, chunk) -> layer inputs``; compiled once per model/shape.
 
-    Uses a jit cache keyed by the (hashable) model and options so that repeated
-    calls (cascade pruning, sweeps) do not recompile; falls back to a fresh jit
-    when something is unhashable (e.g. an ``rngs`` dict in ``apply_kwargs``).
+    The capture (a forward pass) is compiled once per model; the sensitivity
+    kernels are compiled once per distinct layer geometry (:func:`_layer_step`),
+    so deep networks with repeated blocks compile a handful of kernels instead
+    of one program per layer. Falls back to a fresh jit when an option is
+    unhashable (e.g. an ``rngs`` dict in ``apply_kwargs``).
     """
-    static = dict(
-        model=model,
-        layers=layers,
-        reduction=reduction,
-        method=method,
-        apply_items=tuple(sorted(apply_kwargs.items())),
-    )
+    static = dict(model=model, layers=layers, method=method, apply_items=tuple(sorted(apply_kwargs.items())))
     try:
         hash(tuple(static.values()))
     except TypeError:
-        return jax.jit(functools.partial(_chunk_sensitivities, **static))
-    return functools.partial(_cached_chunk_sensitivities, **static)
+        return jax.jit(functools.partial(_capture, **static))
+    return functools.partial(_cached_capture, **static)

@@ -1,32 +1,18 @@
 """Filter-pruning baselines: ft, softnet, uniform_filters (out mode) and thinet (in mode)."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 import sensprune as sp
 from sensprune import filter_norm, random_pruning, thinet  # noqa: F401  (importing registers the methods)
 from sensprune.context import PruneContext
 from sensprune.layers import find_layers
+from tests.fixtures import CNN, MLP, digits, mlp, np_init
 
 FILTER_METHODS = ["ft", "softnet", "uniform_filters", "thinet"]
-
-
-class MLP(nn.Module):
-    widths: tuple = (48, 32)
-    classes: int = 10
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1)
-        for w in self.widths:
-            x = nn.relu(nn.Dense(w)(x))
-        return nn.Dense(self.classes)(x)
 
 
 class Residual(nn.Module):
@@ -50,46 +36,6 @@ class ConvFlatten(nn.Module):
             x = x.transpose(0, 3, 1, 2)  # NCHW flatten: feature = c * HW + pos
         x = nn.relu(nn.Dense(6)(x.reshape(x.shape[0], -1)))
         return nn.Dense(3)(x)
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(8, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        x = nn.relu(x)
-        x = nn.relu(nn.Conv(12, (3, 3), strides=2, padding="VALID")(x))
-        x = nn.relu(nn.Conv(16, (3, 3), use_bias=False)(x)).mean(axis=(1, 2))
-        return nn.Dense(5)(x)
-
-
-def np_init(model, x, seed=0):
-    """Variables of ``model`` filled with numpy (fan-in scaled normal kernels): no XLA RNG compiles."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = getattr(path[-1], "key", "")
-        if name == "kernel":
-            return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-        if name == "bias":
-            return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
-        return jnp.ones(s.shape, s.dtype) if name in ("scale", "var") else jnp.zeros(s.shape, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-@functools.lru_cache(maxsize=None)
-def digits():
-    x, y = load_digits(return_X_y=True)
-    return ((x / 16.0) - 0.3).astype(np.float32).reshape(-1, 8, 8, 1), y.astype(np.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def mlp():
-    x, _ = digits()
-    model = MLP()
-    return model, np_init(model, x[:1], seed=0)
 
 
 def make_ctx(model, variables, data, **kw):

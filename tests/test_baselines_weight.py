@@ -1,20 +1,17 @@
 """Weight-pruning baselines: wt, snip, uniform / norm_* sampling, random."""
 
-import functools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn.datasets import load_digits
 
 import sensprune as sp
 from sensprune import magnitude, norm_sampling, random_pruning, snip
 from sensprune.context import PruneContext
 from sensprune.layers import find_layers
 from sensprune.types import Layer
+from tests.fixtures import digits, mlp
 
 WEIGHT_METHODS = ["wt", "snip", "uniform", "norm_l1", "norm_l2", "norm_l1l2", "random"]
 SAMPLING = ["uniform", "norm_l1", "norm_l2", "norm_l1l2"]
@@ -37,44 +34,6 @@ def random_kernels(seed=0, dead=0.2):
     ks = {"a": rng.standard_normal((12, 7)), "b": 0.3 * rng.standard_normal((7, 5))}
     ks["c"] = rng.standard_normal((5, 3))
     return {n: np.where(rng.random(k.shape) < dead, 0.0, k).astype(np.float32) for n, k in ks.items()}
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1)
-        for w in (48, 32):
-            x = nn.relu(nn.Dense(w)(x))
-        return nn.Dense(10)(x)
-
-
-def np_init(model, x, seed=0):
-    """Variables of ``model`` filled with numpy (fan-in scaled normal kernels): no XLA RNG compiles."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = getattr(path[-1], "key", "")
-        if name == "kernel":
-            return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-        if name == "bias":
-            return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
-        return jnp.ones(s.shape, s.dtype) if name in ("scale", "var") else jnp.zeros(s.shape, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-@functools.lru_cache(maxsize=None)
-def digits():
-    x, y = load_digits(return_X_y=True)
-    return ((x / 16.0) - 0.3).astype(np.float32).reshape(-1, 8, 8, 1), y.astype(np.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def mlp():
-    x, _ = digits()
-    model = MLP()
-    return model, np_init(model, x[:1], seed=0)
 
 
 def test_registered_flags():
@@ -151,7 +110,9 @@ def test_snip_needs_labels():
 @pytest.mark.parametrize("method", SAMPLING)
 def test_sampling_is_unbiased_and_keeps_the_fraction(method):
     rng = np.random.default_rng(1)
-    kernel = (rng.standard_normal((40, 6)) * rng.choice([0.1, 1.0, 3.0], size=(40, 6))).astype(np.float32)
+    # Magnitudes in [0.2, 2] (with random signs) keep every inclusion probability
+    # large enough for a normal approximation over the runs.
+    kernel = (rng.uniform(0.2, 2.0, (40, 6)) * rng.choice([-1.0, 1.0], (40, 6))).astype(np.float32)
     kernel[:5, 0] = 0.0  # already pruned, must stay pruned
     ctx = hand_ctx({"w": kernel})
     alive = kernel != 0
@@ -160,6 +121,7 @@ def test_sampling_is_unbiased_and_keeps_the_fraction(method):
     runs = 500
     total = np.zeros(kernel.shape)
     total2 = np.zeros(kernel.shape)
+    unweighted = np.zeros(kernel.shape)
     kept_rows = np.zeros(6)
     for s in range(runs):
         sel = select(ctx, budget, jax.random.PRNGKey(s))
@@ -168,11 +130,19 @@ def test_sampling_is_unbiased_and_keeps_the_fraction(method):
         est = kernel * mask * sel.scales["w"]
         total += est
         total2 += est**2
+        unweighted += kernel * mask
         kept_rows += mask.sum(0)
     mean = total / runs
     std = np.sqrt(np.maximum(total2 / runs - mean**2, 0.0))
-    z = np.where(std > 0, (mean - kernel) / (std / np.sqrt(runs) + 1e-12), 0.0)
+    # Exact per-entry variance of w * count / (m p) with count ~ Binomial(m, p).
+    p = sel.scores["w"] / sel.scores["w"].sum(0, keepdims=True)
+    m = sel.info["draws"]["w"][None, :].astype(np.float64)
+    var = np.where(alive & (m > 0), kernel.astype(np.float64) ** 2 * (1 - p) / np.maximum(m * p, 1e-300), 0.0)
+    se = np.sqrt(var / runs)
+    z = np.where(se > 0, (mean - kernel) / np.where(se > 0, se, 1.0), 0.0)
     assert np.max(np.abs(z)) < 5.0, np.max(np.abs(z))
+    z_plain = np.where(se > 0, (unweighted / runs - kernel) / np.where(se > 0, se, 1.0), 0.0)
+    assert np.max(np.abs(z_plain)) > 10.0  # the test would catch a missing reweighting
     # Pooled test: the row sums (pre-activations for a ones input) are unbiased too.
     row_z = (mean.sum(0) - kernel.sum(0)) / (np.sqrt((std**2).sum(0)) / np.sqrt(runs) + 1e-12)
     assert np.max(np.abs(row_z)) < 5.0

@@ -13,7 +13,7 @@ import pytest
 
 import sensprune as sp
 from sensprune import sipp
-from tests.test_prune import digits, trained_mlp
+from tests.fixtures import digits, trained_mlp
 
 DELTA = 0.05
 

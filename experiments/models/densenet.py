@@ -14,24 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.models._common import (
-    CONV_INIT,
-    TORCH_KERNEL_INIT,
-    batch_norm,
-    global_avg_pool,
-    torch_bias_init,
-)
-
-
-def _conv(features: int, kernel: int, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        padding=kernel // 2,
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        name=name,
-    )
+from experiments.models._common import batch_norm, conv, fc_head
 
 
 class DenseLayer(nn.Module):
@@ -45,11 +28,11 @@ class DenseLayer(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         y = nn.relu(batch_norm(train, "bn1")(x))
         if self.bottleneck:
-            y = _conv(self.expansion * self.growth_rate, 1, "conv1")(y)
+            y = conv(self.expansion * self.growth_rate, 1, 1, "conv1")(y)
             y = nn.relu(batch_norm(train, "bn2")(y))
-            y = _conv(self.growth_rate, 3, "conv2")(y)
+            y = conv(self.growth_rate, 3, 1, "conv2")(y)
         else:
-            y = _conv(self.growth_rate, 3, "conv1")(y)
+            y = conv(self.growth_rate, 3, 1, "conv1")(y)
         return jnp.concatenate([x, y], axis=-1)
 
 
@@ -61,7 +44,7 @@ class Transition(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         y = nn.relu(batch_norm(train, "bn1")(x))
-        y = _conv(self.features, 1, "conv1")(y)
+        y = conv(self.features, 1, 1, "conv1")(y)
         return nn.avg_pool(y, (2, 2), strides=(2, 2))
 
 
@@ -84,7 +67,7 @@ class DenseNet(nn.Module):
                 f"got {self.depth}"
             )
         channels = 2 * self.growth_rate
-        x = _conv(channels, 3, "conv1")(x)
+        x = conv(channels, 3, 1, "conv1")(x)
         for b in range(1, 4):
             for i in range(n):
                 x = DenseLayer(self.growth_rate, self.bottleneck, name=f"dense{b}_{i}")(
@@ -95,10 +78,4 @@ class DenseNet(nn.Module):
                 channels = channels // self.compression_rate
                 x = Transition(channels, name=f"trans{b}")(x, train)
         x = nn.relu(batch_norm(train, "bn")(x))
-        x = global_avg_pool(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=TORCH_KERNEL_INIT,
-            bias_init=torch_bias_init(x.shape[-1]),
-            name="fc",
-        )(x)
+        return fc_head(x, self.num_classes)

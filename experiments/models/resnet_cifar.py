@@ -11,76 +11,10 @@ whenever the stride or the channel count changes.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 
-from experiments.models._common import (
-    CONV_INIT,
-    TORCH_KERNEL_INIT,
-    batch_norm,
-    global_avg_pool,
-    torch_bias_init,
-)
-
-
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=kernel // 2,
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        name=name,
-    )
-
-
-def _shortcut(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
-    """Identity, or 1x1 conv + BN when the stride or channel count changes."""
-    if stride == 1 and x.shape[-1] == features:
-        return x
-    y = _conv(features, 1, stride, "downsample_conv")(x)
-    return batch_norm(train, "downsample_bn")(y)
-
-
-class BasicBlock(nn.Module):
-    """conv3x3-BN-relu-conv3x3-BN, add shortcut, relu."""
-
-    planes: int
-    stride: int = 1
-    expansion: ClassVar[int] = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = _conv(self.planes, 3, self.stride, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1")(y))
-        y = _conv(self.planes, 3, 1, "conv2")(y)
-        y = batch_norm(train, "bn2")(y)
-        return nn.relu(y + _shortcut(x, self.planes, self.stride, train))
-
-
-class Bottleneck(nn.Module):
-    """conv1x1-BN-relu-conv3x3(stride)-BN-relu-conv1x1(4x)-BN, add shortcut, relu."""
-
-    planes: int
-    stride: int = 1
-    expansion: ClassVar[int] = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        out = self.planes * self.expansion
-        y = _conv(self.planes, 1, 1, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1")(y))
-        y = _conv(self.planes, 3, self.stride, "conv2")(y)
-        y = nn.relu(batch_norm(train, "bn2")(y))
-        y = _conv(out, 1, 1, "conv3")(y)
-        y = batch_norm(train, "bn3")(y)
-        return nn.relu(y + _shortcut(x, out, self.stride, train))
-
-
-BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+from experiments.models._common import RESNET_BLOCKS, batch_norm, conv, fc_head
 
 
 class CifarResNet(nn.Module):
@@ -107,24 +41,19 @@ class CifarResNet(nn.Module):
         if self.depth < 8 or (self.depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {self.depth}")
         kind = self.block or ("bottleneck" if self.depth >= 44 else "basic")
-        if kind not in BLOCKS:
+        if kind not in RESNET_BLOCKS:
             raise ValueError(
-                f"block must be one of {sorted(BLOCKS)} or None, got {self.block!r}"
+                f"block must be one of {sorted(RESNET_BLOCKS)} or None, "
+                f"got {self.block!r}"
             )
-        block_cls = BLOCKS[kind]
+        block_cls = RESNET_BLOCKS[kind]
         n = (self.depth - 2) // 6
 
-        x = _conv(self.width, 3, 1, "conv1")(x)
+        x = conv(self.width, 3, 1, "conv1")(x)
         x = nn.relu(batch_norm(train, "bn1")(x))
         for stage, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2)), start=1):
             for i in range(n):
                 x = block_cls(
                     self.width * mult, stride if i == 0 else 1, name=f"layer{stage}_{i}"
                 )(x, train)
-        x = global_avg_pool(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=TORCH_KERNEL_INIT,
-            bias_init=torch_bias_init(x.shape[-1]),
-            name="fc",
-        )(x)
+        return fc_head(x, self.num_classes)

@@ -7,78 +7,12 @@ torchvision's. Stem ``conv1`` 7x7/2 + ``bn1`` + relu + 3x3/2 max pool, stages
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 
-from experiments.models._common import (
-    CONV_INIT,
-    TORCH_KERNEL_INIT,
-    batch_norm,
-    global_avg_pool,
-    torch_bias_init,
-)
-
-
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=kernel // 2,  # PyTorch-style symmetric padding
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        name=name,
-    )
-
-
-def _shortcut(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
-    if stride == 1 and x.shape[-1] == features:
-        return x
-    y = _conv(features, 1, stride, "downsample_conv")(x)
-    return batch_norm(train, "downsample_bn")(y)
-
-
-class BasicBlock(nn.Module):
-    """torchvision BasicBlock (expansion 1)."""
-
-    planes: int
-    stride: int = 1
-    base_width: int = 64
-    expansion: ClassVar[int] = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = _conv(self.planes, 3, self.stride, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1")(y))
-        y = _conv(self.planes, 3, 1, "conv2")(y)
-        y = batch_norm(train, "bn2")(y)
-        return nn.relu(y + _shortcut(x, self.planes, self.stride, train))
-
-
-class Bottleneck(nn.Module):
-    """torchvision Bottleneck (v1.5, expansion 4); inner width ~ ``base_width``."""
-
-    planes: int
-    stride: int = 1
-    base_width: int = 64
-    expansion: ClassVar[int] = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        inner = int(self.planes * (self.base_width / 64.0))
-        out = self.planes * self.expansion
-        y = _conv(inner, 1, 1, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1")(y))
-        y = _conv(inner, 3, self.stride, "conv2")(y)
-        y = nn.relu(batch_norm(train, "bn2")(y))
-        y = _conv(out, 1, 1, "conv3")(y)
-        y = batch_norm(train, "bn3")(y)
-        return nn.relu(y + _shortcut(x, out, self.stride, train))
-
-
-BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+from experiments.models._common import RESNET_BLOCKS, batch_norm, conv, fc_head
 
 
 class ImageNetResNet(nn.Module):
@@ -100,12 +34,12 @@ class ImageNetResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.block not in BLOCKS:
+        if self.block not in RESNET_BLOCKS:
             raise ValueError(
-                f"block must be one of {sorted(BLOCKS)}, got {self.block!r}"
+                f"block must be one of {sorted(RESNET_BLOCKS)}, got {self.block!r}"
             )
-        block_cls = BLOCKS[self.block]
-        x = _conv(self.width, 7, 2, "conv1")(x)
+        block_cls = RESNET_BLOCKS[self.block]
+        x = conv(self.width, 7, 2, "conv1")(x)
         x = nn.relu(batch_norm(train, "bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, n in enumerate(self.stage_sizes):
@@ -116,10 +50,4 @@ class ImageNetResNet(nn.Module):
                     self.width_per_group,
                     name=f"layer{s + 1}_{i}",
                 )(x, train)
-        x = global_avg_pool(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=TORCH_KERNEL_INIT,
-            bias_init=torch_bias_init(x.shape[-1]),
-            name="fc",
-        )(x)
+        return fc_head(x, self.num_classes)

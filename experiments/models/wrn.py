@@ -10,24 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from experiments.models._common import (
-    CONV_INIT,
-    TORCH_KERNEL_INIT,
-    batch_norm,
-    global_avg_pool,
-)
-
-
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=kernel // 2,
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        name=name,
-    )
+from experiments.models._common import batch_norm, conv, fc_head
 
 
 class WideBasicBlock(nn.Module):
@@ -47,10 +30,10 @@ class WideBasicBlock(nn.Module):
         if x.shape[-1] == self.features and self.stride == 1:
             shortcut = x
         else:
-            shortcut = _conv(self.features, 1, self.stride, "downsample")(o)
-        y = _conv(self.features, 3, self.stride, "conv1")(o)
+            shortcut = conv(self.features, 1, self.stride, "downsample")(o)
+        y = conv(self.features, 3, self.stride, "conv1")(o)
         y = nn.relu(batch_norm(train, "bn2")(y))
-        y = _conv(self.features, 3, 1, "conv2")(y)
+        y = conv(self.features, 3, 1, "conv2")(y)
         return shortcut + y
 
 
@@ -70,7 +53,7 @@ class WideResNet(nn.Module):
         if self.depth < 10 or (self.depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4 with n >= 1, got {self.depth}")
         n = (self.depth - 4) // 6
-        x = _conv(16, 3, 1, "conv1")(x)
+        x = conv(16, 3, 1, "conv1")(x)
         for stage, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2)), start=1):
             for i in range(n):
                 x = WideBasicBlock(
@@ -79,10 +62,4 @@ class WideResNet(nn.Module):
                     name=f"layer{stage}_{i}",
                 )(x, train)
         x = nn.relu(batch_norm(train, "bn")(x))
-        x = global_avg_pool(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=TORCH_KERNEL_INIT,
-            bias_init=nn.initializers.zeros,
-            name="fc",
-        )(x)
+        return fc_head(x, self.num_classes, zero_bias=True)

@@ -1,0 +1,808 @@
+"""Benchmarks of the sensitivity pass, pruning, masked training and compile times.
+
+  python -m experiments.bench [--models=lenet300_100,resnet20,resnet56] [--repeats=7]
+                              [--json=bench.json] [--chunk_size=32] [--quick]
+
+Everything is measured side by side in one process. Every timed call ends with
+``jax.block_until_ready``; steady times are MEDIANS over up to ``--repeats``
+rounds after one warm-up (compile) call. Functions compared with each other are
+timed in interleaved rounds (order alternating between rounds), so drifting
+background load hits all of them alike. A round is not repeated once
+``--budget_s`` of steady time would be exceeded (but at least ``--min_repeats``
+rounds run); the tables say how many rounds each median is over. Calls faster
+than 50 ms are repeated back to back within a sample (timeit style).
+
+Per model (random init, BatchNorm models evaluated with ``train=False``, S =
+``--num_points`` or ``sample_size(layers, delta, C=3, batch_size)`` random
+N(0, 1) points, i.e. normalised-image-like inputs with negative entries, so the
+layers that read the raw input take the input sign-split path):
+
+1. the SiPP pass (``reduction='mean'``), the PFP / rand pass
+   (``reduction='max'``) and one plain jitted forward over the same points,
+   once as a single batch of |S| and once in chunks of ``chunk_size``;
+2. the keep-ratio search of ``sipp`` and ``pfp`` (allocation + selection,
+   repeated ``select`` calls) on a fresh :class:`sensprune.PruneContext` whose
+   sensitivity cache is pre-filled, so exactly what :func:`sensprune.prune`
+   does after its pass; optionally ``prune`` end to end (``--prune_models``);
+3. one masked vs one unmasked train step (SGD + momentum + weight decay);
+4. compile times (first call minus the median steady call);
+5. the SiPP pass over 1/4, 1/2, 1 and 2 times |S| (``--scaling_models``);
+6. compiled memory (``memory_analysis()``) of the per-chunk sensitivity
+   function and of the forward.
+
+Results go to a readable table on stdout and to ``--json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+import sensprune as sp
+from sensprune import paths
+
+# (delta, batch size of |S|, train batch size) of the reference's experiments.
+REFERENCE = {
+    "mnist": (1e-12, 64, 64),
+    "cifar": (1e-16, 128, 128),
+    "imagenet": (1e-16, 256, 256),
+}
+DEFAULT_MODELS = ("lenet300_100", "resnet20", "resnet56")
+SCALING_FRACTIONS = (0.25, 0.5, 1.0, 2.0)
+C_CONSTANT = 3.0
+QUICK = dict(  # one chunk (halves the compiles), no PFP search (its first call compiles ~10 s of eager ops)
+    models=("lenet300_100",), repeats=2, min_repeats=1, budget_s=5.0, num_points=16, chunk_size=16,
+    scaling_models=("lenet300_100",), scaling_fractions=(1.0,), prune_models=(), methods=("sipp",),
+)
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], Any], inner: int = 1) -> tuple[float, Any]:
+    """Seconds per call of ``fn`` over ``inner`` back-to-back calls (all outputs blocked on)."""
+    start = time.perf_counter()
+    outs = [fn() for _ in range(inner)]
+    jax.block_until_ready(outs)
+    return (time.perf_counter() - start) / inner, outs[-1]
+
+
+@dataclasses.dataclass
+class Case:
+    """One function to time.
+
+    ``warm`` is the first (compiling) call; it does ``warm_fraction`` of the
+    work of ``run`` (e.g. 2 of 8 chunks), so compile time is
+    ``first - warm_fraction * median``.
+    """
+
+    run: Callable[[], Any]
+    warm: Optional[Callable[[], Any]] = None
+    warm_fraction: float = 1.0
+    prewarmed: bool = False  # already called once: no warm-up call, no compile time
+    expected_s: Optional[float] = None  # rough steady time if known (skips calibration when >= 1 s)
+
+
+MIN_SAMPLE_S = 0.05  # fast calls are repeated back to back until a sample takes this long
+
+
+def measure(
+    cases: Mapping[str, Case], repeats: int, min_repeats: int, budget_s: float
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Warm-up call of each case, then interleaved rounds of steady calls.
+
+    Calls faster than ``MIN_SAMPLE_S`` are timed ``inner`` times back to back
+    per sample (timeit style; the reported time is per call).
+
+    Returns (name -> timing dict, name -> output of the last steady call).
+    """
+    names = list(cases)
+    first: dict[str, Optional[float]] = {}
+    inner: dict[str, int] = {}
+    for name in names:
+        case = cases[name]
+        first[name] = None if case.prewarmed else _timed(case.warm or case.run)[0]
+        guess = first[name] if first[name] is not None else (case.expected_s or 0.0)
+        if guess < 1.0:  # possibly fast: calibrate with one steady call
+            guess = _timed(case.run)[0]
+        inner[name] = max(1, min(1000, int(np.ceil(MIN_SAMPLE_S / max(guess, 1e-7)))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, Any] = {}
+    spent = 0.0
+    for r in range(max(1, repeats)):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            t, outputs[name] = _timed(cases[name].run, inner[name])
+            times[name].append(t)
+            spent += t * inner[name]
+        done = r + 1
+        if done >= max(1, min_repeats) and spent / done * (done + 1) > budget_s:
+            break
+    result = {}
+    for name in names:
+        med = statistics.median(times[name])
+        compile_s = None if first[name] is None else max(0.0, first[name] - cases[name].warm_fraction * med)
+        result[name] = {
+            "median_s": med,
+            "min_s": min(times[name]),
+            "times_s": times[name],
+            "repeats": len(times[name]),
+            "calls_per_sample": inner[name],
+            "first_call_s": first[name],
+            "compile_s": compile_s,
+        }
+    return result, outputs
+
+
+# ----------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------
+
+
+def _memory(compiled: Any) -> dict[str, Optional[int]]:
+    """Sizes of ``compiled.memory_analysis()`` (None where unavailable)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as err:  # pragma: no cover - backend dependent
+        logging.warning("memory_analysis unavailable: %s", err)
+        stats = None
+    keys = (
+        "temp_size_in_bytes",
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+        "peak_memory_in_bytes",
+    )
+    out = {}
+    for k in keys:
+        v = getattr(stats, k, None) if stats is not None else None
+        out[k] = None if v is None else int(v)
+    return out
+
+
+def _sensitivity_memory(model, variables, layers, reduction, x_chunk, sens) -> dict[str, Any]:
+    """Compiled memory of the per-chunk work of :func:`sensprune.compute_sensitivities`.
+
+    Lowers the pass's own jitted functions (``sensprune.sensitivity``
+    internals), so these are cache hits of the executables the pass ran:
+
+    * per-layer design (``_capture_function`` + ``_layer_step``): the capture
+      program (a forward that returns every layer's input for the chunk) and
+      the largest per-layer kernel; the chunk's working set is estimated as
+      ``captured inputs + max(capture temp, largest layer-step temp)``;
+    * single-program design (``_chunk_function``): that program's temp + output.
+
+    Falls back to compiling a one-chunk pass under ``jax.jit`` (slow for deep
+    nets; skipped above 30 layers).
+    """
+    from sensprune import sensitivity as lib
+
+    apply = {"train": False}
+    layers = tuple(layers)
+    try:
+        if hasattr(lib, "_capture_function") and hasattr(lib, "_layer_step"):
+            capture = lib._capture_function(model, layers, None, apply)
+            cap = _memory(capture.func.lower(variables, x_chunk, **capture.keywords).compile())
+            inputs = capture(variables, x_chunk)
+            steps: dict[Any, tuple[str, dict]] = {}
+            for layer in layers:
+                geo = lib._geometry(layer) if hasattr(lib, "_geometry") else layer
+                if geo not in steps:
+                    kernel = paths.get_kernel(variables["params"], layer)
+                    compiled = lib._layer_step.lower(
+                        geo, reduction, kernel, inputs[layer.name], sens[layer.name]
+                    ).compile()
+                    steps[geo] = (layer.name, _memory(compiled))
+            worst_name, worst = max(steps.values(), key=lambda v: v[1]["temp_size_in_bytes"] or 0)
+            working = (cap["output_size_in_bytes"] or 0) + max(
+                cap["temp_size_in_bytes"] or 0, worst["temp_size_in_bytes"] or 0
+            )
+            return {
+                "design": "capture + per-layer kernels",
+                "capture": cap,
+                "num_layer_kernels": len(steps),
+                "layer_step_max": worst,
+                "layer_step_max_layer": worst_name,
+                "chunk_working_bytes": working,
+            }
+        if hasattr(lib, "_chunk_function"):
+            fn = lib._chunk_function(model, layers, reduction, None, apply)
+            single = _memory(fn.func.lower(variables, x_chunk, **fn.keywords).compile())
+            return {
+                "design": "single per-chunk program",
+                "chunk_program": single,
+                "chunk_working_bytes": (single["temp_size_in_bytes"] or 0) + (single["output_size_in_bytes"] or 0),
+            }
+    except Exception as err:  # internals changed: fall through to the public route
+        logging.warning("could not lower the pass's own jitted functions (%s); using a one-chunk jit", err)
+    if len(layers) > 30:
+        logging.warning("skipping compiled memory of the sensitivity pass (%d layers)", len(layers))
+        return {"design": "unavailable", "chunk_working_bytes": None}
+    one_chunk = jax.jit(
+        lambda v, x: sp.compute_sensitivities(
+            model, v, x, reduction=reduction, chunk_size=x.shape[0], layers=layers, train=False
+        )
+    )
+    single = _memory(one_chunk.lower(variables, x_chunk).compile())
+    return {
+        "design": "one-chunk pass under jax.jit (recompiled)",
+        "chunk_program": single,
+        "chunk_working_bytes": (single["temp_size_in_bytes"] or 0) + (single["output_size_in_bytes"] or 0),
+    }
+
+
+def _kernel_mask_tree(params, layers, masks: Mapping[str, np.ndarray]):
+    tree = sp.ones_like_masks(params)
+    for layer in layers:
+        tree = paths.set_kernel(tree, layer, jnp.asarray(masks[layer.name], bool))
+    return tree
+
+
+def _search(model, variables, layers, data, method, keep_ratio, key, sens, chunk_size, delta):
+    """What :func:`sensprune.prune` does after its sensitivity pass: the
+    keep-ratio search over ``select`` calls on a fresh context (sensitivities
+    taken from ``sens``, reduction -> result)."""
+    spec = sp.get_method(method)
+    ctx = sp.PruneContext(
+        model=model,
+        variables=variables,
+        layers=list(layers),
+        data=data,
+        delta=delta,
+        c_constant=C_CONSTANT,
+        chunk_size=chunk_size,
+        apply_kwargs={"train": False},
+    )
+    for reduction, value in sens.items():
+        ctx.cache[("sensitivity", reduction)] = value
+    params = variables["params"]
+    alive = ctx.alive()
+    kernel_alive = int(sum(int(a.sum()) for a in alive.values()))
+    fixed = sp.count_nonzero(params) - kernel_alive
+    target = keep_ratio * sp.count_params(params)
+    selections: dict[int, Any] = {}
+
+    def achieved(b: int) -> int:
+        if b not in selections:
+            selections[b] = spec.select(ctx, b, key)
+        return fixed + int(sum(int(np.sum(m)) for m in selections[b].masks.values()))
+
+    chosen, size, ok = sp.search_budget(achieved, target, int(round(target - fixed)), kernel_alive)
+    return {
+        "ctx": ctx,
+        "selection": selections[chosen],
+        "select_calls": len(selections),
+        "keep_ratio": size / sp.count_params(params),
+        "reachable": bool(ok),
+    }
+
+
+def _train_config(family: str, batch_size: int):
+    from experiments.train import TrainConfig
+
+    return TrainConfig(
+        num_epochs=1,
+        batch_size=batch_size,
+        learning_rate=0.1 if family != "mnist" else 0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        augment="none",
+    )
+
+
+# ----------------------------------------------------------------------------
+# One model
+# ----------------------------------------------------------------------------
+
+
+def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
+    from experiments import train as train_lib
+    from experiments.models import MODEL_DATASET_FAMILY, get_model, input_shape
+
+    family = MODEL_DATASET_FAMILY[name]
+    delta, s_batch, train_batch = REFERENCE[family]
+    repeats, min_rep, budget = opts["repeats"], opts["min_repeats"], opts["budget_s"]
+    chunk = int(opts["chunk_size"])
+    shape = input_shape(name)
+    model = get_model(name, 10 if family != "imagenet" else 1000)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), train=False))(
+        jax.random.PRNGKey(0)
+    )
+    variables = jax.device_get(variables)
+    rng = np.random.default_rng(0)
+    probe = rng.normal(size=(1, *shape)).astype(np.float32)
+    layers = tuple(sp.find_layers(model, variables, probe, train=False))
+    formula_points = sp.sample_size(list(layers), delta, C_CONSTANT, s_batch)
+    n_points = int(opts["num_points"] or formula_points)
+    data = rng.normal(size=(n_points, *shape)).astype(np.float32)
+    chunk = min(chunk, n_points)
+    n_chunks = -(-n_points // chunk)
+    n_params = sp.count_params(variables["params"])
+    logging.info(
+        "%s: %d prunable layers, %d params, |S| = %d (formula: delta=%g, C=%g, batch %d -> %d), "
+        "chunk_size %d (%d chunks)",
+        name, len(layers), n_params, n_points, delta, C_CONSTANT, s_batch, formula_points,
+        chunk, n_chunks,
+    )
+    out: dict[str, Any] = {
+        "family": family,
+        "num_layers": len(layers),
+        "num_params": n_params,
+        "sample_size": n_points,
+        "sample_size_formula": formula_points,
+        "delta": delta,
+        "c_constant": C_CONSTANT,
+        "sample_batch_size": s_batch,
+        "chunk_size": chunk,
+        "num_chunks": n_chunks,
+        "data": "random normal N(0,1) (has negative entries: input sign split in layers reading the input)",
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+    # 1. sensitivity passes vs forward -------------------------------------
+    def pass_fn(reduction: str, x: np.ndarray) -> Callable[[], Any]:
+        return lambda: sp.compute_sensitivities(
+            model, variables, x, reduction=reduction, chunk_size=chunk, layers=layers, train=False
+        )
+
+    warm_points = min(n_points, 2 * chunk)  # compiles the chunk function and the running max
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    chunks = [data[i : i + chunk] for i in range(0, n_points, chunk)]
+    if chunks[-1].shape[0] < chunk:  # pad as the pass does: fixed shape, one compile
+        last = chunks[-1]
+        chunks[-1] = np.concatenate([last, np.repeat(last[:1], chunk - last.shape[0], axis=0)])
+
+    def forward_chunked():
+        return [forward(variables, c) for c in chunks]
+
+    cases = {
+        "sipp_pass": Case(pass_fn("mean", data), pass_fn("mean", data[:warm_points]), warm_points / n_points),
+        "pfp_pass": Case(pass_fn("max", data), pass_fn("max", data[:warm_points]), warm_points / n_points),
+        "forward_full": Case(lambda: forward(variables, data)),
+        "forward_chunked": Case(forward_chunked, lambda: forward(variables, chunks[0]), 1.0 / len(chunks)),
+    }
+    logging.info("%s: [1] sensitivity passes and forward (compiling, then up to %d rounds)", name, repeats)
+    timing, outputs = measure(cases, repeats, min_rep, budget)
+    sens = {"mean": outputs["sipp_pass"], "max": outputs["pfp_pass"]}
+    med = {k: v["median_s"] for k, v in timing.items()}
+    out["passes"] = timing
+    out["ratios"] = {
+        "sipp_over_forward_full": med["sipp_pass"] / med["forward_full"],
+        "pfp_over_forward_full": med["pfp_pass"] / med["forward_full"],
+        "sipp_over_forward_chunked": med["sipp_pass"] / med["forward_chunked"],
+        "pfp_over_forward_chunked": med["pfp_pass"] / med["forward_chunked"],
+        "pfp_over_sipp": med["pfp_pass"] / med["sipp_pass"],
+    }
+    logging.info("%s: SiPP pass %.3fs, PFP pass %.3fs, forward %.4fs (one batch) / %.4fs (chunks)",
+                 name, med["sipp_pass"], med["pfp_pass"], med["forward_full"], med["forward_chunked"])
+
+    # 6. compiled memory -----------------------------------------------------
+    logging.info("%s: [6] compiled memory", name)
+    x_chunk = jnp.asarray(chunks[0])
+    memory = {
+        "sensitivity_mean": _sensitivity_memory(model, variables, layers, "mean", x_chunk, sens["mean"]),
+        "sensitivity_max": _sensitivity_memory(model, variables, layers, "max", x_chunk, sens["max"]),
+        "forward_chunk": _memory(forward.lower(variables, x_chunk).compile()),
+        "forward_full": _memory(forward.lower(variables, jnp.asarray(data)).compile()),
+        "forward_2x_full": _memory(
+            forward.lower(variables, jax.ShapeDtypeStruct((2 * n_points, *shape), jnp.float32)).compile()
+        ),
+    }
+    sens_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(sens["mean"])))
+    memory["running_max_bytes"] = sens_bytes
+    memory["batch_sizes"] = {"sensitivity": chunk, "forward_chunk": chunk,
+                             "forward_full": n_points, "forward_2x_full": 2 * n_points}
+    out["memory"] = memory
+
+    # 2. allocation + keep-ratio search vs the pass ------------------------------
+    key = jax.random.PRNGKey(0)
+    keep_ratio = float(opts["keep_ratio"])
+    prune_out: dict[str, Any] = {}
+    searches = {}
+    method_passes = {"sipp": ("mean", "sipp_pass"), "pfp": ("max", "pfp_pass")}
+    for method in opts["methods"]:
+        reduction, pass_name = method_passes[method]
+        logging.info("%s: [2] %s keep-ratio search (keep_ratio %.3f)", name, method, keep_ratio)
+        # warm-up also checks that the pre-filled cache is what the context uses
+        t_first = time.perf_counter()
+        warm = _search(model, variables, layers, data, method, keep_ratio, key, sens, chunk, delta)
+        t_first = time.perf_counter() - t_first
+        if warm["ctx"].sensitivities(reduction) is not sens[reduction]:
+            logging.warning("PruneContext did not use the pre-filled sensitivities; search times include a pass")
+        searches[method] = warm
+        ts, _ = measure(
+            {"search": Case(
+                lambda m=method: _search(model, variables, layers, data, m, keep_ratio, key, sens, chunk, delta)["selection"].masks,
+                prewarmed=True, expected_s=t_first,
+            )},
+            repeats, min_rep, budget,
+        )
+        entry = {
+            "search": ts["search"],
+            "search_first_call_s": t_first,  # includes one-off compiles of the selection's jax ops
+            "select_calls": warm["select_calls"],
+            "select_per_call_s": ts["search"]["median_s"] / warm["select_calls"],
+            "achieved_keep_ratio": warm["keep_ratio"],
+            "reachable": warm["reachable"],
+            "pass_s": med[pass_name],
+            "search_over_pass": ts["search"]["median_s"] / med[pass_name],
+        }
+        if name in opts["prune_models"]:
+            logging.info("%s: [2] %s: prune end to end", name, method)
+            e2e, _ = measure(
+                {"prune": Case(lambda m=method: sp.prune(
+                    model, variables, data, method=m, keep_ratio=keep_ratio, key=key, delta=delta,
+                    c_constant=C_CONSTANT, chunk_size=chunk, layers=layers, apply_kwargs={"train": False},
+                ).masks, prewarmed=True, expected_s=med[pass_name] + ts["search"]["median_s"])},  # all compiled above
+                repeats, min_rep, budget,
+            )
+            entry["prune_e2e"] = e2e["prune"]
+            entry["prune_e2e_minus_pass_s"] = e2e["prune"]["median_s"] - med[pass_name]
+        prune_out[method] = entry
+    out["prune"] = prune_out
+
+    # 3. masked vs unmasked train step -------------------------------------------
+    logging.info("%s: [3] train steps (batch %d)", name, train_batch)
+    cfg = _train_config(family, train_batch)
+    state = train_lib.create_state(model, jax.random.PRNGKey(1), shape, cfg, 1)
+    mask_method = "sipp" if "sipp" in searches else next(iter(searches))
+    masks = _kernel_mask_tree(state.params, layers, searches[mask_method]["selection"].masks)
+    state_masked = train_lib.state_from_params(state.params, state.batch_stats, cfg, 1, masks)
+    step = train_lib.make_train_step(model, cfg, 1, masked=False)
+    step_masked = train_lib.make_train_step(model, cfg, 1, masked=True)
+    bx = jnp.asarray(rng.normal(size=(train_batch, *shape)).astype(np.float32))
+    by = jnp.asarray(rng.integers(0, 10, size=(train_batch,)).astype(np.int32))
+    tkey = jax.random.PRNGKey(2)
+    t, _ = measure(
+        {
+            "unmasked": Case(lambda: step(state, bx, by, tkey)),
+            "masked": Case(lambda: step_masked(state_masked, bx, by, tkey)),
+        },
+        2 * repeats, min_rep, budget,  # ratio wanted to ~1%: more rounds (budget-capped)
+    )
+    out["train_step"] = {
+        "batch_size": train_batch,
+        "mask_method": mask_method,
+        "mask_keep_ratio": searches[mask_method]["keep_ratio"],
+        **t,
+        "masked_over_unmasked": t["masked"]["median_s"] / t["unmasked"]["median_s"],
+        "masked_over_unmasked_min": t["masked"]["min_s"] / t["unmasked"]["min_s"],
+    }
+
+    # 4. compile times -------------------------------------------------------------
+    out["compile_s"] = {
+        "sipp_pass": timing["sipp_pass"]["compile_s"],
+        "pfp_pass": timing["pfp_pass"]["compile_s"],
+        "forward_full": timing["forward_full"]["compile_s"],
+        "forward_chunk": timing["forward_chunked"]["compile_s"],
+        "train_step": t["unmasked"]["compile_s"],
+        "train_step_masked": t["masked"]["compile_s"],
+    }
+
+    # 5. scaling with |S| ----------------------------------------------------------
+    if name in opts["scaling_models"]:
+        logging.info("%s: [5] scaling of the SiPP pass with |S|", name)
+        fractions = tuple(opts["scaling_fractions"])
+        copies = int(np.ceil(max(fractions)))
+        big = np.concatenate([data] + [rng.normal(size=data.shape).astype(np.float32) for _ in range(copies)])
+        sizes = [max(1, int(round(f * n_points))) for f in fractions]
+        cases = {str(n): Case(pass_fn("mean", big[:n])) for n in sizes}
+        st, _ = measure(cases, repeats, min_rep, budget)
+        ref = sizes[int(np.argmin([abs(f - 1.0) for f in fractions]))]
+        per_point_1x = st[str(ref)]["median_s"] / ref
+        out["scaling"] = [
+            {
+                "fraction": f,
+                "points": n,
+                "chunks": -(-n // min(chunk, n)),
+                "median_s": st[str(n)]["median_s"],
+                "repeats": st[str(n)]["repeats"],
+                "per_point_s": st[str(n)]["median_s"] / n,
+                "per_point_over_1x": st[str(n)]["median_s"] / n / per_point_1x,
+            }
+            for f, n in zip(fractions, sizes)
+        ]
+    out["load_avg_end"] = list(os.getloadavg())
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+
+def _fmt_t(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 10:
+        return f"{seconds:.1f}s"
+    if seconds >= 1:
+        return f"{seconds:.2f}s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds * 1e6:.0f}us"
+
+
+def _fmt_b(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def format_report(results: Mapping[str, Any]) -> str:
+    env = results["env"]
+    models = results["models"]
+    lines = [
+        f"sensprune benchmark: device {env['device_kind']} ({env['backend']}), jax {env['jax']}, "
+        f"flax {env['flax']}, {env['cpu_count']} CPUs (usable {env['cpus_usable']}), "
+        f"load avg {_load(env['load_avg_start'])} at start, {_load(env['load_avg_end'])} at end, "
+        f"total {results['total_runtime_s']:.0f}s",
+        "Inputs: random N(0,1) points (normalised-image-like, with negatives: layers reading the "
+        "input take the sign-split path). Times: medians of steady calls (reps = rounds), "
+        "interleaved, block_until_ready.",
+        "",
+        "[1] Sensitivity pass over S vs one plain jitted forward over the same points",
+    ]
+    rows = []
+    for name, m in models.items():
+        p, r = m["passes"], m["ratios"]
+        rows.append([
+            name, m["sample_size"], m["chunk_size"], _fmt_t(p["sipp_pass"]["median_s"]),
+            _fmt_t(p["pfp_pass"]["median_s"]), _fmt_t(p["forward_full"]["median_s"]),
+            _fmt_t(p["forward_chunked"]["median_s"]), f"{r['sipp_over_forward_full']:.0f}x",
+            f"{r['pfp_over_forward_full']:.0f}x", f"{r['sipp_over_forward_chunked']:.0f}x",
+            f"{r['pfp_over_forward_chunked']:.0f}x", f"{r['pfp_over_sipp']:.2f}",
+            p["sipp_pass"]["repeats"],
+        ])
+    lines.append(_table(
+        ["model", "|S|", "chunk", "SiPP pass (mean)", "PFP pass (max)", "fwd |S| 1 batch",
+         "fwd chunks", "SiPP/fwd1", "PFP/fwd1", "SiPP/fwdc", "PFP/fwdc", "PFP/SiPP", "reps"], rows))
+    lines += ["", f"[2] After the pass: allocation + keep-ratio search (keep_ratio {results['config']['keep_ratio']}), "
+              "fresh PruneContext with cached sensitivities"]
+    rows = []
+    for name, m in models.items():
+        for method, e in m["prune"].items():
+            e2e = e.get("prune_e2e")
+            rows.append([
+                name, method, _fmt_t(e["search"]["median_s"]), e["select_calls"],
+                _fmt_t(e["select_per_call_s"]), _fmt_t(e["pass_s"]), f"{e['search_over_pass']:.3f}",
+                _fmt_t(e2e["median_s"]) if e2e else "-",
+                _fmt_t(e["prune_e2e_minus_pass_s"]) if e2e else "-",
+                f"{e['achieved_keep_ratio']:.4f}", e["search"]["repeats"],
+            ])
+    lines.append(_table(
+        ["model", "method", "search", "select calls", "per select", "pass", "search/pass",
+         "prune e2e", "e2e - pass", "kept", "reps"], rows))
+    lines += ["", "[3] One train step (SGD momentum 0.9, wd 1e-4): masked vs unmasked (target <= 1.05x)"]
+    rows = []
+    for name, m in models.items():
+        t = m["train_step"]
+        rows.append([
+            name, t["batch_size"], _fmt_t(t["unmasked"]["median_s"]), _fmt_t(t["masked"]["median_s"]),
+            f"{t['masked_over_unmasked']:.3f}", f"{t['masked_over_unmasked_min']:.3f}",
+            "yes" if t["masked_over_unmasked"] <= 1.05 else "NO", t["unmasked"]["repeats"],
+        ])
+    lines.append(_table(
+        ["model", "batch", "unmasked", "masked", "ratio (median)", "ratio (min)", "<=1.05", "reps"], rows))
+    lines += ["", "[4] Compile time (first call - median steady call)"]
+    rows = []
+    for name, m in models.items():
+        c = m["compile_s"]
+        rows.append([name] + [_fmt_t(c[k]) for k in (
+            "sipp_pass", "pfp_pass", "forward_full", "forward_chunk", "train_step", "train_step_masked")])
+    lines.append(_table(
+        ["model", "SiPP chunk fn", "PFP chunk fn", "fwd |S|", "fwd chunk", "train step", "masked step"], rows))
+    scaling = [(n, m["scaling"]) for n, m in models.items() if "scaling" in m]
+    if scaling:
+        lines += ["", "[5] Scaling of the SiPP pass (mean) with |S| (fixed chunk size, no recompilation)"]
+        rows = []
+        for name, sc in scaling:
+            for s in sc:
+                rows.append([name, f"{s['fraction']:g}x", s["points"], s["chunks"], _fmt_t(s["median_s"]),
+                             _fmt_t(s["per_point_s"]), f"{s['per_point_over_1x']:.2f}", s["repeats"]])
+        lines.append(_table(
+            ["model", "|S| factor", "points", "chunks", "time", "time/point", "per-point vs 1x", "reps"], rows))
+    lines += ["", "[6] Compiled memory (XLA memory_analysis): per-chunk sensitivity work vs forward"]
+    rows = []
+    for name, m in models.items():
+        mem = m["memory"]
+        b = mem["batch_sizes"]
+        for reduction, label in (("mean", "SiPP"), ("max", "PFP")):
+            e = mem[f"sensitivity_{reduction}"]
+            if "capture" in e:
+                if reduction == "mean":
+                    c = e["capture"]
+                    rows.append([name, "capture (all layer inputs)", b["sensitivity"], _fmt_b(c["temp_size_in_bytes"]),
+                                 _fmt_b(c["argument_size_in_bytes"]), _fmt_b(c["output_size_in_bytes"]), "-"])
+                s = e["layer_step_max"]
+                rows.append([name, f"{label} largest layer kernel ({e['num_layer_kernels']} compiled)",
+                             b["sensitivity"], _fmt_b(s["temp_size_in_bytes"]), _fmt_b(s["argument_size_in_bytes"]),
+                             _fmt_b(s["output_size_in_bytes"]), "-"])
+            elif "chunk_program" in e:
+                c = e["chunk_program"]
+                rows.append([name, f"{label} per-chunk program", b["sensitivity"], _fmt_b(c["temp_size_in_bytes"]),
+                             _fmt_b(c["argument_size_in_bytes"]), _fmt_b(c["output_size_in_bytes"]), "-"])
+            rows.append([name, f"{label} pass working set per chunk", b["sensitivity"], "-", "-", "-",
+                         _fmt_b(e["chunk_working_bytes"])])
+        for key, label in (("forward_chunk", "fwd chunk"), ("forward_full", "fwd |S|"), ("forward_2x_full", "fwd 2|S|")):
+            e = mem[key]
+            rows.append([name, label, b[key], _fmt_b(e["temp_size_in_bytes"]), _fmt_b(e["argument_size_in_bytes"]),
+                         _fmt_b(e["output_size_in_bytes"]), _fmt_b((e["temp_size_in_bytes"] or 0) + (e["output_size_in_bytes"] or 0))])
+        rows.append([name, "running max (per reduction)", "-", "-", "-", _fmt_b(mem["running_max_bytes"]), "-"])
+    lines.append(_table(["model", "function", "batch", "temp", "arguments", "output", "temp+output"], rows))
+    lines.append(
+        "The pass does the same per-chunk work for every chunk and keeps only a running max the "
+        "size of the kernels, so its memory is (per-chunk working set + running max), independent "
+        "of |S|; a single-batch forward's memory grows linearly with the batch."
+    )
+    return "\n".join(lines)
+
+
+def _load(avg: Sequence[float]) -> str:
+    return "/".join(f"{a:.2f}" for a in avg)
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+
+def _environment() -> dict[str, Any]:
+    import flax
+
+    dev = jax.devices()[0]
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        usable = os.cpu_count()
+    return {
+        "device_kind": dev.device_kind,
+        "backend": jax.default_backend(),
+        "num_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", None),
+        "flax": flax.__version__,
+        "sensprune": sp.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+def run_benchmark(
+    models: Sequence[str] = DEFAULT_MODELS,
+    *,
+    repeats: int = 7,
+    min_repeats: int = 1,
+    budget_s: float = 45.0,
+    chunk_size: int = 32,
+    num_points: int = 0,
+    keep_ratio: float = 0.1,
+    scaling_models: Sequence[str] = ("lenet300_100", "resnet20"),
+    scaling_fractions: Sequence[float] = SCALING_FRACTIONS,
+    prune_models: Sequence[str] = ("lenet300_100", "resnet20"),
+    methods: Sequence[str] = ("sipp", "pfp"),
+    quick: bool = False,
+    json_path: Optional[str] = None,
+) -> dict[str, Any]:
+    """Runs the benchmark, prints the table, writes ``json_path``; returns the results."""
+    from experiments.models import MODELS
+
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"--models: unknown network {name!r}; available: {', '.join(sorted(MODELS))}")
+    if not methods:
+        raise ValueError("--methods: give at least one of sipp, pfp")
+    for method in methods:
+        if method not in ("sipp", "pfp"):
+            raise ValueError(f"--methods: expected names from ['sipp', 'pfp'], got {method!r}")
+    if repeats < 1 or min_repeats < 1 or chunk_size < 1 or num_points < 0:
+        raise ValueError("repeats, min_repeats and chunk_size must be >= 1 and num_points >= 0")
+    opts = dict(
+        models=list(models), repeats=repeats, min_repeats=min_repeats, budget_s=budget_s,
+        chunk_size=chunk_size, num_points=num_points, keep_ratio=keep_ratio,
+        scaling_models=list(scaling_models), scaling_fractions=[float(f) for f in scaling_fractions],
+        prune_models=list(prune_models), methods=list(methods), quick=quick,
+    )
+    start = time.perf_counter()
+    env = _environment()
+    logging.info("benchmark on %s (%s), jax %s, %s CPUs, load avg %s",
+                 env["device_kind"], env["backend"], env["jax"], env["cpu_count"], _load(env["load_avg_start"]))
+    results: dict[str, Any] = {"env": env, "config": opts, "models": {}}
+    for name in models:
+        t0 = time.perf_counter()
+        results["models"][name] = bench_model(name, opts)
+        results["models"][name]["runtime_s"] = time.perf_counter() - t0
+        logging.info("%s done in %.0fs", name, results["models"][name]["runtime_s"])
+    env["load_avg_end"] = list(os.getloadavg())
+    results["total_runtime_s"] = time.perf_counter() - start
+    report = format_report(results)
+    results["report"] = report
+    print(report, flush=True)
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=_json_default))
+        logging.info("wrote %s", path)
+    return results
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_list("models", list(DEFAULT_MODELS), "Networks to benchmark (experiments.models names).")
+    flags.DEFINE_integer("repeats", 7, "Steady rounds per measurement (at most; see --budget_s).")
+    flags.DEFINE_integer("min_repeats", 1, "Steady rounds per measurement (at least).")
+    flags.DEFINE_float("budget_s", 45.0, "Stop repeating a measurement once another round would "
+                       "take its steady time over this many seconds.")
+    flags.DEFINE_integer("chunk_size", 32, "Points per chunk of the sensitivity pass.")
+    flags.DEFINE_integer("num_points", 0, "|S| (0: the reference's sample_size formula).")
+    flags.DEFINE_float("keep_ratio", 0.1, "Keep ratio of the keep-ratio search / prune calls.")
+    flags.DEFINE_list("scaling_models", ["lenet300_100", "resnet20"], "Models whose SiPP pass is timed at 1/4..2x |S|.")
+    flags.DEFINE_list("scaling_fractions", [str(f) for f in SCALING_FRACTIONS], "Multiples of |S| for [5].")
+    flags.DEFINE_list("prune_models", ["lenet300_100", "resnet20"], "Models also timed with prune() end to end.")
+    flags.DEFINE_list("methods", ["sipp", "pfp"], "Methods whose keep-ratio search is timed ([2]).")
+    flags.DEFINE_string("json", "bench.json", "Where to write the results ('' = nowhere).")
+    flags.DEFINE_bool("quick", False, "Smoke test: lenet300_100 only, 2 repeats, |S| = 16 in one chunk, SiPP search only, no prune() end to end.")
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    kwargs = dict(
+        models=f.models, repeats=f.repeats, min_repeats=f.min_repeats, budget_s=f.budget_s,
+        chunk_size=f.chunk_size, num_points=f.num_points, keep_ratio=f.keep_ratio,
+        scaling_models=f.scaling_models, scaling_fractions=[float(x) for x in f.scaling_fractions],
+        prune_models=f.prune_models, methods=f.methods,
+    )
+    if f.quick:
+        kwargs.update(QUICK)
+    run_benchmark(**kwargs, quick=f.quick, json_path=f.json or None)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

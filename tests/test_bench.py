@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark script (``python -m experiments.bench --quick``)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive_times(entry):
+    assert entry["median_s"] > 0 and entry["min_s"] > 0
+    assert entry["repeats"] >= 1 and all(t > 0 for t in entry["times_s"])
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench", "--quick", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[1] Sensitivity pass" in proc.stdout and "[6] Compiled memory" in proc.stdout
+
+    res = json.loads(out.read_text())
+    assert {"env", "config", "models", "total_runtime_s", "report"} <= set(res)
+    assert res["env"]["device_kind"] and res["env"]["jax"] and res["env"]["cpu_count"] >= 1
+    assert list(res["models"]) == ["lenet300_100"]
+    m = res["models"]["lenet300_100"]
+    assert m["sample_size"] == 16 and m["sample_size_formula"] == 128  # delta 1e-12, batch 64
+
+    for name in ("sipp_pass", "pfp_pass", "forward_full", "forward_chunked"):
+        _positive_times(m["passes"][name])
+        assert m["passes"][name]["compile_s"] >= 0
+    assert all(v > 0 for v in m["ratios"].values())
+
+    sipp = m["prune"]["sipp"]
+    _positive_times(sipp["search"])
+    assert sipp["select_calls"] >= 1 and sipp["pass_s"] > 0 and 0 < sipp["achieved_keep_ratio"] <= 1
+
+    train = m["train_step"]
+    _positive_times(train["masked"])
+    _positive_times(train["unmasked"])
+    assert train["masked_over_unmasked"] > 0 and train["batch_size"] == 64
+
+    assert set(m["compile_s"]) == {
+        "sipp_pass", "pfp_pass", "forward_full", "forward_chunk", "train_step", "train_step_masked"
+    }
+    assert all(v >= 0 for v in m["compile_s"].values())
+
+    assert m["scaling"] and all(s["median_s"] > 0 and s["per_point_s"] > 0 for s in m["scaling"])
+
+    mem = m["memory"]
+    for key in ("sensitivity_mean", "sensitivity_max"):
+        assert mem[key]["chunk_working_bytes"] is None or mem[key]["chunk_working_bytes"] > 0
+    for key in ("forward_chunk", "forward_full", "forward_2x_full"):
+        assert set(mem[key]) >= {"temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"}
+    assert mem["running_max_bytes"] > 0
