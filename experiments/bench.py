@@ -254,6 +254,24 @@ def _sensitivity_memory(model, variables, layers, reduction, x_chunk, sens) -> d
     }
 
 
+def _step_cost(step: Any, state: Any, *args: Any) -> Optional[dict[str, float]]:
+    """XLA ``cost_analysis()`` (flops, bytes accessed) of a jitted train step.
+
+    ``make_train_step`` returns ``functools.partial(jitted_fn, **static)``; the
+    lowering is a cache hit of the executable that was timed. None if the
+    shape of that API or the backend does not allow it.
+    """
+    try:
+        compiled = step.func.lower(state, *args, **step.keywords).compile()
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return {"flops": float(cost["flops"]), "bytes_accessed": float(cost["bytes accessed"])}
+    except Exception as err:  # pragma: no cover - depends on jax / train.py internals
+        logging.warning("cost_analysis of the train step unavailable: %s", err)
+        return None
+
+
 def _kernel_mask_tree(params, layers, masks: Mapping[str, np.ndarray]):
     tree = sp.ones_like_masks(params)
     for layer in layers:
@@ -491,7 +509,13 @@ def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
         },
         2 * repeats, min_rep, budget,  # ratio wanted to ~1%: more rounds (budget-capped)
     )
+    cost = {"unmasked": _step_cost(step, state, bx, by, tkey), "masked": _step_cost(step_masked, state_masked, bx, by, tkey)}
+    cost_ratio = None
+    if cost["unmasked"] and cost["masked"]:
+        cost_ratio = {k: cost["masked"][k] / cost["unmasked"][k] for k in cost["masked"]}
     out["train_step"] = {
+        "cost_analysis": cost,
+        "cost_ratio_masked_over_unmasked": cost_ratio,
         "batch_size": train_batch,
         "mask_method": mask_method,
         "mask_keep_ratio": searches[mask_method]["keep_ratio"],
@@ -628,15 +652,22 @@ def format_report(results: Mapping[str, Any]) -> str:
     rows = []
     for name, m in models.items():
         t = m["train_step"]
+        cr = t.get("cost_ratio_masked_over_unmasked")
         rows.append([
             name, t["batch_size"], _fmt_t(t["unmasked"]["median_s"]), _fmt_t(t["masked"]["median_s"]),
             f"{t['masked_over_unmasked']:.3f}", f"{t['masked_over_unmasked_min']:.3f}",
             ("yes" if t["masked_over_unmasked"] <= 1.05 else "NO")
             + (" (1 sample)" if t["unmasked"]["repeats"] < 2 else ""),
             t["unmasked"]["repeats"],
+            f"{cr['flops']:.3f}" if cr else "n/a", f"{cr['bytes_accessed']:.3f}" if cr else "n/a",
         ])
     lines.append(_table(
-        ["model", "batch", "unmasked", "masked", "ratio (median)", "ratio (min)", "<=1.05", "reps"], rows))
+        ["model", "batch", "unmasked", "masked", "ratio (median)", "ratio (min)", "<=1.05", "reps",
+         "XLA flops ratio", "XLA bytes ratio"], rows))
+    lines.append(
+        "XLA ratios: masked / unmasked flops and bytes accessed of the compiled steps (cost_analysis; "
+        "load-independent)."
+    )
     lines += ["", "[4] Compile time (first call - median steady call)"]
     rows = []
     for name, m in models.items():

@@ -45,6 +45,8 @@ def test_bench_quick_writes_json(tmp_path):
     _positive_times(train["masked"])
     _positive_times(train["unmasked"])
     assert train["masked_over_unmasked"] > 0 and train["batch_size"] == 64
+    ratio = train["cost_ratio_masked_over_unmasked"]
+    assert ratio is None or (ratio["flops"] >= 1.0 and ratio["bytes_accessed"] > 0)
 
     assert set(m["compile_s"]) == {
         "sipp_pass", "pfp_pass", "forward_full", "forward_chunk", "train_step", "train_step_masked"
