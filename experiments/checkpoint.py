@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import zlib
 from typing import Any, Mapping, Optional
 
@@ -33,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments.fileio import atomic_write
 from sensprune.types import PyTree
 
 __all__ = [
@@ -85,21 +85,8 @@ def _jsonable(obj: Any, where: str = "meta") -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as JSON atomically (temp file, fsync, rename)."""
-    path = os.fspath(path)
-    data = json.dumps(_jsonable(obj, os.path.basename(path)), indent=1, allow_nan=True)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = json.dumps(_jsonable(obj, os.path.basename(os.fspath(path))), indent=1, allow_nan=True)
+    atomic_write(path, lambda f: f.write(data.encode()))
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from experiments.fileio import atomic_write
 
 FORMAT_VERSION = 1
 METRICS = ("error", "error5", "loss", "sizes", "flops")
@@ -217,18 +218,7 @@ class Results:
     def save_npz(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, then os.replace."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.to_arrays())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **self.to_arrays()))
         return path
 
     @classmethod
