@@ -16,6 +16,7 @@ connection keeps a nonzero gradient and is never zeroed.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -42,18 +43,44 @@ def _probe_points(ctx: PruneContext, n: int = 16) -> jax.Array:
     return jnp.asarray(np.concatenate([data, noise + np.mean(data)], axis=0))
 
 
+def _static(ctx: PruneContext) -> tuple:
+    """Hashable description of how to call the model (static under jit)."""
+    return ctx.model, ctx.apply_method, tuple(sorted(dict(ctx.apply_kwargs).items()))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(static: tuple, variables, x):
+    model, method, items = static
+    kwargs = dict(items)
+    if method is not None:
+        kwargs["method"] = method
+    return model.apply(variables, x, **kwargs)
+
+
 def _apply(ctx: PruneContext, params, x):
     variables = {**ctx.variables, "params": params}
-    kwargs = dict(ctx.apply_kwargs)
-    if ctx.apply_method is not None:
-        kwargs["method"] = ctx.apply_method
-    return ctx.model.apply(variables, x, **kwargs)
+    try:
+        return _apply_jit(_static(ctx), variables, x)
+    except TypeError:  # unhashable apply options: run without the shared cache
+        kwargs = dict(ctx.apply_kwargs)
+        if ctx.apply_method is not None:
+            kwargs["method"] = ctx.apply_method
+        return ctx.model.apply(variables, x, **kwargs)
 
 
-def _output_sum(ctx: PruneContext, params, x, proj):
-    out = _apply(ctx, params, x)
-    leaves = jax.tree_util.tree_leaves(out)
-    return sum(jnp.sum(leaf * p) for leaf, p in zip(leaves, proj))
+@functools.partial(jax.jit, static_argnums=0)
+def _projected_grad(static: tuple, variables, x, proj):
+    """Gradient w.r.t. params of a random projection of the model's outputs."""
+    model, method, items = static
+    kwargs = dict(items)
+    if method is not None:
+        kwargs["method"] = method
+
+    def total(params):
+        out = model.apply({**variables, "params": params}, x, **kwargs)
+        return sum(jnp.sum(leaf * p) for leaf, p in zip(jax.tree_util.tree_leaves(out), proj))
+
+    return jax.grad(total)(variables["params"])
 
 
 def dead_filters(ctx: PruneContext, kernel_masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,9 +90,7 @@ def dead_filters(ctx: PruneContext, kernel_masks: Mapping[str, np.ndarray]) -> d
     out_shapes = jax.eval_shape(lambda p: _apply(ctx, p, x), params)
     keys = jax.random.split(jax.random.PRNGKey(0), len(jax.tree_util.tree_leaves(out_shapes)))
     proj = [jax.random.normal(k, s.shape, jnp.float32) for k, s in zip(keys, jax.tree_util.tree_leaves(out_shapes))]
-    if "dead_filters_grad" not in ctx.cache:
-        ctx.cache["dead_filters_grad"] = jax.jit(jax.grad(lambda p, x, proj: _output_sum(ctx, p, x, proj)))
-    grads = ctx.cache["dead_filters_grad"](params, x, proj)
+    grads = _projected_grad(_static(ctx), {**ctx.variables, "params": params}, x, proj)
     out = {}
     for layer in ctx.layers:
         g = np.abs(np.asarray(paths.get_kernel(grads, layer)))
