@@ -197,7 +197,6 @@ def _train_with_checkpoints(
     on_epoch: Any = None,
 ) -> train_lib.TrainState:
     """Trains to the end of ``cfg``'s schedule, checkpointing after every epoch."""
-    spe = _steps_per_epoch(exp, cfg)
     meta = dict(meta or {})
 
     def on_epoch_end(epoch: int, st: train_lib.TrainState, metrics: Mapping[str, float]) -> None:

@@ -405,7 +405,7 @@ def test_bn_momentum_matches_pytorch():
     )  # fmt: skip
 
 
-def test_init_statistics_torch_like():
+def test_init_statistics_torch_like_bottleneck():
     model = CifarResNet(10, depth=8, block="bottleneck")
     v = jax.jit(model.init)(rng(0), jnp.zeros((1, 32, 32, 3)))
     k = v["params"]["layer3_0"]["conv2"]["kernel"]  # 3x3, 64 -> 64: kaiming fan_out
