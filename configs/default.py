@@ -17,7 +17,7 @@ def get_config():
         network="lenet300_100", dataset="mnist_embedded", train=train,
         retrain_overrides=dict(num_epochs=3, learning_rate=0.01, lr_milestones=(2,)),
         methods=("sipp", "sipp_rand", "sipp_hybrid", "pfp", "pfp_rand", "pfp_top", "wt", "snip", "uniform",
-                 "norm_l1", "norm_l2", "norm_l1l2", "random", "ft", "softnet", "thinet", "uniform_filters"),
+                 "norm_l1", "norm_l2", "norm_l1l2", "random", "ft", "softnet", "thinet", "uniform_filters", "svd"),
         spacing=[common.geometric(0.4, 0.03, 5)], mode="cascade", retrain_iterations=-1, num_nets=1,
         delta_s=1e-12, plot_min=0.03, plot_max=0.5, eval_batch_size=500)
     return config

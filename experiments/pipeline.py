@@ -38,7 +38,7 @@ from experiments import results as results_lib
 from experiments import spacing as spacing_lib
 from experiments import train as train_lib
 
-MODES = ("train", "retrain", "cascade", "cascade-rewind", "cascade-random")
+MODES = ("train", "retrain", "cascade", "cascade-rewind", "cascade-random", "prune-only")
 
 
 # ----------------------------------------------------------------------------
@@ -94,7 +94,8 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
     if int(config.coresets.chunk_size) < 1:
         raise ValueError(f"config.coresets.chunk_size must be >= 1, got {config.coresets.chunk_size}")
     ratios = spacing_lib.keep_ratios(list(exp.spacing))
-    return spacing_lib.split_keep_ratios(ratios, int(exp.retrain_iterations), cascade=exp.mode != "retrain")
+    cascade = exp.mode not in ("retrain", "prune-only")
+    return spacing_lib.split_keep_ratios(ratios, int(exp.retrain_iterations), cascade=cascade)
 
 
 # ----------------------------------------------------------------------------
@@ -340,11 +341,18 @@ def run_chain(
         _record(exp, results, net, rep, method, done_step - 1, items["meta"], tb)
         save_results()
     bar.update(start)
+    # Prune-only: every ratio from the trained net, evaluated as pruned (no retraining).
+    prune_only = mode == "prune-only" or not sp.get_method(method).retrainable
     for i in range(start, len(exp.steps)):
         step = exp.steps[i]
-        if mode == "retrain":
+        if mode == "retrain" or prune_only:
             current = dict(trained)
         seed = _seed(exp.config.seed, net, rep, method, i)
+        if prune_only:
+            _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, results, tb)
+            save_results()
+            bar.update(1)
+            continue
         retrain_ckpt = exp.ckpt(*base, f"retrain{i}")
         state, meta = _resume_retrain(exp, retrain_ckpt, current, masks_like)
         if state is None:
@@ -379,6 +387,24 @@ def run_chain(
         save_results()
         shutil.rmtree(retrain_ckpt.directory, ignore_errors=True)
         bar.update(1)
+
+
+def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, results, tb) -> None:
+    """One keep ratio pruned straight from ``current`` and evaluated without retraining."""
+    step = exp.steps[i]
+    result = _prune(exp, current, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
+    variables = {**current, "params": result.params}
+    metrics = train_lib.evaluate(variables, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+                                 int(exp.config.eval_batch_size))
+    meta = {
+        "keep_ratio": result.keep_ratio,
+        "flops": result.flops / max(exp.dense_flops, 1),
+        "layer_kept": dict(result.layer_kept),
+        **metrics,
+    }
+    chain.save(i + 1, params=result.params, batch_stats=current.get("batch_stats", {}), masks=result.masks,
+               meta=meta)
+    _record(exp, results, net, rep, method, i, meta, tb)
 
 
 def _resume_retrain(exp, ckpt, current, masks_like):

@@ -35,7 +35,7 @@ from sensprune.registry import Method, Selection, available_methods, get_method,
 from sensprune.sensitivity import compute_sensitivities, layer_sensitivity
 
 # Importing the method modules registers them.
-from sensprune import filter_norm, magnitude, norm_sampling, pfp, random_pruning, sipp, snip, thinet  # noqa: F401  isort: skip
+from sensprune import filter_norm, magnitude, norm_sampling, pfp, random_pruning, sipp, snip, svd, thinet  # noqa: F401  isort: skip
 from sensprune.prune import prune  # isort: skip
 from sensprune.types import Layer, LayerSensitivity, PruneResult
 

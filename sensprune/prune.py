@@ -45,7 +45,7 @@ def _kernel_masks_tree(params, layers: Sequence[Layer], masks: Mapping[str, np.n
 def _pruned_params(params, layers: Sequence[Layer], sel: registry.Selection):
     for layer in layers:
         kernel = paths.get_kernel(params, layer)
-        new = np.asarray(kernel) * sel.masks[layer.name]
+        new = np.asarray(sel.kernels.get(layer.name, kernel)) * sel.masks[layer.name]
         if layer.name in sel.scales:
             new = new * np.asarray(sel.scales[layer.name])
         params = paths.set_kernel(params, layer, jnp.asarray(new, kernel.dtype))
@@ -146,7 +146,7 @@ def prune(
     def achieved(b: int) -> int:
         if b not in selections:
             selections[b] = spec.select(ctx, b, key)
-        return fixed + int(sum(int(np.sum(m)) for m in selections[b].masks.values()))
+        return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
 
     guess = int(round(target - fixed))
     chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
@@ -158,17 +158,25 @@ def prune(
     sel = selections[chosen]
     new_params = _pruned_params(params, layers, sel)
     masks = _kernel_masks_tree(params, layers, sel.masks)
-    kept = {layer.name: int(np.sum(sel.masks[layer.name])) for layer in layers}
+    kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
     info.update(nominal_budget=chosen, reachable=ok, searches=len(selections), method=method)
+    size = counting.count_nonzero(new_params)
+    flops = counting.flops(new_params, layers)
+    if sel.sizes or sel.flops:
+        # Rewritten layers (e.g. low rank) cost what the method says, not their nonzeros.
+        nnz = counting.layer_nonzero(new_params, layers)
+        size += sum(kept[name] - nnz[name] for name in sel.sizes)
+        by_layer = {layer.name: layer for layer in layers}
+        flops += sum(sel.flops[name] - nnz[name] * by_layer[name].num_patches for name in sel.flops)
     return PruneResult(
         params=new_params,
         masks=masks,
-        keep_ratio=counting.count_nonzero(new_params) / reference,
+        keep_ratio=size / reference,
         target_keep_ratio=keep_ratio,
         layer_kept=kept,
         layer_total={layer.name: layer.kernel_size for layer in layers},
-        flops=counting.flops(new_params, layers),
+        flops=flops,
         flops_dense=counting.dense_flops(layers),
         sensitivities=dict(sel.scores),
         info=info,

@@ -30,12 +30,28 @@ class Selection:
         reweighting of sampling methods); layers not listed are not rescaled.
       scores: layer name -> the scores the choice was based on (for reporting).
       info: method-specific extras (epsilon, draws, ...).
+      kernels: layer name -> replacement kernel (methods that rewrite weights
+        instead of masking them, e.g. low-rank ``svd``); applied before masks.
+      sizes: layer name -> parameters the layer costs after the method
+        (overrides the kept-entry count of its mask, e.g. ``k (n + d + 1)`` for
+        a rank-``k`` factorisation).
+      flops: layer name -> multiply-accumulates per sample (overrides
+        ``nnz * num_patches``).
     """
 
     masks: dict[str, np.ndarray]
     scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     scores: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kernels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    flops: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def layer_size(self, name: str) -> int:
+        """Parameters layer ``name`` costs under this selection."""
+        if name in self.sizes:
+            return int(self.sizes[name])
+        return int(np.sum(self.masks[name]))
 
 
 SelectFn = Callable[["PruneContext", int, Optional["jax.Array"]], Selection]
@@ -52,6 +68,9 @@ class Method:
       stochastic: True if ``select`` needs a ``jax.random`` key.
       needs_labels: True if the method needs labels and a loss (e.g. SNIP).
       description: one line for listings.
+      retrainable: False if the result is not a sparsity pattern that masked
+        retraining preserves (e.g. low-rank ``svd``); the experiment package
+        then evaluates it without retraining, always from the trained net.
     """
 
     name: str
@@ -60,6 +79,7 @@ class Method:
     stochastic: bool = False
     needs_labels: bool = False
     description: str = ""
+    retrainable: bool = True
 
 
 _METHODS: dict[str, Method] = {}
@@ -73,6 +93,7 @@ def register_method(
     stochastic: bool = False,
     needs_labels: bool = False,
     description: str = "",
+    retrainable: bool = True,
     overwrite: bool = False,
 ) -> Method:
     """Registers ``select`` under ``name`` and returns the :class:`Method`."""
@@ -80,7 +101,7 @@ def register_method(
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
     if name in _METHODS and not overwrite:
         raise ValueError(f"method {name!r} is already registered (pass overwrite=True to replace it)")
-    method = Method(name, select, structured, stochastic, needs_labels, description)
+    method = Method(name, select, structured, stochastic, needs_labels, description, retrainable)
     _METHODS[name] = method
     return method
 

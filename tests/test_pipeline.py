@@ -140,6 +140,24 @@ def test_other_config_in_same_workdir_is_refused(tmp_path):
         pipeline.run(config, tmp_path)
 
 
+def test_prune_only_mode_and_non_retrainable_methods(tmp_path):
+    """svd is never retrained (same numbers in cascade and prune-only); wt is, in cascade only."""
+    runs = {}
+    for mode in ("cascade", "prune-only"):
+        config = tiny(load_config(ROOT / "configs" / "default.py"), methods=["wt", "svd"], ratios=(0.5, 0.2))
+        config.experiments.mode = mode
+        runs[mode] = pipeline.run(config, tmp_path / mode)
+    for res in runs.values():
+        assert res.done.all()
+        np.testing.assert_allclose(res.sizes[0, :, 0, :], [[0.5, 0.5], [0.2, 0.2]], rtol=0.03)
+    svd, wt = runs["cascade"].methods.index("svd"), runs["cascade"].methods.index("wt")
+    a, b = runs["cascade"], runs["prune-only"]
+    np.testing.assert_allclose(a.error[..., svd], b.error[..., svd], atol=1e-7)
+    np.testing.assert_allclose(a.flops[..., svd], b.flops[..., svd])
+    assert (a.flops[..., svd] < 1).all()
+    assert not np.allclose(a.loss[..., wt], b.loss[..., wt])  # wt retrained in cascade only
+
+
 def _command(workdir):
     return [
         sys.executable, "-m", "experiments.main", "--config=configs/default.py", f"--workdir={workdir}",
