@@ -45,6 +45,10 @@ def geometric(max_val: float, min_val: float, num: int) -> dict[str, Any]:
     return dict(type="geometric", num_intervals=num, max_val=max_val, min_val=min_val)
 
 
+def manual(*values: float) -> dict[str, Any]:
+    return dict(type="manual", values=list(values))
+
+
 def linear(max_val: float, min_val: float, num: int) -> dict[str, Any]:
     return dict(type="linear", num_intervals=num, max_val=max_val, min_val=min_val)
 
@@ -102,6 +106,8 @@ def experiment(
 # PFPNet (pfp), FilterThresNet (ft), SiPPNet (sipp), ThresNet (wt), SnipNet (snip).
 ORIGINAL_METHODS = ("pfp", "ft", "sipp", "wt", "snip")
 SIPP_METHODS = ("sipp", "sipp_rand", "sipp_hybrid", "wt", "snip")
+ALL_METHODS = ("sipp", "sipp_rand", "sipp_hybrid", "pfp", "pfp_rand", "pfp_top", "wt", "snip", "uniform", "norm_l1",
+               "norm_l2", "norm_l1l2", "random", "ft", "softnet", "thinet", "uniform_filters", "svd")
 PFP_METHODS = ("pfp", "ft", "softnet", "thinet")
 
 # Reference training schedules (torchprune_reference.md, section 2).
