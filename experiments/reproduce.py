@@ -48,11 +48,18 @@ class Study:
     config: str
     description: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    modes: tuple[str, ...] = MODES
 
 
 STUDIES: dict[str, Study] = {
     "fashion_lenet300_100": Study(
         "configs.fashion.lenet300_100", "LeNet300-100 on full Fashion-MNIST, all methods, 3 nets"),
+    "fashion_lenet300_100_long": Study(
+        "configs.fashion.lenet300_100",
+        "LeNet300-100 on full Fashion-MNIST, weight methods with 4x longer retraining (8 epochs per ratio), 3 nets",
+        {"experiments.methods": ("sipp", "sipp_hybrid", "wt", "snip"), "retraining.num_epochs": 8,
+         "retraining.lr_milestones": (5, 7)},
+        modes=("cascade",)),
     "fashion_lenet5": Study("configs.fashion.lenet5", "LeNet5 on full Fashion-MNIST, the papers' methods, 3 nets"),
     "embedded_lenet300_100": Study(
         "configs.default", "LeNet300-100 on the embedded MNIST digits (the main job's data), all methods, 3 nets",
@@ -234,14 +241,14 @@ def write_plots(res: results_lib.Results, out: Path, mode: str, title: str) -> l
 # ----------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------
-def run_study(name: str, runs: Path, out: Path, *, fast: bool = False, modes: Sequence[str] = MODES,
+def run_study(name: str, runs: Path, out: Path, *, fast: bool = False, modes: Sequence[str] | None = None,
               extra: Mapping[str, Any] | None = None,
               run_fn: Callable[[Any, Path], results_lib.Results] = pipeline.run) -> Path:
     """Runs (or resumes) both modes of a study and writes its outputs; returns the summary path."""
     out = Path(out) / name
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for mode in modes:
+    for mode in modes or STUDIES[name].modes:
         config = study_config(name, mode, fast=fast, extra=extra)
         workdir = Path(runs) / name / mode
         logging.info("study %s, mode %s -> %s", name, mode, workdir)
@@ -262,7 +269,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("runs", "runs/reproduce", "where the pipeline work directories go (resumable)")
     flags.DEFINE_string("out", "experiments/results", "where tables and plots are written")
     flags.DEFINE_bool("fast", False, "one net, two ratios, a few steps (CI's smoke version)")
-    flags.DEFINE_list("modes", list(MODES), "modes to run")
+    flags.DEFINE_list("modes", None, "modes to run (default: the study's)")
 
 
 def main(argv: Sequence[str]) -> None:
