@@ -98,6 +98,10 @@ def experiment(
         dict(delta_s=delta_s, c_constant=c_constant, size=-1, chunk_size=32)
     )
     config.eval_batch_size = eval_batch_size
+    # Data-parallel devices: -1 = every device (of every process), n = the first n. Batch sizes
+    # must be multiples of it. Runtime only: a run may resume with another value.
+    config.mesh_devices = -1
+    # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() on every host.
     config.multihost = False
     return config
 

@@ -2,6 +2,7 @@
 
   python -m experiments.bench [--models=lenet300_100,resnet20,resnet56] [--repeats=7]
                               [--json=bench.json] [--chunk_size=32] [--quick]
+                              [--device_counts=1,2,4] [--max_contraction=auto|unrolled|carry|reduce]
 
 Everything is measured side by side in one process. Every timed call ends with
 ``jax.block_until_ready``; steady times are MEDIANS over up to ``--repeats``
@@ -29,7 +30,20 @@ layers that read the raw input take the input sign-split path):
 4. compile times (first call minus the median steady call);
 5. the SiPP pass over 1/4, 1/2, 1 and 2 times |S| (``--scaling_models``);
 6. compiled memory (``memory_analysis()``) of the per-chunk sensitivity
-   function and of the forward.
+   function and of the forward;
+4b. compile time of each jitted function separately (the capture program,
+   every per-geometry layer kernel of both passes, the forwards, the train
+   steps), as trace+lower and XLA compile from empty caches;
+7. data-parallel scaling: the passes and a train step on a mesh over 1, 2, 4
+   forced host devices (``--device_counts``, one subprocess each with
+   ``XLA_FLAGS=--xla_force_host_platform_device_count=N``);
+8. peak memory (RSS growth) of the pass vs a single-batch forward as |S|
+   grows (``--memory_models``, in the first device-count subprocess).
+
+The device the numbers come from is printed in the header and table [1] and
+stored in the JSON (``env.device``, ``env.devices``).
+``--max_contraction`` picks the CPU strategy of the (max, x) contraction
+(``sensprune.sensitivity.MAX_CONTRACTION``) to compare kernels.
 
 Results go to a readable table on stdout and to ``--json``.
 """
@@ -65,6 +79,7 @@ C_CONSTANT = 3.0
 QUICK = dict(  # one chunk (halves the compiles), no PFP search (its first call compiles ~10 s of eager ops)
     models=("lenet300_100",), repeats=2, min_repeats=1, budget_s=5.0, num_points=16, chunk_size=16,
     scaling_models=("lenet300_100",), scaling_fractions=(1.0,), prune_models=(), methods=("sipp",),
+    device_counts=(2,), device_models=("lenet300_100",), memory_models=("lenet300_100",), memory_fractions=(1.0, 2.0),
 )
 
 
@@ -213,7 +228,7 @@ def _sensitivity_memory(model, variables, layers, reduction, x_chunk, sens) -> d
                 if geo not in steps:
                     kernel = paths.get_kernel(variables["params"], layer)
                     compiled = lib._layer_step.lower(
-                        geo, reduction, kernel, inputs[layer.name], sens[layer.name]
+                        geo, _kernel_reduction(layer, reduction), kernel, inputs[layer.name], sens[layer.name]
                     ).compile()
                     steps[geo] = (layer.name, _memory(compiled))
             worst_name, worst = max(steps.values(), key=lambda v: v[1]["temp_size_in_bytes"] or 0)
@@ -252,6 +267,69 @@ def _sensitivity_memory(model, variables, layers, reduction, x_chunk, sens) -> d
         "chunk_program": single,
         "chunk_working_bytes": (single["temp_size_in_bytes"] or 0) + (single["output_size_in_bytes"] or 0),
     }
+
+
+def _kernel_reduction(layer: Any, reduction: str) -> str:
+    """The reduction the pass compiles for ``layer`` (one output position: 'max' for both)."""
+    return reduction if layer.num_patches > 1 else "max"
+
+
+def _lower_compile(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, float]:
+    """Seconds to trace+lower and to XLA-compile ``fn`` (a jitted function) on
+    ``args``, from empty caches (``jax.clear_caches()`` first)."""
+    jax.clear_caches()
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args, **kwargs)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+
+
+def _compile_breakdown(model, variables, layers, x_chunk, data, sens, forward, steps) -> dict[str, Any]:
+    """Compile time of each jitted function of the pass, the forward and the
+    train steps, measured separately (``steps``: name -> (step, state, args)).
+
+    The pass compiles one capture program per model and one kernel per
+    distinct (layer geometry, reduction); the table sums the kernels.
+    """
+    from sensprune import sensitivity as lib
+
+    out: dict[str, Any] = {}
+    layers = tuple(layers)
+    try:
+        capture = lib._capture_function(model, layers, None, {"train": False})
+        out["capture"] = _lower_compile(capture.func, variables, x_chunk, **capture.keywords)
+        inputs = capture(variables, x_chunk)
+        for reduction, label in (("mean", "sipp_kernels"), ("max", "pfp_kernels")):
+            kernels: dict[Any, dict[str, Any]] = {}
+            for layer in layers:
+                geo, red = lib._geometry(layer), _kernel_reduction(layer, reduction)
+                if (geo, red) in kernels:
+                    continue
+                kernel = paths.get_kernel(variables["params"], layer)
+                t = _lower_compile(lib._layer_step, geo, red, kernel, inputs[layer.name], sens[reduction][layer.name])
+                kernels[(geo, red)] = {"layer": layer.name, "reduction": red, **t}
+            items = list(kernels.values())
+            out[label] = {
+                "count": len(items),
+                "lower_s": sum(k["lower_s"] for k in items),
+                "compile_s": sum(k["compile_s"] for k in items),
+                "total_s": sum(k["total_s"] for k in items),
+                "max_total_s": max(k["total_s"] for k in items),
+                "kernels": items,
+            }
+    except Exception as err:  # pragma: no cover - sensitivity internals changed
+        logging.warning("compile breakdown of the pass unavailable: %s", err)
+    out["forward_chunk"] = _lower_compile(forward, variables, x_chunk)
+    out["forward_full"] = _lower_compile(forward, variables, jnp.asarray(data))
+    for name, (step, state, args) in steps.items():
+        try:
+            out[name] = _lower_compile(step.func, state, *args, **step.keywords)
+        except Exception as err:  # pragma: no cover - train.py internals changed
+            logging.warning("compile time of %s unavailable: %s", name, err)
+    jax.clear_caches()
+    return out
 
 
 def _step_cost(step: Any, state: Any, *args: Any) -> Optional[dict[str, float]]:
@@ -557,7 +635,144 @@ def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
             }
             for f, n in zip(fractions, sizes)
         ]
+    # 4b. compile time of each jitted function, separately (clears caches: runs last) ----
+    logging.info("%s: [4b] compile time per jitted function", name)
+    out["compile_breakdown"] = _compile_breakdown(
+        model, variables, layers, x_chunk, data, sens, forward,
+        {"train_step": (step, state, (bx, by, tkey)), "train_step_masked": (step_masked, state_masked, (bx, by, tkey))},
+    )
     out["load_avg_end"] = list(os.getloadavg())
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Scaling with forced host devices and memory with |S| (subprocesses)
+# ----------------------------------------------------------------------------
+
+
+def _setup(name: str, num_points: int) -> dict[str, Any]:
+    """Model, variables (seed 0), layers and ``num_points`` N(0, 1) points (0: formula size)."""
+    from experiments.models import MODEL_DATASET_FAMILY, get_model, input_shape
+
+    family = MODEL_DATASET_FAMILY[name]
+    delta, s_batch, train_batch = REFERENCE[family]
+    shape = input_shape(name)
+    model = get_model(name, 10 if family != "imagenet" else 1000)
+    variables = jax.device_get(
+        jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), train=False))(jax.random.PRNGKey(0))
+    )
+    rng = np.random.default_rng(0)
+    layers = tuple(sp.find_layers(model, variables, rng.normal(size=(1, *shape)).astype(np.float32), train=False))
+    n = int(num_points or sp.sample_size(list(layers), delta, C_CONSTANT, s_batch))
+    return dict(model=model, variables=variables, layers=layers, shape=shape, family=family, rng=rng,
+                data=rng.normal(size=(n, *shape)).astype(np.float32), train_batch=train_batch)
+
+
+def _rss_bytes() -> int:
+    """Peak resident set size of this process so far (bytes)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _device_worker(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs in a subprocess with ``--xla_force_host_platform_device_count``: times
+    the SiPP/PFP passes and a train step on a data mesh over every device; with
+    ``memory_fractions``, also the peak RSS of the pass vs a single-batch
+    forward as |S| grows."""
+    from experiments import train as train_lib
+    from sensprune import sharding
+
+    if args.get("max_contraction"):
+        from sensprune import sensitivity
+
+        sensitivity.MAX_CONTRACTION = args["max_contraction"]
+    mesh = sharding.data_mesh()
+    out: dict[str, Any] = {"devices": jax.device_count(), "device": str(jax.devices()[0]), "models": {}}
+    for name in args["models"]:
+        m = _setup(name, args["num_points"])
+        model, variables, layers, data = m["model"], m["variables"], m["layers"], m["data"]
+        chunk = min(int(args["chunk_size"]), len(data))
+
+        def pass_fn(reduction, x, mesh_=mesh):
+            return lambda: sp.compute_sensitivities(
+                model, variables, x, reduction=reduction, chunk_size=chunk, layers=layers, mesh=mesh_, train=False
+            )
+
+        cfg = _train_config(m["family"], m["train_batch"])
+        state = train_lib.shard_state(train_lib.create_state(model, jax.random.PRNGKey(1), m["shape"], cfg, 1), mesh)
+        step = train_lib.make_train_step(model, cfg, 1, mesh=mesh)
+        bx, by = sharding.shard_batch(
+            (m["rng"].normal(size=(m["train_batch"], *m["shape"])).astype(np.float32),
+             m["rng"].integers(0, 10, size=(m["train_batch"],)).astype(np.int32)), mesh)
+        tkey = sharding.replicate(jax.random.PRNGKey(2), mesh)
+        cases = {
+            "sipp_pass": Case(pass_fn("mean", data)),
+            "pfp_pass": Case(pass_fn("max", data)),
+            "train_step": Case(lambda: step(state, bx, by, tkey)),
+        }
+        if jax.device_count() == 1:
+            cases["sipp_pass_no_mesh"] = Case(pass_fn("mean", data, None))
+        timing, _ = measure(cases, args["repeats"], args["min_repeats"], args["budget_s"])
+        entry: dict[str, Any] = {"points": len(data), "chunk_size": chunk, "train_batch": m["train_batch"], **timing}
+        if args.get("memory_fractions") and name in args.get("memory_models", ()):
+            entry["memory_vs_points"] = _memory_vs_points(m, chunk, args["memory_fractions"])
+        out["models"][name] = entry
+    return out
+
+
+def _memory_vs_points(m: Mapping[str, Any], chunk: int, fractions: Sequence[float]) -> list[dict[str, Any]]:
+    """Peak RSS after the SiPP pass over growing |S| (ascending), then after a
+    single-batch forward over the same sizes, plus the forward's compiled
+    temp+output bytes. The pass should stay flat; the forward grows."""
+    model, variables, layers, base = m["model"], m["variables"], m["layers"], m["data"]
+    sizes = sorted({max(1, int(round(f * len(base)))) for f in fractions})
+    big = np.concatenate([base] * int(np.ceil(max(sizes) / len(base))))
+    rows: dict[int, dict[str, Any]] = {n: {"points": n} for n in sizes}
+    start = _rss_bytes()
+    for n in sizes:
+        jax.block_until_ready(sp.compute_sensitivities(
+            model, variables, big[:n], reduction="mean", chunk_size=chunk, layers=layers, train=False))
+        rows[n]["rss_after_pass_bytes"] = _rss_bytes()
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    for n in sizes:
+        compiled = forward.lower(variables, jnp.asarray(big[:n])).compile()
+        mem = _memory(compiled)
+        rows[n]["forward_temp_output_bytes"] = (mem["temp_size_in_bytes"] or 0) + (mem["output_size_in_bytes"] or 0)
+        jax.block_until_ready(compiled(variables, jnp.asarray(big[:n])))
+        rows[n]["rss_after_forward_bytes"] = _rss_bytes()
+    for n in sizes:
+        rows[n]["rss_start_bytes"] = start
+    return [rows[n] for n in sizes]
+
+
+def device_scaling(
+    models: Sequence[str], counts: Sequence[int], opts: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`_device_worker` in one subprocess per device count (forced host
+    devices: on a CPU they share the same cores, so this measures sharding
+    overhead and load balance rather than added compute)."""
+    import subprocess
+    import sys
+
+    out: dict[str, Any] = {}
+    for count in counts:
+        env = dict(os.environ)
+        flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
+        # Long collective timeouts: on a loaded CPU the devices reach an all-reduce far apart.
+        env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={int(count)} "
+                            "--xla_cpu_collective_timeout_seconds=900 "
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
+        args = dict(opts, models=list(models), memory_fractions=opts["memory_fractions"] if count == counts[0] else ())
+        code = "import json, sys; from experiments.bench import _device_worker; print(json.dumps(_device_worker(json.loads(sys.argv[1]))))"
+        logging.info("[7] %d forced host device(s): %s", count, ", ".join(models))
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+        if proc.returncode != 0:
+            logging.warning("device worker (%d devices) failed: %s", count, proc.stderr[-2000:])
+            out[str(count)] = {"error": proc.stderr[-2000:]}
+            continue
+        out[str(count)] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -601,7 +816,9 @@ def format_report(results: Mapping[str, Any]) -> str:
     env = results["env"]
     models = results["models"]
     lines = [
-        f"sensprune benchmark: device {env['device_kind']} ({env['backend']}), jax {env['jax']}, "
+        f"sensprune benchmark: device {env.get('device', env['device_kind'])} (kind {env['device_kind']}, "
+        f"backend {env['backend']}, {env['num_devices']} device(s)), "
+        f"max contraction {env.get('max_contraction', 'auto')}, jax {env['jax']}, "
         f"flax {env['flax']}, {env['cpu_count']} CPUs (usable {env['cpus_usable']}), "
         f"load avg {_load(env['load_avg_start'])} at start, {_load(env['load_avg_end'])} at end, "
         f"total {results['total_runtime_s']:.0f}s",
@@ -609,7 +826,8 @@ def format_report(results: Mapping[str, Any]) -> str:
         "input take the sign-split path). Times: medians of steady calls (reps = rounds), "
         "interleaved, block_until_ready.",
         "",
-        "[1] Sensitivity pass over S vs one plain jitted forward over the same points",
+        f"[1] Sensitivity pass over S vs one plain jitted forward over the same points (device: "
+        f"{env.get('device', env['device_kind'])})",
     ]
     rows = []
     for name, m in models.items():
@@ -676,6 +894,19 @@ def format_report(results: Mapping[str, Any]) -> str:
             "sipp_pass", "pfp_pass", "forward_full", "forward_chunk", "train_step", "train_step_masked")])
     lines.append(_table(
         ["model", "SiPP chunk fn", "PFP chunk fn", "fwd |S|", "fwd chunk", "train step", "masked step"], rows))
+    lines += ["", "[4b] Compile time per jitted function (trace+lower / XLA compile, from empty caches)"]
+    rows = []
+    for name, m in models.items():
+        for key, label in (("capture", "capture (forward returning layer inputs)"), ("sipp_kernels", "SiPP layer kernels"),
+                           ("pfp_kernels", "PFP layer kernels"), ("forward_chunk", "forward (chunk)"),
+                           ("forward_full", "forward (|S|)"), ("train_step", "train step"),
+                           ("train_step_masked", "masked train step")):
+            e = m.get("compile_breakdown", {}).get(key)
+            if e:
+                count = e.get("count", 1)
+                rows.append([name, label, count, _fmt_t(e["lower_s"]), _fmt_t(e["compile_s"]), _fmt_t(e["total_s"]),
+                             _fmt_t(e.get("max_total_s", e["total_s"]))])
+    lines.append(_table(["model", "function", "programs", "trace+lower", "XLA compile", "total", "largest"], rows))
     scaling = [(n, m["scaling"]) for n, m in models.items() if "scaling" in m]
     if scaling:
         lines += ["", "[5] Scaling of the SiPP pass (mean) with |S| (fixed chunk size, no recompilation)"]
@@ -719,7 +950,49 @@ def format_report(results: Mapping[str, Any]) -> str:
         "size of the kernels, so its memory is (per-chunk working set + running max), independent "
         "of |S|; a single-batch forward's memory grows linearly with the batch."
     )
+    lines += _device_lines(results.get("devices"))
     return "\n".join(lines)
+
+
+def _device_lines(devices: Optional[Mapping[str, Any]]) -> list[str]:
+    """Tables [7] (scaling with forced host devices) and [8] (peak RSS vs |S|)."""
+    if not devices:
+        return []
+    lines = ["", "[7] Data-parallel scaling: mesh over N forced host devices (one process each; on a CPU they "
+             "share the same cores)"]
+    rows = []
+    base: dict[tuple[str, str], float] = {}
+    for count, res in devices.items():
+        if "error" in res:
+            rows.append([f"{count}", "-", "worker failed (see JSON)", "-", "-", "-", "-", "-"])
+            continue
+        for name, e in res["models"].items():
+            for key in ("sipp_pass", "pfp_pass", "train_step"):
+                med = e[key]["median_s"]
+                base.setdefault((name, key), med)
+            rows.append([
+                count, name, res["device"], e["points"],
+                *(f"{_fmt_t(e[k]['median_s'])} ({base[(name, k)] / e[k]['median_s']:.2f}x)"
+                  for k in ("sipp_pass", "pfp_pass", "train_step")),
+                _fmt_t(e["sipp_pass_no_mesh"]["median_s"]) if "sipp_pass_no_mesh" in e else "-",
+            ])
+    lines.append(_table(["devices", "model", "device", "|S|", "SiPP pass (speed-up)", "PFP pass (speed-up)",
+                         "train step (speed-up)", "SiPP no mesh"], rows))
+    mem_rows = []
+    for res in devices.values():
+        for name, e in res.get("models", {}).items():
+            for r in e.get("memory_vs_points", []):
+                mem_rows.append([name, r["points"], _fmt_b(r["rss_after_pass_bytes"] - r["rss_start_bytes"]),
+                                 _fmt_b(r["rss_after_forward_bytes"] - r["rss_start_bytes"]),
+                                 _fmt_b(r["forward_temp_output_bytes"])])
+    if mem_rows:
+        lines += ["", "[8] Peak memory vs |S| (peak RSS growth of one process; passes first, ascending |S|, then "
+                  "single-batch forwards)"]
+        lines.append(_table(["model", "|S|", "peak RSS growth after pass", "after forward", "forward temp+output (XLA)"],
+                            mem_rows))
+        lines.append("The pass works chunk by chunk, so its peak stays flat as |S| grows; a single-batch forward's "
+                     "activations grow linearly.")
+    return lines
 
 
 def _load(avg: Sequence[float]) -> str:
@@ -740,6 +1013,8 @@ def _environment() -> dict[str, Any]:
     except AttributeError:  # pragma: no cover - non-Linux
         usable = os.cpu_count()
     return {
+        "device": f"{dev.platform}:{dev.id} {dev.device_kind}",
+        "devices": [str(d) for d in jax.devices()],
         "device_kind": dev.device_kind,
         "backend": jax.default_backend(),
         "num_devices": jax.device_count(),
@@ -770,6 +1045,11 @@ def run_benchmark(
     prune_models: Sequence[str] = ("lenet300_100",),
     methods: Sequence[str] = ("sipp", "pfp"),
     pfp_models: Sequence[str] = ("lenet300_100", "resnet20"),
+    device_counts: Sequence[int] = (1, 2, 4),
+    device_models: Sequence[str] = ("lenet300_100", "resnet20"),
+    memory_models: Sequence[str] = ("resnet20",),
+    memory_fractions: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+    max_contraction: str = "auto",
     quick: bool = False,
     json_path: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -786,14 +1066,25 @@ def run_benchmark(
             raise ValueError(f"--methods: expected names from ['sipp', 'pfp'], got {method!r}")
     if repeats < 1 or min_repeats < 1 or chunk_size < 1 or num_points < 0:
         raise ValueError("repeats, min_repeats and chunk_size must be >= 1 and num_points >= 0")
+    from sensprune import sensitivity
+
+    if max_contraction not in sensitivity.CONTRACTIONS:
+        raise ValueError(f"--max_contraction={max_contraction!r}: expected one of {list(sensitivity.CONTRACTIONS)}")
+    if any(int(c) < 1 for c in device_counts):
+        raise ValueError(f"--device_counts={list(device_counts)}: expected positive integers")
+    sensitivity.MAX_CONTRACTION = max_contraction
     opts = dict(
         models=list(models), repeats=repeats, min_repeats=min_repeats, budget_s=budget_s,
         chunk_size=chunk_size, num_points=num_points, keep_ratio=keep_ratio,
         scaling_models=list(scaling_models), scaling_fractions=[float(f) for f in scaling_fractions],
         prune_models=list(prune_models), methods=list(methods), pfp_models=list(pfp_models), quick=quick,
+        device_counts=[int(c) for c in device_counts], device_models=list(device_models),
+        memory_models=list(memory_models), memory_fractions=[float(f) for f in memory_fractions],
+        max_contraction=max_contraction,
     )
     start = time.perf_counter()
     env = _environment()
+    env["max_contraction"] = max_contraction
     logging.info("benchmark on %s (%s), jax %s, %s CPUs, load avg %s",
                  env["device_kind"], env["backend"], env["jax"], env["cpu_count"], _load(env["load_avg_start"]))
     results: dict[str, Any] = {"env": env, "config": opts, "models": {}}
@@ -802,6 +1093,11 @@ def run_benchmark(
         results["models"][name] = bench_model(name, opts)
         results["models"][name]["runtime_s"] = time.perf_counter() - t0
         logging.info("%s done in %.0fs", name, results["models"][name]["runtime_s"])
+    if device_counts and device_models:
+        worker = dict(repeats=repeats, min_repeats=min_repeats, budget_s=budget_s, num_points=num_points,
+                      chunk_size=chunk_size, max_contraction=max_contraction,
+                      memory_fractions=[float(f) for f in memory_fractions], memory_models=list(memory_models))
+        results["devices"] = device_scaling(device_models, [int(c) for c in device_counts], worker)
     env["load_avg_end"] = list(os.getloadavg())
     results["total_runtime_s"] = time.perf_counter() - start
     report = format_report(results)
@@ -842,6 +1138,13 @@ def _define_flags() -> None:
     flags.DEFINE_list("pfp_models", ["lenet300_100", "resnet20"], "Models whose PFP keep-ratio search is timed: each "
                       "PFP select propagates channels with eager forwards (~1 min per select on ResNet56, 2 CPUs).")
     flags.DEFINE_list("methods", ["sipp", "pfp"], "Methods whose keep-ratio search is timed ([2]).")
+    flags.DEFINE_list("device_counts", ["1", "2", "4"], "Forced host device counts of the data-parallel scaling "
+                      "table [7] (one subprocess each; '' = skip).")
+    flags.DEFINE_list("device_models", ["lenet300_100", "resnet20"], "Models of [7].")
+    flags.DEFINE_list("memory_models", ["resnet20"], "Models of [8] (peak RSS vs |S|, in the first device worker).")
+    flags.DEFINE_list("memory_fractions", ["0.5", "1", "2", "4"], "Multiples of |S| for [8].")
+    flags.DEFINE_enum("max_contraction", "auto", ["auto", "unrolled", "carry", "reduce"],
+                      "Strategy of the sensitivity (max, x) contraction (sensprune.sensitivity.MAX_CONTRACTION).")
     flags.DEFINE_string("json", "bench.json", "Where to write the results ('' = nowhere).")
     flags.DEFINE_bool("quick", False, "Smoke test: lenet300_100 only, 2 repeats, |S| = 16 in one chunk, SiPP search only, no prune() end to end.")
 
@@ -857,6 +1160,9 @@ def main(argv: Sequence[str]) -> None:
         chunk_size=f.chunk_size, num_points=f.num_points, keep_ratio=f.keep_ratio,
         scaling_models=f.scaling_models, scaling_fractions=[float(x) for x in f.scaling_fractions],
         prune_models=f.prune_models, methods=f.methods, pfp_models=f.pfp_models,
+        device_counts=[int(c) for c in f.device_counts], device_models=f.device_models,
+        memory_models=f.memory_models, memory_fractions=[float(x) for x in f.memory_fractions],
+        max_contraction=f.max_contraction,
     )
     if f.quick:
         kwargs.update(QUICK)

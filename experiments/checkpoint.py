@@ -9,6 +9,10 @@ One checkpoint (a numbered step directory) holds the items
 * ``index``: JSON written by this module: for every array item its leaves
   (name, shape, dtype) and a CRC32 of their bytes.
 
+Multi-host: every process calls ``save`` / ``restore`` with the same (replicated)
+arrays; orbax coordinates the processes and writes arrays and the JSON items
+(``meta``, ``index``) from the primary process only.
+
 Saving is synchronous: orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
 renames it to ``<step>`` when complete, so a process killed at any moment
 leaves either a complete step or a temporary directory that is never listed
@@ -164,10 +168,10 @@ def _diff(
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
-    """Restore target for one leaf (keeps a given sharding, else device 0)."""
+    """Restore target for one leaf (keeps a given sharding, else this process's first device)."""
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     dtype = getattr(leaf, "dtype", None)
     dtype = np.result_type(leaf) if dtype is None else dtype
     shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
@@ -204,7 +208,8 @@ class Checkpointer:
             raise ValueError(f"max_to_keep={max_to_keep!r}: expected None or an integer >= 1")
         self._directory = os.path.abspath(os.fspath(directory))
         os.makedirs(self._directory, exist_ok=True)
-        _remove_tmp_steps(self._directory)
+        if jax.process_index() == 0:  # multi-host: one process cleans up
+            _remove_tmp_steps(self._directory)
         handlers: dict[str, Any] = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
         handlers[_META] = ocp.JsonCheckpointHandler()
         handlers[_INDEX] = ocp.JsonCheckpointHandler()

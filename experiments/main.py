@@ -39,7 +39,9 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_default_prng_impl", "rbg")
     config = _CONFIG.value
     if config.get("multihost", False):
-        jax.distributed.initialize()
+        jax.distributed.initialize()  # one process per host; settings from the environment (TPU, SLURM, ...)
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # process 0 logs and writes results; the others only warn
     logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     from experiments import pipeline
 

@@ -121,6 +121,7 @@ class Experiment:
     dense_size: int
     dense_flops: int
     s_size: int
+    mesh: Any = None  # data-parallel mesh (None: one device)
 
     @property
     def methods(self) -> list[str]:
@@ -169,7 +170,35 @@ def build(config: Any, workdir: str | Path) -> Experiment:
         dense_size=dense_size,
         dense_flops=sp.dense_flops(layers),
         s_size=min(size_s, dataset.num_valid),
+        mesh=make_mesh(config),
     )
+
+
+def make_mesh(config: Any) -> Any:
+    """The data-parallel mesh of ``config.mesh_devices`` (-1: every device of every
+    process), or None for a single device in a single process.
+
+    Raises:
+      ValueError naming the field: a bad device count, or a (re)training batch
+      size that the devices do not divide.
+    """
+    count = int(config.get("mesh_devices", -1))
+    available = jax.device_count()
+    if count != -1 and not 1 <= count <= available:
+        raise ValueError(f"config.mesh_devices={count}: expected -1 (all devices) or a count in [1, {available}]")
+    if jax.process_count() > 1 and count not in (-1, available):
+        raise ValueError(f"config.mesh_devices={count}: multi-host runs use every device (-1 or {available})")
+    size = available if count == -1 else count
+    if size == 1 and jax.process_count() == 1:
+        return None
+    for block in ("training", "retraining"):
+        batch = int(config[block].batch_size)
+        if batch % size:
+            raise ValueError(
+                f"config.{block}.batch_size={batch}: expected a multiple of the {size} devices "
+                "of the data-parallel mesh (config.mesh_devices)"
+            )
+    return sp.sharding.data_mesh(size)
 
 
 def _steps_per_epoch(exp: Experiment, cfg: train_lib.TrainConfig) -> int:
@@ -210,10 +239,12 @@ def _train_with_checkpoints(
         if on_epoch is not None:
             on_epoch(epoch + 1, st)
 
-    return train_lib.train(
+    state = train_lib.train(
         exp.model, state, exp.dataset.train_x, exp.dataset.train_y, cfg, seed=seed,
-        on_epoch_end=on_epoch_end, desc=desc, progress=True,
+        on_epoch_end=on_epoch_end, desc=desc, progress=jax.process_index() == 0, mesh=exp.mesh,
     )
+    # Pruning and checkpointing downstream work on host-local arrays (as without a mesh).
+    return state if exp.mesh is None else train_lib.local_state(state)
 
 
 def _restore_state(
@@ -290,7 +321,7 @@ def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
     return sp.prune(
         exp.model, variables, s_x, method=method, keep_ratio=ratio, key=key, labels=s_y,
         delta=float(co.delta_s), c_constant=float(co.c_constant), chunk_size=int(co.chunk_size),
-        reference_size=exp.dense_size, layers=exp.layers, apply_kwargs={"train": False},
+        reference_size=exp.dense_size, layers=exp.layers, apply_kwargs={"train": False}, mesh=exp.mesh,
     )
 
 
@@ -379,7 +410,7 @@ def run_chain(
             desc=f"retrain {method} r={step.keep_ratio:.3f}", tb=tb, tb_tag=method,
         )
         metrics = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
-                                     int(exp.config.eval_batch_size))
+                                     int(exp.config.eval_batch_size), mesh=exp.mesh)
         meta = {**{k: meta[k] for k in ("keep_ratio", "flops", "layer_kept")}, **metrics}
         current = _variables(state)
         chain.save(i + 1, params=state.params, batch_stats=state.batch_stats, masks=masks, meta=meta)
@@ -395,7 +426,7 @@ def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, r
     result = _prune(exp, current, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
     variables = {**current, "params": result.params}
     metrics = train_lib.evaluate(variables, exp.model, exp.dataset.test_x, exp.dataset.test_y,
-                                 int(exp.config.eval_batch_size))
+                                 int(exp.config.eval_batch_size), mesh=exp.mesh)
     meta = {
         "keep_ratio": result.keep_ratio,
         "flops": result.flops / max(exp.dense_flops, 1),
@@ -467,11 +498,11 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
     with results_lib.TensorBoardLogger(exp.workdir / "tensorboard", enabled=is_main) as tb:
         tb.log_config(exp.config)
         total = int(exp_cfg.num_nets) * int(exp_cfg.num_repetitions) * len(exp.methods) * len(steps)
-        with tqdm(total=total, desc="prune/retrain", unit="ratio", disable=total == 0) as bar:
+        with tqdm(total=total, desc="prune/retrain", unit="ratio", disable=total == 0 or not is_main) as bar:
             for net in range(int(exp_cfg.num_nets)):
                 state = train_net(exp, net, tb)
                 dense = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
-                                           int(exp.config.eval_batch_size))
+                                           int(exp.config.eval_batch_size), mesh=exp.mesh)
                 results.record_dense(net, **dense)
                 save()
                 logging.info("net %d dense: test error %.4f", net, dense["error"])
@@ -487,17 +518,25 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
     return results
 
 
+# Where and on how many devices a run executes; not part of what it computes, so a run
+# may resume on another machine.
+RUNTIME_FIELDS = ("mesh_devices", "multihost")
+
+
 def _check_config_unchanged(exp: Experiment) -> None:
-    """Refuses to resume a workdir that was started with a different config."""
+    """Refuses to resume a workdir that was started with a different config
+    (fields in ``RUNTIME_FIELDS`` may differ). Only process 0 writes."""
     path = exp.workdir / "config.json"
     current = json.loads(exp.config.to_json_best_effort(sort_keys=True))
     if path.exists():
         stored = ckpt_lib.read_json(path)
-        if stored != current:
-            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        runtime = lambda d: {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}  # noqa: E731
+        if runtime(stored) != runtime(current):
+            diff = sorted(k for k in set(stored) | set(current)
+                          if k not in RUNTIME_FIELDS and stored.get(k) != current.get(k))
             raise ValueError(
                 f"--workdir {exp.workdir} holds a run with another config (differs in: {', '.join(diff)}); "
                 "use a new --workdir or the same config"
             )
-    else:
+    elif jax.process_index() == 0:
         ckpt_lib.write_json(path, current)

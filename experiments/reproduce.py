@@ -60,7 +60,7 @@ STUDIES: dict[str, Study] = {
         {"experiments.methods": ("sipp", "sipp_hybrid", "wt", "snip"), "retraining.num_epochs": 8,
          "retraining.lr_milestones": (5, 7)},
         modes=("cascade",)),
-    "fashion_lenet5": Study("configs.fashion.lenet5", "LeNet5 on full Fashion-MNIST, the papers' methods, 3 nets"),
+    "fashion_lenet5": Study("configs.fashion.lenet5", "LeNet5 on full Fashion-MNIST, SiPP and PFP vs. WT and FT, 3 nets"),
     "embedded_lenet300_100": Study(
         "configs.default", "LeNet300-100 on the embedded MNIST digits (the main job's data), all methods, 3 nets",
         {"experiments.num_nets": 3, "experiments.spacing": FIDELITY_SPACING}),
@@ -270,6 +270,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", "experiments/results", "where tables and plots are written")
     flags.DEFINE_bool("fast", False, "one net, two ratios, a few steps (CI's smoke version)")
     flags.DEFINE_list("modes", None, "modes to run (default: the study's)")
+    flags.DEFINE_integer("num_nets", -1, "override the study's number of trained nets (-1: keep)")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -280,7 +281,8 @@ def main(argv: Sequence[str]) -> None:
     jax.config.update("jax_default_prng_impl", "rbg")  # as experiments.main: same nets as its runs
     names = list(STUDIES) if FLAGS.study == "all" else [FLAGS.study]
     for name in names:
-        path = run_study(name, Path(FLAGS.runs), Path(FLAGS.out), fast=FLAGS.fast, modes=FLAGS.modes)
+        extra = {"experiments.num_nets": FLAGS.num_nets} if FLAGS.num_nets > 0 else None
+        path = run_study(name, Path(FLAGS.runs), Path(FLAGS.out), fast=FLAGS.fast, modes=FLAGS.modes, extra=extra)
         print(path.read_text())
         print(f"written: {path.parent}")
 

@@ -38,6 +38,7 @@ import optax
 from tqdm.auto import tqdm
 
 from sensprune import masking
+from sensprune import sharding as sharding_lib
 from sensprune.types import PyTree
 
 __all__ = [
@@ -52,10 +53,12 @@ __all__ = [
     "default_config",
     "epoch_order",
     "eval_step",
+    "local_state",
     "evaluate",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "shard_state",
     "state_from_items",
     "state_from_params",
     "state_to_items",
@@ -369,7 +372,7 @@ class TrainState:
 def _committed(tree: PyTree) -> PyTree:
     """Commits uncommitted arrays to the default device, so fresh and restored
     (committed) states hit the same compiled step."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
 
     def commit(a: Any) -> Any:
         if isinstance(a, jax.core.Tracer) or not isinstance(a, jax.Array) or a.committed:
@@ -505,10 +508,10 @@ def _forward(
     return logits.astype(jnp.float32), new_stats
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "tx", "schedule", "augment_fn", "compute_dtype")
-)
-def _train_step(
+_STEP_STATIC = ("model", "tx", "schedule", "augment_fn", "compute_dtype")
+
+
+def _train_step_fn(
     state: TrainState,
     batch_x: jax.Array,
     batch_y: jax.Array,
@@ -549,6 +552,25 @@ def _train_step(
     return new_state, metrics
 
 
+_train_step = jax.jit(_train_step_fn, static_argnames=_STEP_STATIC)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_train_step(mesh: Any, **static: Any) -> Callable[..., Any]:
+    """:func:`_train_step_fn` with its static arguments bound, jitted for
+    ``mesh``: batch split over its data axis, state, key and metrics
+    replicated (XLA all-reduces the gradients and batch statistics).
+
+    Returned as a ``functools.partial`` (no keywords) like the unsharded step,
+    so ``step.func.lower(*args, **step.keywords)`` works on both."""
+    rep, batch = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
+    jitted = jax.jit(
+        functools.partial(_train_step_fn, **static),
+        in_shardings=(rep, batch, batch, rep), out_shardings=(rep, rep),
+    )
+    return functools.partial(jitted)
+
+
 def _resolve_augment(name: str, augment_fn: Optional[AugmentFn]) -> Optional[AugmentFn]:
     """``augment_fn`` if given, else ``AUGMENTATIONS[name]`` (None for 'none')."""
     if augment_fn is not None:
@@ -577,6 +599,7 @@ def make_train_step(
     *,
     masked: bool = False,
     augment_fn: Optional[AugmentFn] = None,
+    mesh: Any = None,
 ) -> Callable[[TrainState, Any, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted ``step(state, batch_x, batch_y, key) -> (state, metrics)``.
 
@@ -586,17 +609,23 @@ def make_train_step(
     ``loss``, ``accuracy`` (batch top-1) and ``lr`` (of this step). ``masked``
     must say whether ``state.opt_state`` comes from a masked optimizer.
     Compiled once per (model, update rule, augmentation, dtype, shapes).
+
+    With ``mesh`` (``sensprune.sharding.data_mesh()``) the step runs
+    data-parallel: pass batches split over the data axis and a replicated
+    state (:func:`shard_state`); it returns a replicated state and metrics.
     """
     cfg = as_train_config(cfg)
     opt_cfg = _opt_key(cfg)
-    return functools.partial(
-        _train_step,
+    static = dict(
         model=model,
         tx=_step_tx(opt_cfg, steps_per_epoch, bool(masked)),
         schedule=_step_schedule(opt_cfg, steps_per_epoch),
         augment_fn=_resolve_augment(cfg.augment, augment_fn),
         compute_dtype=cfg.dtype,
     )
+    if mesh is not None:
+        return _sharded_train_step(mesh, **static)
+    return functools.partial(_train_step, **static)
 
 
 def train_step(
@@ -619,8 +648,7 @@ def train_step(
     return step(state, batch_x, batch_y, key)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "compute_dtype"))
-def eval_step(
+def _eval_step_fn(
     params: PyTree,
     batch_stats: PyTree,
     batch_x: jax.Array,
@@ -650,6 +678,45 @@ def eval_step(
     }
 
 
+eval_step = jax.jit(_eval_step_fn, static_argnames=("model", "compute_dtype"))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_eval_step(mesh: Any, model: Any, compute_dtype: str) -> Callable[..., Any]:
+    """:func:`eval_step` for ``mesh``: batch, labels and weights split over the
+    data axis, params replicated, sums replicated."""
+    rep, batch = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
+    return jax.jit(
+        functools.partial(_eval_step_fn, model=model, compute_dtype=compute_dtype),
+        in_shardings=(rep, rep, batch, batch, batch), out_shardings=rep,
+    )
+
+
+def shard_state(tree: PyTree, mesh: Any) -> PyTree:
+    """``tree`` (a :class:`TrainState`, params, ...) replicated over ``mesh``;
+    unchanged when ``mesh`` is None."""
+    return tree if mesh is None else sharding_lib.replicate(tree, mesh)
+
+
+def local_state(tree: PyTree) -> PyTree:
+    """``tree`` (e.g. a replicated :class:`TrainState`) copied to this process's
+    first device: the inverse of :func:`shard_state`."""
+    return _committed(jax.device_get(tree))
+
+
+def _device_batch(mesh: Any, x: np.ndarray, y: np.ndarray, idx: np.ndarray, *extra: np.ndarray):
+    """Batch ``idx`` of ``(x, y)`` (plus ``extra`` per-row arrays of the batch) for
+    a step: host arrays without a mesh; else global arrays split over the data
+    axis, each process gathering only the rows its devices hold."""
+    if mesh is None:
+        return (x[idx], y[idx], *extra)
+    rows = sharding_lib.process_rows(mesh, len(idx))
+    local = (x[idx[rows]], y[idx[rows]], *(e[rows] for e in extra))
+    if jax.process_count() == 1:
+        return sharding_lib.shard_batch(local, mesh)
+    return sharding_lib.global_batch_from_local(local, mesh, len(idx))
+
+
 def _split_variables(state_or_params: Any) -> tuple[PyTree, PyTree]:
     if isinstance(state_or_params, TrainState):
         return state_or_params.params, state_or_params.batch_stats
@@ -666,6 +733,7 @@ def evaluate(
     batch_size: int,
     *,
     dtype: str = "float32",
+    mesh: Any = None,
 ) -> dict[str, float]:
     """Mean ``loss``, top-1 ``error`` and top-5 ``error5`` (fractions in [0, 1])
     over all of ``x``; batches have a fixed size (the last one is zero-padded
@@ -673,6 +741,9 @@ def evaluate(
 
     ``state_or_params``: a :class:`TrainState`, a variables dict
     (``{'params': ..., 'batch_stats': ...}``) or a bare params tree.
+    ``mesh``: evaluate data-parallel, batches split over its data axis (the
+    batch size is rounded up to a multiple of the axis size; the padding is
+    weighted out), params replicated.
     """
     batch_size = _int("argument batch_size", batch_size, 1)
     _choice("argument dtype", dtype, DTYPES)
@@ -681,16 +752,18 @@ def evaluate(
     n = len(x)
     if n == 0 or len(y) != n:
         raise ValueError(f"evaluate: x has {n} examples and y has {len(y)}; expected equal, > 0")
+    step = functools.partial(eval_step, model=model, compute_dtype=dtype)
+    if mesh is not None:
+        batch_size = -(-batch_size // sharding_lib.mesh_size(mesh)) * sharding_lib.mesh_size(mesh)
+        params, batch_stats = shard_state((params, batch_stats), mesh)
+        step = _sharded_eval_step(mesh, model, dtype)
     totals = None
     for start in range(0, n, batch_size):
-        bx, by = x[start : start + batch_size], y[start : start + batch_size]
-        w = np.ones(len(bx), dtype=np.float32)
-        pad = batch_size - len(bx)
-        if pad:
-            bx = np.concatenate([bx, np.zeros((pad, *bx.shape[1:]), bx.dtype)])
-            by = np.concatenate([by, np.zeros((pad,), by.dtype)])
-            w = np.concatenate([w, np.zeros((pad,), np.float32)])
-        sums = eval_step(params, batch_stats, bx, by, w, model=model, compute_dtype=dtype)
+        idx = np.arange(start, start + batch_size)
+        w = (idx < n).astype(np.float32)
+        idx = np.where(idx < n, idx, 0)  # padding rows: example 0, weighted out
+        bx, by, bw = _device_batch(mesh, x, y, idx, w)
+        sums = step(params, batch_stats, bx, by, bw)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     t = {k: float(v) for k, v in jax.device_get(totals).items()}
     return {
@@ -753,6 +826,7 @@ def train(
     augment_fn: Optional[AugmentFn] = None,
     desc: str = "train",
     progress: bool = True,
+    mesh: Any = None,
 ) -> TrainState:
     """Trains from the epoch ``state.step`` is in up to ``end_epoch`` (default
     ``num_epochs``) and returns the final state.
@@ -778,6 +852,12 @@ def train(
       augment_fn: overrides the config's augmentation (``fn(key, x) -> x``).
       desc: progress bar label.
       progress: show a tqdm bar over steps.
+      mesh: train data-parallel (``sensprune.sharding.data_mesh()``): every
+        batch is split over the mesh's data axis (``batch_size`` must be
+        divisible by its size; with several processes each gathers only the
+        rows its devices hold), the state is replicated, and the returned
+        state is replicated over ``mesh``. Same numbers as one device, up to
+        float reassociation.
     """
     cfg = as_train_config(cfg)
     data_x, data_y = np.asarray(data_x), np.asarray(data_y)
@@ -785,19 +865,25 @@ def train(
     if len(data_y) != n:
         raise ValueError(f"data_x has {n} examples but data_y has {len(data_y)}")
     run = _plan(state, cfg, n, end_epoch)
-    state = _committed(state)
+    if mesh is not None and cfg.batch_size % sharding_lib.mesh_size(mesh):
+        raise ValueError(
+            f"training config field 'batch_size'={cfg.batch_size}: expected a multiple of the "
+            f"{sharding_lib.mesh_size(mesh)} devices of the mesh"
+        )
+    state = _committed(state) if mesh is None else shard_state(state, mesh)
     step_fn = make_train_step(
-        model, cfg, run.spe, masked=_has_mask_state(state.opt_state), augment_fn=augment_fn
+        model, cfg, run.spe, masked=_has_mask_state(state.opt_state), augment_fn=augment_fn,
+        mesh=mesh,
     )
-    base_key = jax.random.key(seed)
+    base_key = shard_state(jax.random.key(seed), mesh)
     total = (run.end_epoch - run.first_epoch) * run.spe
     with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         for epoch in range(run.first_epoch, run.end_epoch):
             order = epoch_order(seed, epoch, n, run.spe, cfg.batch_size)
             history = []
             for i in range(run.spe):
-                idx = order[i]
-                state, metrics = step_fn(state, data_x[idx], data_y[idx], base_key)
+                batch_x, batch_y = _device_batch(mesh, data_x, data_y, order[i])
+                state, metrics = step_fn(state, batch_x, batch_y, base_key)
                 history.append(metrics)
                 global_step = epoch * run.spe + i
                 if on_log is not None and (global_step + 1) % max(1, log_every) == 0:

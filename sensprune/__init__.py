@@ -33,15 +33,27 @@ from sensprune.masking import (
 )
 from sensprune.registry import Method, Selection, available_methods, get_method, register_method
 from sensprune.sensitivity import compute_sensitivities, layer_sensitivity
+from sensprune import sharding  # noqa: E402  (data-parallel meshes: sensprune.sharding)
+from sensprune.sharding import data_mesh
 
 # Importing the method modules registers them.
 from sensprune import filter_norm, magnitude, norm_sampling, pfp, random_pruning, sipp, snip, svd, thinet  # noqa: F401  isort: skip
 from sensprune.prune import prune  # isort: skip
+from sensprune import nnx  # noqa: F401,E402  isort: skip  (sensprune.nnx: Flax NNX models)
 from sensprune.types import Layer, LayerSensitivity, PruneResult
+from sensprune.dependencies import DependencyMap, analyze as analyze_dependencies  # noqa: E402  isort: skip
+from sensprune.shrink import Shrunk, load_shrunk, predict_param_count, save_shrunk, shrink  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DependencyMap",
+    "Shrunk",
+    "analyze_dependencies",
+    "load_shrunk",
+    "predict_param_count",
+    "save_shrunk",
+    "shrink",
     "Layer",
     "LayerSensitivity",
     "Method",
@@ -55,6 +67,7 @@ __all__ = [
     "compute_sensitivities",
     "count_nonzero",
     "count_params",
+    "data_mesh",
     "dense_flops",
     "find_layers",
     "flops",

@@ -36,6 +36,8 @@ class PruneContext:
       apply_method: optional method passed to ``model.apply``.
       protect_input_channels: never prune input channels of layers that read
         the model input directly (e.g. the RGB channels of the first conv).
+      mesh: optional ``jax.sharding.Mesh``: the sensitivity pass runs
+        data-parallel over its data axis (:mod:`sensprune.sharding`).
     """
 
     model: Any
@@ -51,6 +53,7 @@ class PruneContext:
     apply_method: Any = None
     protect_input_channels: bool = True
     cache: dict = dataclasses.field(default_factory=dict)
+    mesh: Any = None
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -93,9 +96,21 @@ class PruneContext:
                 chunk_size=self.chunk_size,
                 layers=self.layers,
                 method=self.apply_method,
+                mesh=self.mesh,
                 **kwargs,
             )
         return self.cache[key]
+
+    def dependencies(self):
+        """Channel groups of the model (:func:`sensprune.dependencies.analyze`, cached)."""
+        if "dependencies" not in self.cache:
+            from sensprune.dependencies import analyze
+
+            self.cache["dependencies"] = analyze(
+                self.model, self.variables, np.asarray(self.data[:1]), layers=self.layers,
+                method=self.apply_method, **dict(self.apply_kwargs),
+            )
+        return self.cache["dependencies"]
 
     def input_layers(self) -> set[str]:
         """Names of layers whose input is the model input itself (cached)."""

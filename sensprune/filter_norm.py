@@ -9,10 +9,12 @@ found by bisection so that the kernel entries left after propagation meet the
 budget. The outputs of the last layer (in call order: the model's outputs) are
 never pruned.
 
-Removing filter ``f`` of layer ``l`` zeroes ``kernel_l[..., f]`` and the input
-column(s) that carry ``f`` into its consumer. The consumer map
-(:func:`consumer_map`) is found from the call order and checked on probe
-points, with no per-architecture code:
+Filters are removed by channel group (:mod:`sensprune.dependencies`): a
+filter, its consumers' input columns and every filter summed into the same
+residual stream channel go together, or none of them (:func:`select_filters`).
+
+The older consumer map (:func:`consumer_map`, still used by ThiNet's size
+model) is found from the call order and checked on probe points:
 
 * shape rule: the consumer is the next layer ``n`` in call order when
   ``n.in_channels = k * l.out_channels``; ``k = 1`` covers channel-preserving
@@ -247,6 +249,12 @@ def select_filters(
 ) -> registry.Selection:
     """Out-mode selection shared by ``ft``, ``softnet`` and ``uniform_filters``.
 
+    Filters are removed by channel group (:mod:`sensprune.dependencies`): a
+    group goes when every one of its producer filters ranks below the kept
+    fraction of its layer (a group is scored by its best member), and then in
+    every layer at once (filters, consumer columns). Groups that touch the
+    model input or output, or are not provably safe, are kept.
+
     Args:
       ctx: the prune context.
       budget: kernel entries to keep at most (the closest configuration with at
@@ -257,12 +265,20 @@ def select_filters(
 
     Returns:
       The selection; ``info`` has ``fraction``, ``kept_filters`` (bool per
-      layer), ``skipped`` (layer -> reason) and ``consumers``.
+      layer), ``skipped`` (layer -> reason its filters are left dense, for
+      reasons other than feeding the model output) and ``groups`` (removed /
+      total).
     """
-    cmap = consumer_map(ctx)
+    from sensprune import dependencies
+
+    deps = ctx.dependencies()
     counts = alive_counts(ctx)
     alive_f = filter_alive(ctx)
-    prunable = [layer.name for layer in ctx.layers if cmap[layer.name] is not None]
+    removable = deps.removable
+    prunable = [
+        layer.name for layer in ctx.layers
+        if np.any(removable[deps.out_group[layer.name]] & alive_f[layer.name])
+    ]
     ranks = {}
     for name in prunable:
         s = np.where(alive_f[name], np.asarray(filter_scores[name], np.float64), -np.inf)
@@ -271,44 +287,47 @@ def select_filters(
         r[order] = np.arange(order.size)
         ranks[name] = r
 
-    def keep_out_at(fraction: float) -> dict[str, np.ndarray]:
-        keep = dict(alive_f)
-        for name in prunable:
-            n = int(alive_f[name].sum())
-            k = min(n, max(1, int(np.round(fraction * n))))
-            keep[name] = (ranks[name] < k) & alive_f[name]
-        return keep
+    def removed_at(fraction: float) -> np.ndarray:
+        kept = ~removable
+        for layer in ctx.layers:
+            name = layer.name
+            keep = alive_f[name]
+            if name in ranks:
+                n = int(alive_f[name].sum())
+                k = min(n, max(1, int(np.round(fraction * n))))
+                keep = (ranks[name] < k) & alive_f[name]
+            kept[deps.out_group[name][keep]] = True
+        return ~kept
 
-    def size(keep_out) -> int:
-        keep_in = _input_keep(ctx, cmap, keep_out)
+    def size(removed: np.ndarray) -> int:
+        keep_in = dependencies.consumer_masks_for(deps, removed)
+        keep_out = dependencies.producer_masks_for(deps, removed)
         as_int = lambda v: v.astype(np.int64)
         return int(sum(as_int(keep_in[n]) @ counts[n] @ as_int(keep_out[n]) for n in counts))
 
     lo, hi = 0.0, 1.0
-    if size(keep_out_at(hi)) <= budget:
+    if size(removed_at(hi)) <= budget:
         fraction = hi
-    elif size(keep_out_at(lo)) > budget:
+    elif size(removed_at(lo)) > budget:
         fraction = lo
     else:
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
-            if size(keep_out_at(mid)) <= budget:
+            if size(removed_at(mid)) <= budget:
                 lo = mid
             else:
                 hi = mid
         fraction = lo
-    keep_out = keep_out_at(fraction)
-    keep_in = _input_keep(ctx, cmap, keep_out)
+    removed = removed_at(fraction)
+    group_masks = dependencies.kernel_masks_for(deps, removed)
     alive = ctx.alive()
-    masks = {}
-    for layer in ctx.layers:
-        name = layer.name
-        masks[name] = alive[name] & keep_in[name][:, None] & keep_out[name][None, :]
+    masks = {layer.name: alive[layer.name] & group_masks[layer.name] for layer in ctx.layers}
+    keep_out = dependencies.producer_masks_for(deps, removed)
     info = {
         "fraction": fraction,
-        "kept_filters": {n: keep_out[n] for n in prunable},
-        "skipped": skipped_layers(ctx),
-        "consumers": dict(cmap),
+        "kept_filters": {n: keep_out[n] & alive_f[n] for n in prunable},
+        "skipped": deps.layer_unsafe(),
+        "groups": (int(removed.sum()), len(deps.groups)),
     }
     return registry.Selection(masks=masks, scores=dict(filter_scores), info=info)
 

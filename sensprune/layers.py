@@ -11,6 +11,11 @@ and look at every ``__call__`` of an ``nn.Dense`` or ``nn.Conv``:
 The user's model and variables are never modified. Layers are keyed by
 ``Layer.path`` (the module's scope path, which is its path in
 ``variables['params']``) and by name ``'/'.join(path)``.
+
+A model object that is not a Linen module can take part by providing
+``sensprune_find_layers(variables, x, *, method, **kw)`` and
+``sensprune_capture_inputs(variables, x, *, method, layers, **kw)`` next to its
+``apply``; both functions then delegate to it (``sensprune.nnx.LinenView``).
 """
 
 from __future__ import annotations
@@ -170,6 +175,14 @@ def _check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> Non
             )
 
 
+def _hook(model: Any, name: str) -> Callable[..., Any] | None:
+    """``model.<name>`` for non-Linen models that implement it (see module doc)."""
+    if isinstance(model, nn.Module):
+        return None
+    hook = getattr(model, name, None)
+    return hook if callable(hook) else None
+
+
 def find_layers(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -187,6 +200,9 @@ def find_layers(
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
+    hook = _hook(model, "sensprune_find_layers")
+    if hook is not None:
+        return hook(variables, x, method=method, **apply_kwargs)
     found: list[Layer] = []
     seen: set[Path] = set()
 
@@ -248,6 +264,9 @@ def capture_inputs(
     Pure and jittable. ``layers`` restricts the capture (default: every Dense
     and Conv call). A layer called more than once raises ``ValueError``.
     """
+    hook = _hook(model, "sensprune_capture_inputs")
+    if hook is not None:
+        return hook(variables, x, method=method, layers=layers, **apply_kwargs)
     wanted = None if layers is None else {tuple(layer.path): layer for layer in layers}
 
     def interceptor(next_fun, args, kwargs, context):

@@ -10,8 +10,10 @@ Gaussian noise points of the same shape, so input-dependent zeros (a dead ReLU)
 are unlikely to pass for structural ones; as a last guard the zeroed model's
 outputs must equal the unzeroed model's on the probes, layer by layer.
 
-Residual streams are handled conservatively: a filter that also feeds a skip
-connection keeps a nonzero gradient and is never zeroed.
+:func:`propagate` uses the channel groups of :mod:`sensprune.dependencies`
+(joint removal across residual streams and concatenations);
+:func:`propagate_by_gradient` is the older probe-based test, kept for reference:
+there a filter that also feeds a skip connection is never zeroed.
 """
 
 from __future__ import annotations
@@ -101,7 +103,45 @@ def dead_filters(ctx: PruneContext, kernel_masks: Mapping[str, np.ndarray]) -> d
     return out
 
 
+def column_only_groups(ctx: PruneContext) -> np.ndarray:
+    """bool ``[groups]`` that may go: removable groups, plus (unless inputs are
+    protected) groups of model-input channels that no layer produces, whose
+    consumer columns can be masked while the model input stays as it is."""
+    deps = ctx.dependencies()
+    allow = deps.removable.copy()
+    if not ctx.protect_input_channels:
+        for gid, g in enumerate(deps.groups):
+            if len(g.inputs) and not g.producers and not g.output:
+                allow[gid] = True
+    return allow
+
+
 def propagate(ctx: PruneContext, kernel_masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Makes in-mode channel choices consistent with the channel groups; returns new kernel masks.
+
+    A group (:mod:`sensprune.dependencies`) is removed when *every* consumer
+    dropped its input features: then its producers' filters go as well, in
+    every layer of the group (a residual stream channel disappears from all
+    blocks at once). Features of the other groups are kept in every consumer,
+    so a stream is never half removed.
+    """
+    from sensprune import dependencies
+
+    deps = ctx.dependencies()
+    alive = ctx.alive()
+    keep_in = {
+        layer.name: np.asarray(kernel_masks[layer.name], bool)
+        .reshape(-1, layer.in_channels, layer.out_channels)
+        .any(axis=(0, 2))
+        for layer in ctx.layers
+        if layer.name in kernel_masks
+    }
+    removed = dependencies.joint_removal(deps, keep_in, allow=column_only_groups(ctx))
+    group_masks = dependencies.kernel_masks_for(deps, removed)
+    return {name: alive[name] & group_masks[name] for name in kernel_masks}
+
+
+def propagate_by_gradient(ctx: PruneContext, kernel_masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Zeroes the producing filters of dropped channels; returns new kernel masks.
 
     Only filters that still have nonzero kept weights are affected, and only

@@ -71,6 +71,7 @@ def prune(
     protect_input_channels: bool = True,
     apply_method: Any = None,
     apply_kwargs: Optional[Mapping[str, Any]] = None,
+    mesh: Any = None,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -96,6 +97,8 @@ def prune(
         that read the model input.
       apply_method, apply_kwargs: forwarded to ``model.apply`` (e.g.
         ``apply_kwargs={'train': False}``).
+      mesh: optional ``jax.sharding.Mesh`` (``sensprune.sharding.data_mesh()``):
+        the sensitivity pass runs data-parallel, S split over its data axis.
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -135,6 +138,7 @@ def prune(
         apply_kwargs=apply_kwargs,
         apply_method=apply_method,
         protect_input_channels=protect_input_channels,
+        mesh=mesh,
     )
     alive = ctx.alive()
     kernel_alive = int(sum(int(a.sum()) for a in alive.values()))

@@ -24,10 +24,12 @@ def test_bench_quick_writes_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[1] Sensitivity pass" in proc.stdout and "[6] Compiled memory" in proc.stdout
+    assert "[4b] Compile time per jitted function" in proc.stdout and "[7] Data-parallel scaling" in proc.stdout
 
     res = json.loads(out.read_text())
     assert {"env", "config", "models", "total_runtime_s", "report"} <= set(res)
     assert res["env"]["device_kind"] and res["env"]["jax"] and res["env"]["cpu_count"] >= 1
+    assert res["env"]["device"].startswith("cpu:0") and res["env"]["device"] in proc.stdout
     assert list(res["models"]) == ["lenet300_100"]
     m = res["models"]["lenet300_100"]
     assert m["sample_size"] == 16 and m["sample_size_formula"] == 128  # delta 1e-12, batch 64
@@ -61,3 +63,17 @@ def test_bench_quick_writes_json(tmp_path):
     for key in ("forward_chunk", "forward_full", "forward_2x_full"):
         assert set(mem[key]) >= {"temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"}
     assert mem["running_max_bytes"] > 0
+
+    breakdown = m["compile_breakdown"]  # each jitted function compiled on its own
+    assert breakdown["sipp_kernels"]["count"] == 3 and breakdown["pfp_kernels"]["count"] == 3  # 3 Dense geometries
+    for key in ("capture", "sipp_kernels", "forward_chunk", "forward_full", "train_step", "train_step_masked"):
+        assert breakdown[key]["compile_s"] > 0 and breakdown[key]["lower_s"] > 0
+
+    workers = res["devices"]  # --quick: one subprocess with 2 forced host devices
+    assert list(workers) == ["2"] and workers["2"]["devices"] == 2
+    lenet = workers["2"]["models"]["lenet300_100"]
+    for name in ("sipp_pass", "pfp_pass", "train_step"):
+        _positive_times(lenet[name])
+    memory = lenet["memory_vs_points"]
+    assert [r["points"] for r in memory] == [16, 32]
+    assert memory[1]["forward_temp_output_bytes"] > memory[0]["forward_temp_output_bytes"]

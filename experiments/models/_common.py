@@ -75,10 +75,28 @@ def fc_head(x: jax.Array, num_classes: int, zero_bias: bool = False) -> jax.Arra
     )(x)
 
 
-def shortcut(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
+def has_projection(block: nn.Module, name: str, identity_when: bool) -> bool:
+    """Whether ``block`` uses its projection shortcut ``name``.
+
+    At init the architecture rule decides (``not identity_when``); afterwards the
+    presence of the projection's params does, so a model whose channels were
+    removed by :func:`sensprune.shrink` (a narrower stream) keeps its structure.
+    """
+    if block.is_initializing():
+        return not identity_when
+    return block.has_variable("params", name)
+
+
+def shortcut(
+    x: jax.Array, features: int, stride: int, train: bool, block: nn.Module | None = None
+) -> jax.Array:
     """Identity, or 1x1 conv + BN (``downsample_conv``/``downsample_bn``) when the
-    stride or channel count changes (option B)."""
-    if stride == 1 and x.shape[-1] == features:
+    stride or channel count changes (option B). With ``block`` (the calling
+    module), an initialised model decides by the presence of the conv's params."""
+    identity = stride == 1 and x.shape[-1] == features
+    if block is not None:
+        identity = not has_projection(block, "downsample_conv", identity)
+    if identity:
         return x
     y = conv(features, 1, stride, "downsample_conv")(x)
     return batch_norm(train, "downsample_bn")(y)
@@ -101,7 +119,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(batch_norm(train, "bn1")(y))
         y = conv(self.planes, 3, 1, "conv2")(y)
         y = batch_norm(train, "bn2")(y)
-        return nn.relu(y + shortcut(x, self.planes, self.stride, train))
+        return nn.relu(y + shortcut(x, self.planes, self.stride, train, self))
 
 
 class Bottleneck(nn.Module):
@@ -127,7 +145,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(batch_norm(train, "bn2")(y))
         y = conv(out, 1, 1, "conv3")(y)
         y = batch_norm(train, "bn3")(y)
-        return nn.relu(y + shortcut(x, out, self.stride, train))
+        return nn.relu(y + shortcut(x, out, self.stride, train, self))
 
 
 RESNET_BLOCKS: dict[str, type[nn.Module]] = {

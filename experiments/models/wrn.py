@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from experiments.models._common import batch_norm, conv, fc_head
+from experiments.models._common import batch_norm, conv, fc_head, has_projection
 
 
 class WideBasicBlock(nn.Module):
@@ -27,7 +27,8 @@ class WideBasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         o = nn.relu(batch_norm(train, "bn1")(x))
-        if x.shape[-1] == self.features and self.stride == 1:
+        identity = x.shape[-1] == self.features and self.stride == 1
+        if not has_projection(self, "downsample", identity):
             shortcut = x
         else:
             shortcut = conv(self.features, 1, self.stride, "downsample")(o)

@@ -1,0 +1,100 @@
+"""Inference speed of shrunk (physically smaller) models vs the dense ones, next to the FLOP ratio.
+
+    python -m experiments.bench_shrink [--quick] [--json=path] [--method=ft] [--batch=256]
+
+For ResNet20 and VGG16 (CIFAR size, untrained weights: speed does not depend on
+the values), each keep ratio is pruned with a filter method, shrunk with
+:func:`sensprune.shrink`, and both networks are timed with ``jax.jit`` on the
+default device: median wall time of ``repeats`` forward passes after a warm-up.
+The FLOP ratio is ``dense FLOPs / pruned FLOPs`` (multiply-accumulates of the
+Dense/Conv layers); the target is a speed-up of at least 0.8x the FLOP ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+import sensprune as sp
+from experiments.models import get_model
+
+FULL = {"resnet20": (0.5, 0.3, 0.15), "vgg16_bn": (0.5, 0.25, 0.1)}
+QUICK = {"resnet20": (0.3,), "vgg16_bn": (0.25,)}
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm-up
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None) -> list[dict]:
+    """Rows ``{model, keep_ratio, flop_ratio, dense_s, shrunk_s, speedup, ...}`` for one network."""
+    model = get_model(name, 10, **(width_kwargs or {}))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    dense_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    dense_s = _time(lambda: dense_fn(variables, x), repeats)
+    deps = sp.analyze_dependencies(model, variables, x[:1], train=False)
+    rows = []
+    for keep in keeps:
+        res = sp.prune(
+            model, variables, x[:16], method=method, keep_ratio=keep, key=jax.random.PRNGKey(0),
+            apply_kwargs={"train": False}, chunk_size=16,
+        )
+        shrunk = sp.shrink(model, variables, res.masks, x=x[:2], deps=deps, train=False)
+        small_fn = jax.jit(lambda v, x: shrunk.model.apply(v, x, train=False))
+        shrunk_s = _time(lambda: small_fn(shrunk.variables, x), repeats)
+        flop_ratio = res.flops_dense / max(res.flops, 1)
+        speedup = dense_s / shrunk_s
+        rows.append({
+            "model": name, "method": method, "keep_ratio": round(res.keep_ratio, 4), "batch": batch,
+            "params_dense": sp.count_params(variables["params"]), "params_shrunk": sp.count_params(shrunk.params),
+            "flop_ratio": round(flop_ratio, 3), "dense_s": round(dense_s, 5), "shrunk_s": round(shrunk_s, 5),
+            "speedup": round(speedup, 3), "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
+        })
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one keep ratio per model, small batch and widths")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--method", default="ft", help="filter method (ft, softnet, pfp, ...)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 256, quick 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
+    args = parser.parse_args(argv)
+    batch = args.batch or (8 if args.quick else 256)
+    repeats = args.repeats or (2 if args.quick else 5)
+    plan = QUICK if args.quick else FULL
+    widths = {"resnet20": {"width": 8}, "vgg16_bn": {"cfg": (8, "M", 16, "M", 16, "M", 32, "M", 32, "M")}} if args.quick else {}
+    rows = []
+    print(f"{'model':10s} {'keep':>6s} {'params':>10s} {'FLOP x':>7s} {'dense ms':>9s} {'shrunk ms':>9s} "
+          f"{'speed-up':>8s} {'/FLOP x':>7s}")
+    for name, keeps in plan.items():
+        for row in bench_model(name, keeps, method=args.method, batch=batch, repeats=repeats,
+                               width_kwargs=widths.get(name)):
+            rows.append(row)
+            print(f"{row['model']:10s} {row['keep_ratio']:6.3f} {row['params_shrunk']:10d} {row['flop_ratio']:7.2f} "
+                  f"{1e3 * row['dense_s']:9.2f} {1e3 * row['shrunk_s']:9.2f} {row['speedup']:8.2f} "
+                  f"{row['speedup_over_flop_ratio']:7.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(jax.devices()[0]), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

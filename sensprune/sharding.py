@@ -1,0 +1,221 @@
+"""Data-parallel helpers over ``jax.make_mesh`` / ``NamedSharding`` (no ``pmap``).
+
+The convention is one mesh axis named ``'data'``: batches (and the points of S)
+are split along their leading axis over it, everything else (params, masks,
+optimizer state, sensitivities) is replicated. Jitted functions given inputs
+with these shardings run SPMD on every device of the mesh; reductions over the
+batch axis (a mean loss, a max over points) become cross-device all-reduces
+inside the compiled program.
+
+Multi-host (one process per host after ``jax.distributed.initialize()``): the
+mesh spans the devices of every process (``jax.devices()``). Arrays that every
+process holds in full (params, a host array of S) go through
+:func:`replicate` / :func:`shard_batch`; data each process loads only its part
+of goes through :func:`process_rows` (which rows to load) and
+:func:`global_batch_from_local` (``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "DATA_AXIS",
+    "batch_sharding",
+    "data_axis",
+    "data_mesh",
+    "global_batch_from_local",
+    "mesh_size",
+    "pad_to_multiple",
+    "process_rows",
+    "replicate",
+    "replicated_sharding",
+    "shard_batch",
+]
+
+DATA_AXIS = "data"
+PyTree = Any
+
+
+def data_mesh(
+    devices: Union[None, int, Sequence[jax.Device]] = None, axis: str = DATA_AXIS
+) -> Mesh:
+    """A 1-D mesh over ``devices`` with one (``Auto``) axis named ``axis``.
+
+    Args:
+      devices: ``None`` or ``-1`` for every device of every process
+        (``jax.devices()``), an int ``n >= 1`` for the first ``n`` devices, or
+        a sequence of devices.
+      axis: name of the mesh axis.
+    """
+    if not isinstance(axis, str) or not axis:
+        raise ValueError(f"axis must be a non-empty string, got {axis!r}")
+    available = jax.devices()
+    if devices is None or (isinstance(devices, (int, np.integer)) and not isinstance(devices, bool) and devices == -1):
+        chosen = list(available)
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"devices={devices}: expected -1 (all) or a count in [1, {len(available)}] "
+                f"(jax.devices() has {len(available)})"
+            )
+        chosen = list(available[: int(devices)])
+    else:
+        chosen = list(devices)
+        if not chosen:
+            raise ValueError("devices is an empty sequence; pass None for all devices")
+    return jax.make_mesh((len(chosen),), (axis,), axis_types=(AxisType.Auto,), devices=chosen)
+
+
+def data_axis(mesh: Mesh) -> str:
+    """The mesh axis batches are split over: ``'data'``, or the only axis of a 1-D mesh."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (e.g. sensprune.sharding.data_mesh()), got {type(mesh).__name__}")
+    names = tuple(mesh.axis_names)
+    if DATA_AXIS in names:
+        return DATA_AXIS
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"mesh has axes {names}; expected one named {DATA_AXIS!r} (or a 1-D mesh)")
+
+
+def mesh_size(mesh: Mesh) -> int:
+    """Number of shards of a batch: the size of the data axis."""
+    return int(mesh.shape[data_axis(mesh)])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over the data axis, other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(data_axis(mesh)))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same full value on every process) as a global array with ``sharding``."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Every array leaf of ``tree`` replicated over ``mesh`` (non-array leaves unchanged).
+
+    Multi-host: every process must pass the same values.
+    """
+    sharding = replicated_sharding(mesh)
+
+    def put(leaf: Any) -> Any:
+        if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+                return leaf
+            return _put(leaf, sharding)
+        return leaf
+
+    return jax.tree.map(put, tree)
+
+
+def _leading(leaf: Any, what: str) -> int:
+    shape = np.shape(leaf)
+    if not shape:
+        raise ValueError(f"{what}: expected arrays with a leading batch axis, got a scalar")
+    return int(shape[0])
+
+
+def pad_to_multiple(x: Any, multiple: int, *, mode: str = "edge") -> tuple[Any, int]:
+    """Pads the leading axis of ``x`` (an array) to a multiple of ``multiple``.
+
+    Args:
+      mode: ``'edge'`` repeats the first row (keeps maxima unchanged),
+        ``'zeros'`` appends zeros (weight them out).
+
+    Returns:
+      (padded array, number of real rows).
+    """
+    if mode not in ("edge", "zeros"):
+        raise ValueError(f"mode={mode!r}: expected one of ['edge', 'zeros']")
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r}: expected an integer >= 1")
+    n = _leading(x, "pad_to_multiple")
+    pad = -n % int(multiple)
+    if not pad:
+        return x, n
+    xp = np if isinstance(x, np.ndarray) else jax.numpy
+    extra = xp.repeat(x[:1], pad, axis=0) if mode == "edge" else xp.zeros((pad, *x.shape[1:]), x.dtype)
+    return xp.concatenate([x, extra]), n
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+    """Splits the leading axis of every leaf of ``batch`` over the data axis.
+
+    Every leaf needs the same leading size, divisible by the data-axis size
+    (pad first with :func:`pad_to_multiple` if needed). Multi-host: every
+    process passes the full global batch (see :func:`global_batch_from_local`
+    for process-local data).
+    """
+    shards = mesh_size(mesh)
+    sizes = {_leading(leaf, "shard_batch") for leaf in jax.tree.leaves(batch)}
+    if len(sizes) > 1:
+        raise ValueError(f"shard_batch: leaves have different leading sizes {sorted(sizes)}; expected one batch size")
+    for size in sizes:
+        if size % shards:
+            raise ValueError(
+                f"shard_batch: batch size {size} is not divisible by the {shards} devices of mesh axis "
+                f"{data_axis(mesh)!r}; use a batch size that is a multiple of {shards} or pad it "
+                "(sensprune.sharding.pad_to_multiple)"
+            )
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda leaf: _put(leaf, sharding), batch)
+
+
+def process_rows(mesh: Mesh, global_size: int, process_index: Optional[int] = None) -> np.ndarray:
+    """Global rows of a batch of ``global_size`` that ``process_index`` (default:
+    this process) holds, ascending: the rows it should load for
+    :func:`global_batch_from_local`.
+    """
+    shards = mesh_size(mesh)
+    if global_size % shards:
+        raise ValueError(
+            f"global batch size {global_size} is not divisible by the {shards} devices of mesh axis "
+            f"{data_axis(mesh)!r}"
+        )
+    me = jax.process_index() if process_index is None else int(process_index)
+    per = global_size // shards
+    axis_devices = np.asarray(mesh.devices).reshape(-1) if len(mesh.axis_names) == 1 else None
+    if axis_devices is None:  # multi-axis mesh: position of each device along the data axis
+        axis_pos = mesh.axis_names.index(data_axis(mesh))
+        grid = np.moveaxis(np.asarray(mesh.devices), axis_pos, 0).reshape(shards, -1)
+        positions = sorted({i for i in range(shards) for d in grid[i] if d.process_index == me})
+    else:
+        positions = [i for i, d in enumerate(axis_devices) if d.process_index == me]
+    if not positions:
+        return np.zeros((0,), np.int64)
+    return np.concatenate([np.arange(i * per, (i + 1) * per) for i in sorted(positions)])
+
+
+def global_batch_from_local(local: PyTree, mesh: Mesh, global_size: Optional[int] = None) -> PyTree:
+    """A global batch (sharded over the data axis) from each process's rows.
+
+    ``local`` holds, in order, the rows :func:`process_rows` names for this
+    process (``jax.make_array_from_process_local_data``). ``global_size``
+    defaults to the local size times the number of processes.
+    """
+    sharding = batch_sharding(mesh)
+
+    def build(leaf: Any) -> jax.Array:
+        leaf = np.asarray(leaf)
+        shape = None if global_size is None else (int(global_size), *leaf.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, leaf, shape)
+
+    return jax.tree.map(build, local)

@@ -1,0 +1,524 @@
+"""Physical compression of a filter-pruned model, and its export.
+
+:func:`shrink` turns masks (or masked params) into a smaller network: every
+channel group (:mod:`sensprune.dependencies`) whose consumer features are all
+masked contributes exactly nothing to the masked model, so it is dropped
+everywhere at once: the producers' filters (kernel slices and biases), the
+consumers' kernel rows and the per-channel entries of BatchNorm/LayerNorm
+params and statistics along the way (and of optimizer-state subtrees shaped
+like the params, when given).
+
+The shrunk network is the *original* module applied to the smaller variables
+under an ``nn.intercept_methods`` interceptor (:class:`ShrunkModel`) that
+computes every ``nn.Dense`` / ``nn.Conv`` directly from its stored kernel with
+the layer's geometry (Flax would otherwise insist that the kernel has
+``features`` columns). Norm layers infer their sizes from their inputs.
+
+Protocol a model follows to be shrinkable (the zoo follows it):
+
+* channel counts are never hard-coded outside ``features=`` of Dense/Conv:
+  flatten with ``x.reshape(x.shape[0], -1)``, not ``x.reshape(b, 512)``;
+* no Python control flow on channel counts at apply time (decide structure
+  from the module's fields, or from whether a submodule's params exist, e.g.
+  ``self.has_variable('params', 'downsample_conv')``);
+* linear layers are ``nn.Dense`` / ``nn.Conv`` (``feature_group_count=1``),
+  each called once per forward pass; other params are per-channel vectors
+  (rank 1) or independent of the channels.
+
+:func:`shrink` checks the shrunk model against the masked one on the example
+input and raises a ``ValueError`` naming this protocol when they disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from sensprune import dependencies as deps_lib
+from sensprune import masking, paths
+from sensprune.layers import _resolve_padding
+from sensprune.types import Layer, Path
+
+__all__ = [
+    "Shrunk",
+    "ShrunkModel",
+    "load_shrunk",
+    "predict_param_count",
+    "removed_for",
+    "save_shrunk",
+    "shrink",
+]
+
+_FORMAT = "sensprune.shrunk/1"
+_META_FILE = "shrunk.json"
+_VARS_DIR = "variables"
+
+
+# --------------------------------------------------------------------------- runnable model
+
+
+def _as_tuple(value: Any, rank: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * rank
+    if isinstance(value, int):
+        return (value,) * rank
+    return tuple(int(v) for v in value)
+
+
+def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    window = tuple(kernel.shape[:-2])
+    rank = len(window)
+    if module.feature_group_count != 1:
+        raise ValueError(f"nn.Conv {'/'.join(module.path)!r}: feature_group_count must be 1 to shrink")
+    batch_shape = x.shape[: x.ndim - rank - 1]
+    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
+    strides = _as_tuple(module.strides, rank)
+    input_dilation = _as_tuple(module.input_dilation, rank)
+    kernel_dilation = _as_tuple(module.kernel_dilation, rank)
+    padding = _resolve_padding(
+        tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
+    )
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    spec = (0, rank + 1) + tuple(range(1, rank + 1))
+    dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
+    y = lax.conv_general_dilated(
+        x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+        dimension_numbers=dn, precision=module.precision,
+    )
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+def _direct_interceptor(next_fun, args, kwargs, context):
+    """Computes Dense/Conv calls from their stored (possibly narrower) kernels."""
+    module = context.module
+    if context.method_name != "__call__" or type(module) not in (nn.Dense, nn.Conv):
+        return next_fun(*args, **kwargs)
+    if not module.has_variable("params", "kernel"):
+        return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    fn = _dense if isinstance(module, nn.Dense) else _conv
+    return fn(module, x, kernel, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrunkModel:
+    """The original module, run on shrunk variables (``apply`` as for Linen)."""
+
+    module: nn.Module
+
+    def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(_direct_interceptor):
+            return self.module.apply(variables, *args, **kwargs)
+
+
+@dataclasses.dataclass
+class Shrunk:
+    """A physically smaller model.
+
+    Attributes:
+      model: :class:`ShrunkModel` (``model.apply(variables, x, train=False)``).
+      variables: the smaller variables (params, batch_stats, ...).
+      widths: layer name -> ``(in_features, out_features)`` after shrinking.
+      kept: layer name -> ``{'in': indices, 'out': indices}`` kept from the original.
+      opt_state: the sliced optimizer state (None when not given).
+      meta: how to rebuild the module (class path and fields), for export.
+    """
+
+    model: ShrunkModel
+    variables: dict
+    widths: dict[str, tuple[int, int]]
+    kept: dict[str, dict[str, np.ndarray]]
+    opt_state: Any = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def params(self) -> Any:
+        return self.variables["params"]
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.apply(variables, *args, **kwargs)``."""
+        return self.model.apply(self.variables, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- which groups go
+
+
+def _round(deps: deps_lib.DependencyMap, removed: np.ndarray, round_to: int) -> np.ndarray:
+    """Restores removed groups until every layer keeps a multiple of ``round_to`` filters.
+
+    Restored groups are fully masked in the model, so they stay zero-contribution
+    channels and the outputs are unchanged.
+    """
+    removed = removed.copy()
+    changed = True
+    while changed:
+        changed = False
+        for layer in deps.layers:
+            ids = deps.out_group[layer.name]
+            gone = (ids >= 0) & removed[np.maximum(ids, 0)]
+            missing = -(layer.out_channels - int(gone.sum())) % round_to
+            if missing and gone.any():
+                restore = list(dict.fromkeys(ids[gone].tolist()))  # channel order
+                count = 0
+                for gid in restore:
+                    if count >= missing:
+                        break
+                    removed[gid] = False
+                    count += int(np.sum(ids == gid))
+                changed = True
+    return removed
+
+
+def _kernel_masks(deps: deps_lib.DependencyMap, masks_or_params: Any) -> dict[str, np.ndarray]:
+    out = {}
+    for layer in deps.layers:
+        leaf = np.asarray(paths.get_kernel(masks_or_params, layer))
+        out[layer.name] = leaf if leaf.dtype == bool else leaf != 0
+    return out
+
+
+def removed_for(deps: deps_lib.DependencyMap, masks_or_params: Any, round_to: int = 1) -> np.ndarray:
+    """bool ``[groups]`` that :func:`shrink` drops for these masks (or masked params)."""
+    round_to = _check_round_to(round_to)
+    removed = deps_lib.removed_groups(deps, _kernel_masks(deps, masks_or_params))
+    return _round(deps, removed, round_to) if round_to > 1 else removed
+
+
+def _check_round_to(round_to: Any) -> int:
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int (1 = no rounding), got {round_to!r}")
+    return int(round_to)
+
+
+def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[tuple[int, np.ndarray]]]:
+    """Variable leaf path (collection first) -> ``[(axis, kept indices), ...]``."""
+    keep_in = deps_lib.consumer_masks_for(deps, removed)
+    keep_out = deps_lib.producer_masks_for(deps, removed)
+    plan: dict[Path, list[tuple[int, np.ndarray]]] = {}
+    for layer in deps.layers:
+        ki, ko = np.flatnonzero(keep_in[layer.name]), np.flatnonzero(keep_out[layer.name])
+        nd = len(layer.kernel_shape)
+        plan[("params",) + paths.kernel_path(layer)] = [(nd - 2, ki), (nd - 1, ko)]
+        if layer.use_bias:
+            plan[("params",) + paths.bias_path(layer)] = [(0, ko)]
+    return plan
+
+
+def _plan_variables(plan, deps, removed, variables) -> dict:
+    drops = deps_lib.variable_keep(deps, removed)
+    for path, drop in drops.items():
+        leaf = paths.get_path(variables, path)
+        n = int(np.shape(leaf)[-1])
+        plan[path] = [(len(np.shape(leaf)) - 1, np.setdiff1d(np.arange(n), drop))]
+    return plan
+
+
+def _slice_tree(tree: Any, plan: Mapping[Path, list], prefix: Path = ()) -> Any:
+    def one(key_path, leaf):
+        steps = plan.get(prefix + tuple(str(getattr(k, "key", k)) for k in key_path))
+        if not steps:
+            return leaf
+        host = np.asarray(leaf)
+        for axis, idx in steps:
+            if len(idx) != host.shape[axis]:
+                host = np.take(host, idx, axis=axis)
+        return jnp.asarray(host) if host.shape != np.shape(leaf) else leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _slice_opt_state(opt_state: Any, params: Any, plan: Mapping[Path, list]) -> Any:
+    """Slices every subtree of ``opt_state`` with the structure of ``params``."""
+    treedef = jax.tree_util.tree_structure(params)
+
+    def params_like(node: Any) -> bool:
+        return isinstance(node, Mapping) and jax.tree_util.tree_structure(node) == treedef
+
+    return jax.tree_util.tree_map(
+        lambda node: _slice_tree(node, plan, ("params",)) if params_like(node) else node,
+        opt_state,
+        is_leaf=params_like,
+    )
+
+
+def predict_param_count(deps: deps_lib.DependencyMap, params: Any, masks_or_params: Any, round_to: int = 1) -> int:
+    """Entries of the shrunk params, from shapes, masks and groups alone.
+
+    Per layer ``kept_in * window * kept_out`` (+ ``kept_out`` bias); a
+    per-channel leaf loses its entries in removed groups; everything else keeps
+    its size.
+    """
+    removed = removed_for(deps, masks_or_params, round_to)
+    keep_in = deps_lib.consumer_masks_for(deps, removed)
+    keep_out = deps_lib.producer_masks_for(deps, removed)
+    drops = deps_lib.variable_keep(deps, removed)
+    special = {}
+    for layer in deps.layers:
+        kin, kout = int(keep_in[layer.name].sum()), int(keep_out[layer.name].sum())
+        special[paths.kernel_path(layer)] = kin * layer.window_size * kout
+        if layer.use_bias:
+            special[paths.bias_path(layer)] = kout
+    total = 0
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        shape = np.shape(leaf)
+        if path in special:
+            total += special[path]
+        elif ("params",) + path in drops:
+            total += int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] - len(drops[("params",) + path]))
+        else:
+            total += int(np.prod(shape, dtype=np.int64))
+    return total
+
+
+# --------------------------------------------------------------------------- shrink
+
+
+def _module_meta(model: nn.Module) -> dict:
+    cls = type(model)
+    fields = {}
+    for f in dataclasses.fields(model):
+        if f.name in ("parent", "name"):
+            continue
+        value = getattr(model, f.name)
+        try:
+            json.dumps(value)
+        except TypeError:
+            fields = None
+            break
+        fields[f.name] = value
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+
+
+def shrink(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    masks_or_params: Any,
+    *,
+    x: Any = None,
+    deps: Optional[deps_lib.DependencyMap] = None,
+    round_to: int = 1,
+    opt_state: Any = None,
+    check: bool = True,
+    atol: float = 1e-4,
+    zoo: Optional[Mapping[str, Any]] = None,
+    method: Any = None,
+    **apply_kwargs: Any,
+) -> Shrunk:
+    """Physically removes the fully masked channel groups of a filter-pruned model.
+
+    Args:
+      model: the Linen module.
+      variables: its (dense-shaped) variables; ``params`` may be dense or pruned.
+      masks_or_params: bool masks (``PruneResult.masks``) or pruned params
+        (``PruneResult.params``; zeros = pruned), with the structure of params.
+      x: an example input (needed unless ``deps`` is given; also used by ``check``).
+      deps: a precomputed :func:`sensprune.dependencies.analyze` result.
+      round_to: keep a multiple of this many filters per layer (e.g. 8 for GPUs,
+        128 for TPUs); extra channels are fully masked ones (outputs unchanged).
+      opt_state: optional optimizer state; subtrees shaped like params are sliced.
+      check: compare shrunk and masked outputs on ``x`` (raises ``ValueError``).
+      atol: tolerance of that check (relative to the output scale).
+      zoo: optional ``{'name': ..., 'kwargs': {...}}`` stored for :func:`load_shrunk`.
+      method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
+    """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
+    if deps is None:
+        if x is None:
+            raise ValueError("shrink needs x (an example input) or deps (a DependencyMap)")
+        first = jax.tree_util.tree_map(lambda a: a[:1], x)
+        deps = deps_lib.analyze(model, variables, first, method=method, **apply_kwargs)
+    leaves = jax.tree_util.tree_leaves(masks_or_params)
+    if all(np.asarray(leaf).dtype == bool for leaf in leaves):
+        masking.check_same_structure(variables["params"], masks_or_params, what="masks_or_params")
+        params = masking.apply_masks(variables["params"], masks_or_params)
+    else:
+        _check_params_like(variables["params"], masks_or_params)
+        params = masks_or_params
+    removed = removed_for(deps, masks_or_params, round_to)
+    plan = _plan_variables(_plan(deps, removed), deps, removed, variables)
+    masked_vars = {**variables, "params": params}
+    small = {col: _slice_tree(tree, plan, (col,)) for col, tree in masked_vars.items()}
+    small_opt = None if opt_state is None else _slice_opt_state(opt_state, params, plan)
+    keep_in = deps_lib.consumer_masks_for(deps, removed)
+    keep_out = deps_lib.producer_masks_for(deps, removed)
+    kept = {
+        layer.name: {"in": np.flatnonzero(keep_in[layer.name]), "out": np.flatnonzero(keep_out[layer.name])}
+        for layer in deps.layers
+    }
+    widths = {name: (int(k["in"].size), int(k["out"].size)) for name, k in kept.items()}
+    meta = {"module": _module_meta(model), "apply_kwargs": _jsonable(apply_kwargs)}
+    if zoo is not None:
+        meta["zoo"] = {"name": str(zoo["name"]), "kwargs": dict(zoo.get("kwargs", {}))}
+    shrunk = Shrunk(ShrunkModel(model), small, widths, kept, small_opt, meta)
+    if check and x is not None:
+        _check(model, masked_vars, shrunk, x, atol, method, apply_kwargs)
+    return shrunk
+
+
+def _check_params_like(params: Any, other: Any) -> None:
+    a = jax.tree_util.tree_flatten_with_path(params)[0]
+    b = jax.tree_util.tree_flatten_with_path(other)[0]
+    if [p for p, _ in a] != [p for p, _ in b] or any(np.shape(x) != np.shape(y) for (_, x), (_, y) in zip(a, b)):
+        raise ValueError(
+            "masks_or_params must be bool masks or pruned params with the structure and shapes of variables['params']"
+        )
+
+
+def _jsonable(kwargs: Mapping[str, Any]) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            pass
+    return out
+
+
+def _check(model, masked_vars, shrunk: Shrunk, x, atol, method, apply_kwargs) -> None:
+    kwargs = dict(apply_kwargs)
+    if method is not None:
+        kwargs["method"] = method
+    try:
+        got = jax.jit(lambda v, x: shrunk.model.apply(v, x, **kwargs))(shrunk.variables, x)
+    except Exception as err:  # flax / shape errors of many kinds
+        raise ValueError(
+            f"the shrunk {type(model).__name__} does not run ({type(err).__name__}: {err}); the model must "
+            "follow the shrink protocol (see sensprune.shrink: no hard-coded channel counts, no control "
+            "flow on channel counts)"
+        ) from err
+    want = jax.jit(lambda v, x: model.apply(v, x, **kwargs))(masked_vars, x)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = 1.0 + float(np.max(np.abs(a))) if a.size else 1.0
+        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=atol * scale):
+            raise ValueError(
+                f"the shrunk {type(model).__name__} disagrees with the masked model on x "
+                f"(max abs diff {float(np.max(np.abs(a - b))) if a.shape == b.shape else 'shape mismatch'}); "
+                "the model must follow the shrink protocol (see sensprune.shrink)"
+            )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def save_shrunk(path: str | os.PathLike, shrunk: Shrunk) -> None:
+    """Writes ``shrunk`` to the directory ``path`` (orbax arrays + JSON metadata)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(path, exist_ok=True)
+    variables = jax.tree_util.tree_map(np.asarray, shrunk.variables)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, _VARS_DIR), variables, force=True)
+    checkpointer.wait_until_finished()
+    meta = {
+        "format": _FORMAT,
+        "widths": {k: list(v) for k, v in shrunk.widths.items()},
+        "kept": {k: {s: v[s].tolist() for s in ("in", "out")} for k, v in shrunk.kept.items()},
+        **shrunk.meta,
+    }
+    with open(os.path.join(path, _META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _build_module(meta: dict, model: Any) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if callable(model):
+        return model()
+    zoo = meta.get("zoo")
+    fields = (meta.get("module") or {}).get("fields")
+    if isinstance(model, str):
+        from experiments.models import get_model  # the experiment zoo (optional dependency)
+
+        kwargs = dict(zoo["kwargs"]) if zoo and zoo.get("name") == model else {
+            k: _tuples(v) for k, v in (fields or {}).items()
+        }
+        num_classes = kwargs.pop("num_classes", None)
+        if num_classes is None:
+            raise ValueError(f"cannot rebuild zoo model {model!r}: num_classes is not in the saved metadata")
+        return get_model(model, num_classes, **kwargs)
+    if model is not None:
+        raise ValueError(f"model must be None, a zoo name, a Linen module or a factory, got {type(model).__name__}")
+    cls_path = (meta.get("module") or {}).get("class")
+    if not cls_path or fields is None:
+        raise ValueError("the saved model cannot be rebuilt from its metadata; pass model= (a module or a factory)")
+    module_name, _, qualname = cls_path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"cannot import the saved model class {cls_path!r} ({err}); pass model= (a module or a factory)"
+        ) from None
+    return obj(**{k: _tuples(v) for k, v in fields.items()})
+
+
+def load_shrunk(path: str | os.PathLike, model: Any = None) -> Shrunk:
+    """Loads a model saved by :func:`save_shrunk`, without the original dense params.
+
+    Args:
+      path: the directory written by :func:`save_shrunk`.
+      model: ``None`` (rebuild the module from the saved class and fields), a zoo
+        name (``experiments.models.get_model``), a Linen module or a zero-argument
+        factory returning one.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    meta_file = os.path.join(path, _META_FILE)
+    if not os.path.isfile(meta_file):
+        raise ValueError(f"{path!r} is not a saved shrunk model: {_META_FILE} is missing")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{meta_file!r} is corrupt: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise ValueError(f"{meta_file!r} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {_FORMAT!r}")
+    vars_dir = os.path.join(path, _VARS_DIR)
+    if not os.path.isdir(vars_dir):
+        raise ValueError(f"{path!r} is not a complete saved shrunk model: {_VARS_DIR}/ is missing")
+    try:
+        variables = ocp.StandardCheckpointer().restore(vars_dir)
+    except Exception as err:  # orbax raises many error types for damaged checkpoints
+        raise ValueError(f"cannot read the variables in {vars_dir!r}: {type(err).__name__}: {err}") from err
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    module = _build_module(meta, model)
+    widths = {k: tuple(v) for k, v in meta.get("widths", {}).items()}
+    kept = {k: {s: np.asarray(v[s], np.int64) for s in ("in", "out")} for k, v in meta.get("kept", {}).items()}
+    extra = {k: v for k, v in meta.items() if k in ("module", "zoo", "apply_kwargs")}
+    return Shrunk(ShrunkModel(module), dict(variables), widths, kept, None, extra)

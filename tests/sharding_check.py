@@ -1,0 +1,142 @@
+"""Worker of ``tests/test_sharding.py``: runs under
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and prints one JSON line.
+
+Computes everything once without a mesh (default device) and once on a
+4-device data mesh, and reports the largest differences and the shardings seen.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_default_prng_impl", "rbg")
+
+import sensprune as sp  # noqa: E402
+from experiments import train as T  # noqa: E402
+from sensprune import sharding  # noqa: E402
+from tests.fixtures import CNN, MLP, digits, np_init  # noqa: E402
+
+
+def _max_diff(a, b) -> float:
+    diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return max(diffs, default=0.0)
+
+
+def _max_rel(a, b) -> float:
+    out = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        out = max(out, float(np.max(np.abs(x - y) / (np.abs(x) + 1e-6), initial=0.0)))
+    return out
+
+
+def _replicated(tree, mesh) -> bool:
+    return all(
+        leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == mesh.size
+        for leaf in jax.tree.leaves(tree)
+    )
+
+
+
+
+def main() -> dict:
+    out: dict = {"devices": jax.device_count()}
+    mesh = sharding.data_mesh()
+    out["mesh_shape"] = dict(mesh.shape)
+    x, y = digits()
+    s_points = x[:26]  # not a multiple of the chunk or of 4: padded chunks
+
+    # Sensitivities (SiPP mean, PFP max) of an MLP and a CNN -------------------------
+    nets = {"mlp": MLP(widths=(16,)), "cnn": CNN()}
+    variables = {name: np_init(m, x[:1], seed=1) for name, m in nets.items()}
+    out["sens"] = {}
+    for name, model in nets.items():
+        for reduction in ("mean", "max"):
+            one = sp.compute_sensitivities(model, variables[name], s_points, reduction=reduction, chunk_size=10)
+            many = sp.compute_sensitivities(
+                model, variables[name], s_points, reduction=reduction, chunk_size=10, mesh=mesh
+            )
+            out["sens"][f"{name}/{reduction}"] = {
+                "max_rel": _max_rel(one, many),
+                "layers": sorted(one) == sorted(many),
+                "replicated": _replicated(many, mesh),
+                "positive": bool(all(float(jnp.max(v.weight)) > 0 for v in one.values())),
+            }
+
+    # Masks of prune() -----------------------------------------------------------------
+    cnn, cnn_vars = nets["cnn"], variables["cnn"]
+    out["prune"] = {}
+    results = {}
+    for method in ("sipp", "pfp"):
+        kw = dict(method=method, keep_ratio=0.5, key=jax.random.PRNGKey(3), chunk_size=10,
+                  apply_kwargs={"train": False})
+        one = sp.prune(cnn, cnn_vars, s_points, **kw)
+        many = sp.prune(cnn, cnn_vars, s_points, mesh=mesh, **kw)
+        results[method] = one
+        same = all(bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(one.masks), jax.tree.leaves(many.masks)))
+        out["prune"][method] = {"same_masks": same, "keep": [one.keep_ratio, many.keep_ratio]}
+
+    # Sharded batch ----------------------------------------------------------------------
+    bx, by = sharding.shard_batch((x[:8], y[:8]), mesh)
+    out["batch"] = {
+        "spec": str(bx.sharding.spec),
+        "shard_shapes": sorted({tuple(s.data.shape) for s in bx.addressable_shards}),
+        "label_shard_shapes": sorted({tuple(s.data.shape) for s in by.addressable_shards}),
+        "num_shards": len(bx.addressable_shards),
+        "devices": len(bx.sharding.device_set),
+    }
+
+    out["errors"] = {}
+    for name, fn in {
+        "shard_batch": lambda: sharding.shard_batch(x[:6], mesh),
+        "process_rows": lambda: sharding.process_rows(mesh, 10),
+        "train_batch": lambda: T.train(
+            cnn, T.state_from_params(cnn_vars["params"], cnn_vars["batch_stats"], T.TrainConfig(1, 6, 0.1), 1),
+            x[:6], y[:6], T.TrainConfig(1, 6, 0.1), seed=0, progress=False, mesh=mesh,
+        ),
+    }.items():
+        try:
+            fn()
+            out["errors"][name] = None
+        except ValueError as err:
+            out["errors"][name] = str(err)
+    out["process_rows"] = sharding.process_rows(mesh, 8).tolist()
+    padded, n = sharding.pad_to_multiple(x[:6], 4)
+    out["padded"] = [int(padded.shape[0]), n, bool(np.array_equal(padded[6:], x[:1].repeat(2, 0)))]
+
+    # 5 masked training steps of the (BatchNorm) CNN, then a pruned evaluation -------
+    cfg = T.TrainConfig(num_epochs=1, batch_size=16, learning_rate=0.05, momentum=0.9, weight_decay=1e-4)
+    train_x, train_y = x[:80], (y[:80] % 5).astype(np.int32)  # 5 steps of 16
+    masks = results["sipp"].masks
+    start = T.state_from_params(results["sipp"].params, cnn_vars["batch_stats"], cfg, 5, masks=masks)
+    one = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False)
+    many = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False, mesh=mesh)
+    kernels_kept_zero = all(
+        bool(np.all(np.asarray(p)[~np.asarray(m)] == 0))
+        for p, m in zip(jax.tree.leaves(many.params), jax.tree.leaves(masks))
+    )
+    out["train"] = {
+        "steps": [int(one.step), int(many.step)],
+        "params_max_diff": _max_diff(one.params, many.params),
+        "params_moved": _max_diff(start.params, one.params),
+        "batch_stats_max_diff": _max_diff(one.batch_stats, many.batch_stats),
+        "opt_state_max_diff": _max_diff(one.opt_state, many.opt_state),
+        "state_replicated": _replicated((many.params, many.batch_stats, many.opt_state), mesh),
+        "pruned_stay_zero": kernels_kept_zero,
+    }
+    test_x, test_y = x[100:137], (y[100:137] % 5).astype(np.int32)  # 37 examples, batch 10 -> 12 on 4 devices
+    e1 = T.evaluate(one, cnn, test_x, test_y, 10)
+    e4 = T.evaluate(one, cnn, test_x, test_y, 10, mesh=mesh)
+    out["eval"] = {"one": e1, "many": e4}
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(main(), sys.stdout)
+    print()

@@ -1,0 +1,174 @@
+"""Data-parallel runs (``sensprune.sharding``): 4 forced host devices give the
+same numbers as 1, and arrays are sharded as intended.
+
+The multi-device checks run in one subprocess (``tests/sharding_check.py``) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``: this process already has
+its single CPU device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from sensprune import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
+    # Forced host devices meet in in-process all-reduces; on an overloaded machine one may reach
+    # it much later than the others: wait instead of aborting (the default is far shorter).
+    env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4 " + " ".join(
+        f"--xla_cpu_collective{kind}_timeout_seconds=900" for kind in ("", "_call_terminate"))).strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.sharding_check"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_mesh_has_four_devices(four_devices):
+    assert four_devices["devices"] == 4 and four_devices["mesh_shape"] == {"data": 4}
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_sensitivities_match_one_device(four_devices, net, reduction):
+    r = four_devices["sens"][f"{net}/{reduction}"]
+    assert r["layers"] and r["positive"]
+    assert r["max_rel"] < 1e-5  # same points, different grouping per device: float reassociation only
+    assert r["replicated"]  # the cross-device max leaves a full copy on every device
+
+
+@pytest.mark.parametrize("method", ["sipp", "pfp"])
+def test_prune_masks_match_one_device(four_devices, method):
+    r = four_devices["prune"][method]
+    assert r["same_masks"]
+    assert r["keep"][0] == r["keep"][1]
+
+
+def test_batch_is_split_over_the_data_axis(four_devices):
+    b = four_devices["batch"]  # 8 images of 8x8x1 on 4 devices
+    assert b["spec"] == "P('data',)"
+    assert b["shard_shapes"] == [[2, 8, 8, 1]] and b["label_shard_shapes"] == [[2]]
+    assert b["num_shards"] == 4 and b["devices"] == 4
+    assert four_devices["process_rows"] == list(range(8))  # one process holds every row
+    assert four_devices["padded"] == [8, 6, True]
+
+
+def test_masked_training_matches_one_device(four_devices):
+    t = four_devices["train"]
+    assert t["steps"] == [5, 5]
+    assert t["params_moved"] > 1e-3  # the steps did something
+    assert t["params_max_diff"] < 1e-5
+    assert t["batch_stats_max_diff"] < 1e-5  # BatchNorm statistics over the global batch
+    assert t["opt_state_max_diff"] < 1e-5
+    assert t["state_replicated"] and t["pruned_stay_zero"]
+
+
+def test_pruned_evaluation_matches_one_device(four_devices):
+    e = four_devices["eval"]  # 37 examples, batch 10 (12 on 4 devices), padding weighted out
+    assert e["one"]["error"] == pytest.approx(e["many"]["error"], abs=1e-7)
+    assert e["one"]["error5"] == pytest.approx(e["many"]["error5"], abs=1e-7)
+    assert e["one"]["loss"] == pytest.approx(e["many"]["loss"], rel=1e-5)
+
+
+def test_indivisible_batches_are_refused(four_devices):
+    err = four_devices["errors"]
+    assert "batch size 6 is not divisible by the 4 devices of mesh axis 'data'" in err["shard_batch"]
+    assert "pad_to_multiple" in err["shard_batch"]
+    assert "global batch size 10 is not divisible by the 4 devices" in err["process_rows"]
+    assert "'batch_size'=6: expected a multiple of the 4 devices" in err["train_batch"]
+
+
+# ----------------------------------------------------------------------------
+# Helpers on this process's single device
+# ----------------------------------------------------------------------------
+
+
+def test_data_mesh_defaults_and_errors():
+    mesh = sharding.data_mesh()
+    assert mesh.axis_names == ("data",) and mesh.size == jax.device_count()
+    assert sharding.data_mesh(1).size == 1 and sharding.data_mesh(-1).size == jax.device_count()
+    assert sharding.data_mesh(axis="batch").axis_names == ("batch",)
+    with pytest.raises(ValueError, match=r"devices=5: expected -1 \(all\) or a count in \[1, 1\]"):
+        sharding.data_mesh(5)
+    with pytest.raises(ValueError, match="devices=0"):
+        sharding.data_mesh(0)
+    with pytest.raises(ValueError, match="devices is an empty sequence"):
+        sharding.data_mesh([])
+    with pytest.raises(ValueError, match="axis must be a non-empty string"):
+        sharding.data_mesh(axis="")
+
+
+def test_data_axis_of_other_meshes():
+    assert sharding.data_axis(sharding.data_mesh(axis="batch")) == "batch"  # the only axis
+    two = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("x", "y"))
+    with pytest.raises(ValueError, match=r"mesh has axes \('x', 'y'\); expected one named 'data'"):
+        sharding.data_axis(two)
+    named = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("model", "data"))
+    assert sharding.data_axis(named) == "data" and sharding.process_rows(named, 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+        sharding.data_axis("data")
+
+
+def test_shard_batch_and_replicate_on_one_device():
+    mesh = sharding.data_mesh()
+    x, y = np.ones((4, 3), np.float32), np.arange(4)
+    bx, by = sharding.shard_batch((x, y), mesh)
+    assert bx.sharding == sharding.batch_sharding(mesh) and np.array_equal(np.asarray(by), y)
+    with pytest.raises(ValueError, match=r"leaves have different leading sizes \[3, 4\]"):
+        sharding.shard_batch((x, y[:3]), mesh)
+    with pytest.raises(ValueError, match="expected arrays with a leading batch axis, got a scalar"):
+        sharding.shard_batch(np.float32(1.0), mesh)
+    tree = sharding.replicate({"w": x, "n": 3}, mesh)
+    assert tree["n"] == 3 and tree["w"].sharding.is_fully_replicated
+
+
+def test_pad_to_multiple():
+    x = np.arange(5.0)
+    padded, n = sharding.pad_to_multiple(x, 4)
+    assert n == 5 and padded.tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
+    zeros, _ = sharding.pad_to_multiple(x + 1, 3, mode="zeros")
+    assert zeros.tolist() == [1, 2, 3, 4, 5, 0]
+    same, n = sharding.pad_to_multiple(x, 5)
+    assert same is x and n == 5
+    with pytest.raises(ValueError, match=r"mode='wrap': expected one of \['edge', 'zeros'\]"):
+        sharding.pad_to_multiple(x, 2, mode="wrap")
+    with pytest.raises(ValueError, match="multiple=0: expected an integer >= 1"):
+        sharding.pad_to_multiple(x, 0)
+    with pytest.raises(ValueError, match="expected arrays with a leading batch axis, got a scalar"):
+        sharding.pad_to_multiple(np.float32(2.0), 2)
+
+
+def test_experiment_mesh_config():
+    import ml_collections
+
+    from experiments import pipeline
+
+    def config(mesh_devices, batch=16):
+        c = ml_collections.ConfigDict({"training": {"batch_size": batch}, "retraining": {"batch_size": batch}})
+        if mesh_devices is not None:
+            c.mesh_devices = mesh_devices
+        return c
+
+    assert pipeline.make_mesh(config(-1)) is None  # one device, one process: the plain path
+    assert pipeline.make_mesh(config(None)) is None  # configs without the field
+    assert pipeline.make_mesh(config(1)) is None
+    with pytest.raises(ValueError, match=r"config.mesh_devices=2: expected -1 \(all devices\) or a count in \[1, 1\]"):
+        pipeline.make_mesh(config(2))
+    with pytest.raises(ValueError, match="config.mesh_devices=0"):
+        pipeline.make_mesh(config(0))
+    assert "mesh_devices" in pipeline.RUNTIME_FIELDS and "multihost" in pipeline.RUNTIME_FIELDS
