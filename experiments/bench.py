@@ -374,24 +374,13 @@ def _search(model, variables, layers, data, method, keep_ratio, key, sens, chunk
     )
     for reduction, value in sens.items():
         ctx.cache[("sensitivity", reduction)] = value
-    params = variables["params"]
-    alive = ctx.alive()
-    kernel_alive = int(sum(int(a.sum()) for a in alive.values()))
-    fixed = sp.count_nonzero(params) - kernel_alive
-    target = keep_ratio * sp.count_params(params)
-    selections: dict[int, Any] = {}
-
-    def achieved(b: int) -> int:
-        if b not in selections:
-            selections[b] = spec.select(ctx, b, key)
-        return fixed + int(sum(int(np.sum(m)) for m in selections[b].masks.values()))
-
-    chosen, size, ok = sp.search_budget(achieved, target, int(round(target - fixed)), kernel_alive)
+    total = sp.count_params(variables["params"])
+    selection, _, size, ok, calls = sp.search_selection(ctx, spec, keep_ratio * total, key)
     return {
         "ctx": ctx,
-        "selection": selections[chosen],
-        "select_calls": len(selections),
-        "keep_ratio": size / sp.count_params(params),
+        "selection": selection,
+        "select_calls": calls,
+        "keep_ratio": size / total,
         "reachable": bool(ok),
     }
 
@@ -863,8 +852,8 @@ def format_report(results: Mapping[str, Any]) -> str:
     if skipped:
         lines.append(f"(pfp search not timed for {', '.join(skipped)}: not in --pfp_models)")
     lines.append(
-        "PFP's select includes channel propagation (a jitted gradient compiled per fresh context plus eager "
-        "forwards on probe points); '1st search' includes one-off compiles."
+        "PFP's select includes group-wise channel propagation (the dependency map is analysed once per "
+        "context); '1st search' includes one-off compiles."
     )
     lines += ["", "[3] One train step (SGD momentum 0.9, wd 1e-4): masked vs unmasked (target <= 1.05x)"]
     rows = []

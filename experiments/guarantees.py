@@ -266,12 +266,8 @@ def plots(rows: Sequence[Mapping[str, Any]], opts: Options, out: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(max(lim[0], 1e-4), lim[1])
-        ax.set_xlabel("promised epsilon (median over rows, per layer)")
-        ax.set_ylabel("observed relative error (x: median, o: p95)")
-        ax.set_title(net)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+        _finish(ax, "promised epsilon (median over rows, per layer)", "observed relative error (x: median, o: p95)",
+                net)
     _save(fig, out / "bound_vs_observed")
 
     fig, axes = plt.subplots(1, len(nets), figsize=(5.5 * len(nets), 4.0), squeeze=False)
@@ -282,13 +278,8 @@ def plots(rows: Sequence[Mapping[str, Any]], opts: Options, out: Path) -> None:
             ax.plot([100 * (1 - k) for k in ks], [min(g["fraction_within"] for g in by_keep[(k,)]) for k in ks],
                     marker="o", color=colors[m], label=m)
         ax.axhline(1 - opts.delta, color="black", linestyle="--", linewidth=1, label="1 - delta")
-        ax.set_xlabel("pruned parameters (%)")
-        ax.set_ylabel("fraction within bound (min over layers, keys)")
         ax.set_ylim(min(0.8, 1 - 2 * opts.delta), 1.005)
-        ax.set_title(net)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+        _finish(ax, "pruned parameters (%)", "fraction within bound (min over layers, keys)", net)
     _save(fig, out / "fraction_within")
 
     s_rows = [r for r in rows if r["sweep"] == "s_size"]
@@ -305,15 +296,21 @@ def plots(rows: Sequence[Mapping[str, Any]], opts: Options, out: Path) -> None:
     axes[0].axhline(1 - opts.delta, color="black", linestyle="--", linewidth=1, label="1 - delta")
     for ax, label in zip(axes, ("fraction within bound (min over layers)", "test accuracy, prune-only (%)")):
         ax.set_xscale("log")
-        ax.set_xlabel("|S| (points of the sensitivity set)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+        _finish(ax, "|S| (points of the sensitivity set)", label)
     _save(fig, out / "s_sweep")
 
 
+def _finish(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def _save(fig, stem: Path) -> None:
+    fig.tight_layout()
     fig.savefig(stem.with_suffix(".pdf"))
     fig.savefig(stem.with_suffix(".png"), dpi=130)
     plt.close(fig)

@@ -325,6 +325,15 @@ def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
     )
 
 
+def _prune_meta(exp: Experiment, result: sp.PruneResult) -> dict:
+    """What the results record of a prune step: kept fraction, FLOP fraction, per-layer counts."""
+    return {
+        "keep_ratio": result.keep_ratio,
+        "flops": result.flops / max(exp.dense_flops, 1),
+        "layer_kept": dict(result.layer_kept),
+    }
+
+
 def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables: dict, seed: int):
     """Params/batch stats retraining starts from, and its config, by mode."""
     mode = exp.config.experiments.mode
@@ -393,12 +402,7 @@ def run_chain(
                 variables = {**variables, "params": res.params}
             result = _prune(exp, variables, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
             params, batch_stats, cfg = _retrain_start(exp, net, result, variables, seed)
-            meta = {
-                "keep_ratio": result.keep_ratio,
-                "flops": result.flops / max(exp.dense_flops, 1),
-                "layer_kept": dict(result.layer_kept),
-                "start_epoch": cfg.start_epoch,
-            }
+            meta = {**_prune_meta(exp, result), "start_epoch": cfg.start_epoch}
             state = train_lib.state_from_params(params, batch_stats, cfg, _steps_per_epoch(exp, cfg),
                                                 masks=result.masks)
             retrain_ckpt.save(0, params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
@@ -427,12 +431,7 @@ def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, r
     variables = {**current, "params": result.params}
     metrics = train_lib.evaluate(variables, exp.model, exp.dataset.test_x, exp.dataset.test_y,
                                  int(exp.config.eval_batch_size), mesh=exp.mesh)
-    meta = {
-        "keep_ratio": result.keep_ratio,
-        "flops": result.flops / max(exp.dense_flops, 1),
-        "layer_kept": dict(result.layer_kept),
-        **metrics,
-    }
+    meta = {**_prune_meta(exp, result), **metrics}
     chain.save(i + 1, params=result.params, batch_stats=current.get("batch_stats", {}), masks=result.masks,
                meta=meta)
     _record(exp, results, net, rep, method, i, meta, tb)

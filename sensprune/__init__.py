@@ -38,7 +38,7 @@ from sensprune.sharding import data_mesh
 
 # Importing the method modules registers them.
 from sensprune import filter_norm, magnitude, norm_sampling, pfp, random_pruning, sipp, snip, svd, thinet  # noqa: F401  isort: skip
-from sensprune.prune import prune  # isort: skip
+from sensprune.prune import prune, search_selection  # isort: skip
 from sensprune import nnx  # noqa: F401,E402  isort: skip  (sensprune.nnx: Flax NNX models)
 from sensprune.types import Layer, LayerSensitivity, PruneResult
 from sensprune.dependencies import DependencyMap, analyze as analyze_dependencies  # noqa: E402  isort: skip
@@ -83,6 +83,7 @@ __all__ = [
     "register_method",
     "sample_size",
     "search_budget",
+    "search_selection",
     "set_masks",
     "validate_keep_ratio",
 ]

@@ -52,6 +52,38 @@ def _pruned_params(params, layers: Sequence[Layer], sel: registry.Selection):
     return params
 
 
+def search_selection(
+    ctx: PruneContext,
+    spec: registry.Method,
+    target: float,
+    key: Optional[jax.Array],
+    *,
+    rtol: float = 0.005,
+) -> tuple[registry.Selection, int, int, bool, int]:
+    """The keep-ratio search of :func:`prune`, on an existing context.
+
+    Finds the nominal kernel budget whose selection brings the model's size
+    (nonzero params outside the prunable kernels + each layer's
+    ``Selection.layer_size``) to ``target`` within ``rtol``.
+
+    Returns:
+      ``(selection, nominal budget, achieved size, reachable, select calls)``.
+    """
+    alive = ctx.alive()
+    kernel_alive = int(sum(int(a.sum()) for a in alive.values()))
+    fixed = counting.count_nonzero(ctx.params) - kernel_alive
+    selections: dict[int, registry.Selection] = {}
+
+    def achieved(b: int) -> int:
+        if b not in selections:
+            selections[b] = spec.select(ctx, b, key)
+        return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
+
+    guess = int(round(target - fixed))
+    chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
+    return selections[chosen], chosen, size, ok, len(selections)
+
+
 def prune(
     model: Any,
     variables: Mapping[str, Any],
@@ -140,31 +172,18 @@ def prune(
         protect_input_channels=protect_input_channels,
         mesh=mesh,
     )
-    alive = ctx.alive()
-    kernel_alive = int(sum(int(a.sum()) for a in alive.values()))
-    fixed = counting.count_nonzero(params) - kernel_alive
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
-    target = keep_ratio * reference
-    selections: dict[int, registry.Selection] = {}
-
-    def achieved(b: int) -> int:
-        if b not in selections:
-            selections[b] = spec.select(ctx, b, key)
-        return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
-
-    guess = int(round(target - fixed))
-    chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
+    sel, chosen, size, ok, searches = search_selection(ctx, spec, keep_ratio * reference, key, rtol=rtol)
     if not ok:
         logging.warning(
             "prune(%s): keep_ratio %.4f not reachable within %.2f%%; achieved %.4f",
             method, keep_ratio, 100 * rtol, size / reference,
         )
-    sel = selections[chosen]
     new_params = _pruned_params(params, layers, sel)
     masks = _kernel_masks_tree(params, layers, sel.masks)
     kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
-    info.update(nominal_budget=chosen, reachable=ok, searches=len(selections), method=method)
+    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method)
     size = counting.count_nonzero(new_params)
     flops = counting.flops(new_params, layers)
     if sel.sizes or sel.flops:
