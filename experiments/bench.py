@@ -664,6 +664,12 @@ def _rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _device_peak_bytes() -> Optional[int]:
+    """Peak bytes in use on the first accelerator so far (None on CPU, which keeps no such count)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
 def _device_worker(args: Mapping[str, Any]) -> dict[str, Any]:
     """Runs in a subprocess with ``--xla_force_host_platform_device_count``: times
     the SiPP/PFP passes and a train step on a data mesh over every device; with
@@ -723,6 +729,7 @@ def _memory_vs_points(m: Mapping[str, Any], chunk: int, fractions: Sequence[floa
         jax.block_until_ready(sp.compute_sensitivities(
             model, variables, big[:n], reduction="mean", chunk_size=chunk, layers=layers, train=False))
         rows[n]["rss_after_pass_bytes"] = _rss_bytes()
+        rows[n]["device_peak_after_pass_bytes"] = _device_peak_bytes()
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     for n in sizes:
         compiled = forward.lower(variables, jnp.asarray(big[:n])).compile()
@@ -730,6 +737,7 @@ def _memory_vs_points(m: Mapping[str, Any], chunk: int, fractions: Sequence[floa
         rows[n]["forward_temp_output_bytes"] = (mem["temp_size_in_bytes"] or 0) + (mem["output_size_in_bytes"] or 0)
         jax.block_until_ready(compiled(variables, jnp.asarray(big[:n])))
         rows[n]["rss_after_forward_bytes"] = _rss_bytes()
+        rows[n]["device_peak_after_forward_bytes"] = _device_peak_bytes()
     for n in sizes:
         rows[n]["rss_start_bytes"] = start
     return [rows[n] for n in sizes]
@@ -973,12 +981,14 @@ def _device_lines(devices: Optional[Mapping[str, Any]]) -> list[str]:
             for r in e.get("memory_vs_points", []):
                 mem_rows.append([name, r["points"], _fmt_b(r["rss_after_pass_bytes"] - r["rss_start_bytes"]),
                                  _fmt_b(r["rss_after_forward_bytes"] - r["rss_start_bytes"]),
-                                 _fmt_b(r["forward_temp_output_bytes"])])
+                                 _fmt_b(r["forward_temp_output_bytes"]),
+                                 _fmt_b(r.get("device_peak_after_pass_bytes")),
+                                 _fmt_b(r.get("device_peak_after_forward_bytes"))])
     if mem_rows:
         lines += ["", "[8] Peak memory vs |S| (peak RSS growth of one process; passes first, ascending |S|, then "
                   "single-batch forwards)"]
-        lines.append(_table(["model", "|S|", "peak RSS growth after pass", "after forward", "forward temp+output (XLA)"],
-                            mem_rows))
+        lines.append(_table(["model", "|S|", "peak RSS growth after pass", "after forward", "forward temp+output (XLA)",
+                             "accelerator peak after pass", "after forward"], mem_rows))
         lines.append("The pass works chunk by chunk, so its peak stays flat as |S| grows; a single-batch forward's "
                      "activations grow linearly.")
     return lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -39,7 +40,9 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None) -> list[dict]:
+def bench_model(
+    name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None, round_to: int = 1
+) -> list[dict]:
     """Rows ``{model, keep_ratio, flop_ratio, dense_s, shrunk_s, speedup, ...}`` for one network."""
     model = get_model(name, 10, **(width_kwargs or {}))
     rng = np.random.default_rng(0)
@@ -54,7 +57,7 @@ def bench_model(name: str, keeps, *, method: str, batch: int, repeats: int, widt
             model, variables, x[:16], method=method, keep_ratio=keep, key=jax.random.PRNGKey(0),
             apply_kwargs={"train": False}, chunk_size=16,
         )
-        shrunk = sp.shrink(model, variables, res.masks, x=x[:2], deps=deps, train=False)
+        shrunk = sp.shrink(model, variables, res.masks, x=x[:2], deps=deps, train=False, round_to=round_to)
         small_fn = jax.jit(lambda v, x: shrunk.model.apply(v, x, train=False))
         shrunk_s = _time(lambda: small_fn(shrunk.variables, x), repeats)
         flop_ratio = res.flops_dense / max(res.flops, 1)
@@ -66,7 +69,7 @@ def bench_model(name: str, keeps, *, method: str, batch: int, repeats: int, widt
         shrunk_flop_ratio = res.flops_dense / max(shrunk_flops, 1)
         speedup = dense_s / shrunk_s
         rows.append({
-            "model": name, "method": method, "keep_ratio": round(res.keep_ratio, 4), "batch": batch,
+            "model": name, "method": method, "keep_ratio": round(res.keep_ratio, 4), "batch": batch, "round_to": round_to,
             "params_dense": sp.count_params(variables["params"]), "params_shrunk": sp.count_params(shrunk.params),
             "flop_ratio": round(flop_ratio, 3), "shrunk_flop_ratio": round(shrunk_flop_ratio, 3), "dense_s": round(dense_s, 5), "shrunk_s": round(shrunk_s, 5),
             "speedup": round(speedup, 3), "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
@@ -82,6 +85,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256, quick 8)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
     parser.add_argument("--models", default="resnet20,vgg16_bn", help="comma-separated subset of resnet20,vgg16_bn")
+    parser.add_argument("--round_to", type=int, default=1, help="round kept channel counts up to a multiple (8: GPU)")
     args = parser.parse_args(argv)
     batch = args.batch or (8 if args.quick else 256)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -97,14 +101,15 @@ def main(argv=None) -> list[dict]:
           f"{'speed-up':>8s} {'/FLOP x':>7s}")
     for name, keeps in plan.items():
         for row in bench_model(name, keeps, method=args.method, batch=batch, repeats=repeats,
-                               width_kwargs=widths.get(name)):
+                               width_kwargs=widths.get(name), round_to=args.round_to):
             rows.append(row)
             print(f"{row['model']:10s} {row['keep_ratio']:6.3f} {row['params_shrunk']:10d} {row['flop_ratio']:7.2f} {row['shrunk_flop_ratio']:13.2f} "
                   f"{1e3 * row['dense_s']:9.2f} {1e3 * row['shrunk_s']:9.2f} {row['speedup']:8.2f} "
                   f"{row['speedup_over_flop_ratio']:7.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(jax.devices()[0]), "rows": rows}, f, indent=1)
+            json.dump({"device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}",
+                       "cpus": os.cpu_count(), "load_avg": list(os.getloadavg()), "rows": rows}, f, indent=1)
     return rows
 
 
