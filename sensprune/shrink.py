@@ -403,6 +403,11 @@ def _check(model, masked_vars, shrunk: Shrunk, x, atol, method, apply_kwargs) ->
     kwargs = dict(apply_kwargs)
     if method is not None:
         kwargs["method"] = method
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 (~1e-3 relative)
+        _compare(model, masked_vars, shrunk, x, atol, kwargs)
+
+
+def _compare(model, masked_vars, shrunk: Shrunk, x, atol, kwargs) -> None:
     try:
         got = jax.jit(lambda v, x: shrunk.model.apply(v, x, **kwargs))(shrunk.variables, x)
     except Exception as err:  # flax / shape errors of many kinds
