@@ -1156,6 +1156,7 @@ def iterate_source(
     image_size: int = 224,
     resize_size: int | None = None,
     num_workers: int = 8,
+    local_rows: Sequence[int] | None = None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Streams decoded, normalised NHWC float32 batches of `source.<split>`.
 
@@ -1164,6 +1165,11 @@ def iterate_source(
     `batch_iterator`. train=False: in order, resize + center crop, last batch zero-padded;
     yields `(x, y, mask)` like `eval_iterator`. `indices` restricts the split (e.g. the
     train / valid indices of `split_indices`).
+
+    Multi-host: `local_rows` (e.g. `sensprune.sharding.process_rows(mesh, batch_size)`) are
+    the positions within every global batch that this process holds; only those examples
+    are read and decoded, and each yielded batch has `len(local_rows)` rows, ready for
+    `sensprune.sharding.global_batch_from_local`. Every process walks the same order.
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -1188,9 +1194,17 @@ def iterate_source(
     else:
         order = indices
     starts = _batch_starts(len(order), batch_size, drop_remainder=train)
+    rows = None if local_rows is None else np.asarray(local_rows, np.int64)
+    if rows is not None and (rows.ndim != 1 or np.any(rows < 0) or np.any(rows >= batch_size)
+                             or np.any(np.diff(rows) <= 0)):
+        raise ValueError(
+            f'local_rows must be ascending positions in [0, {batch_size}) of a batch, got {local_rows!r}')
     index_batches = (order[s:s + batch_size] for s in starts)
+    if rows is not None:  # this process's share of each batch (rows past a short last batch: padding)
+        index_batches = ((b[rows[rows < len(b)]]) for b in index_batches)
+    width = batch_size if rows is None else len(rows)
     for examples in _prefetched(index_batches, load, num_workers):
-        x = np.stack([e[0] for e in examples])
+        x = np.stack([e[0] for e in examples]) if examples else np.zeros((0, image_size, image_size, 3), np.uint8)
         y = np.asarray([e[1] for e in examples], np.int32)
         x = _normalise(x, 255.0, mean, std)
-        yield (x, y) if train else _pad_batch(x, y, batch_size)
+        yield (x, y) if train else _pad_batch(x, y, width)

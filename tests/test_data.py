@@ -410,6 +410,23 @@ def test_iterate_source_train_and_eval():
     np.testing.assert_array_equal(np.concatenate([b[1] for b in test])[:5], [0, 1, 2, 3, 0])
 
 
+def test_iterate_source_local_rows_split_each_batch():
+    """Two 'processes' holding rows [0, 1] and [2, 3] of every batch of 4 read disjoint examples
+    that together give the single-process batches, padding of the short last batch included."""
+    source = _variable_source()
+    for kw in (dict(train=True, seed=0, epoch=0), dict(split='test', train=False)):
+        full = list(data.iterate_source(source, 4, image_size=16, num_workers=0, **kw))
+        parts = [list(data.iterate_source(source, 4, image_size=16, num_workers=0, local_rows=r, **kw))
+                 for r in ([0, 1], [2, 3])]
+        assert len(parts[0]) == len(parts[1]) == len(full)
+        for whole, a, b in zip(full, *parts):
+            assert len(a[0]) == len(b[0]) == 2
+            for k in range(len(whole)):
+                np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k])
+    with pytest.raises(ValueError, match='local_rows'):
+        next(data.iterate_source(source, 4, train=True, local_rows=[4]))
+
+
 def test_eval_transform_center_crop():
     image = np.arange(20 * 30 * 3, dtype=np.int64).reshape(20, 30, 3).astype(np.uint8)
     out = data.eval_transform(image, image_size=20, resize_size=20)

@@ -94,6 +94,68 @@ def test_indivisible_batches_are_refused(four_devices):
 
 
 # ----------------------------------------------------------------------------
+# Two JAX processes (jax.distributed over localhost) with 2 devices each
+# ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes():
+    """The checks of ``sharding_check`` on a 4-device mesh spanning 2 processes
+    (``tests/multihost_check.py``); one JSON result per process."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
+    env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tests.multihost_check", str(i), "2", port], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-4000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return outs
+
+
+def test_two_processes_match_one_device(two_processes):
+    for i, r in enumerate(two_processes):
+        assert r["process"] == [i, 2, 2] and r["devices"] == 4 and r["mesh_shape"] == {"data": 4}
+        for key, sens in r["sens"].items():
+            assert sens["layers"] and sens["replicated"] and sens["max_rel"] < 1e-5, key
+        for method, p in r["prune"].items():
+            assert p["same_masks"] and p["keep"][0] == p["keep"][1], method
+        t = r["train"]
+        assert t["steps"] == [5, 5] and t["params_moved"] > 1e-3
+        assert max(t["params_max_diff"], t["batch_stats_max_diff"], t["opt_state_max_diff"]) < 1e-5
+        assert t["state_replicated"] and t["pruned_stay_zero"]
+        assert r["eval"]["one"]["error"] == pytest.approx(r["eval"]["many"]["error"], abs=1e-7)
+        assert r["eval"]["one"]["loss"] == pytest.approx(r["eval"]["many"]["loss"], rel=1e-5)
+
+
+def test_two_processes_hold_their_own_rows(two_processes):
+    for i, r in enumerate(two_processes):
+        b = r["batch"]  # 8 rows on 4 devices, 2 of them in this process
+        assert b["shard_shapes"] == [[2, 8, 8, 1]] and b["num_shards"] == 2 and b["devices"] == 4
+        assert r["process_rows"] == list(range(4 * i, 4 * i + 4))
+    assert two_processes[0]["train"]["params_max_diff"] == two_processes[1]["train"]["params_max_diff"]
+
+
+# ----------------------------------------------------------------------------
 # Helpers on this process's single device
 # ----------------------------------------------------------------------------
 
