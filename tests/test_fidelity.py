@@ -86,3 +86,35 @@ def test_guarantees_fast_sweep(tmp_path):
         assert (path.parent / f"{stem}.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="allowed: lenet300_100, lenet5"):
         guarantees.run(guarantees.Options(networks=("vgg",)), tmp_path, tmp_path)
+
+
+def test_relative_shares_by_hand_and_keep_helpers():
+    from experiments import sipp_ablation as ab
+
+    w = np.array([[1.0, -2.0], [3.0, 1.0], [-1.0, 1.0]])
+    x = np.array([[1.0, 1.0, 2.0]])  # nonnegative: no sign split
+    s = ab.relative_shares(x, w)[0]
+    # unit 0: positive part 1*1 + 3*1 = 4, negative part -1*2 = -2; unit 1: positive 1 + 2 = 3, negative -2
+    np.testing.assert_allclose(s, [[1 / 4, 1.0], [3 / 4, 1 / 3], [1.0, 2 / 3]])
+    split = ab.relative_shares(np.array([[1.0, -1.0, 0.0]]), w)
+    assert split.shape == (2, 3, 2)  # the point becomes its positive and its negative part
+    np.testing.assert_allclose(split[1][1], [1.0, 1.0])  # negative part: input 1 alone carries both units
+    score = np.array([[3.0, 0.0], [1.0, 5.0], [2.0, 4.0]])
+    np.testing.assert_array_equal(ab.keep_top(score, 2), [[False, False], [False, True], [False, True]])
+    np.testing.assert_array_equal(ab.keep_top_per_unit(score, np.array([1, 2])),
+                                  [[True, False], [False, True], [False, True]])
+
+
+def test_sipp_ablation_fast_writes_the_table(tmp_path):
+    from experiments import sipp_ablation as ab
+
+    opts = ab.Options(dataset="mnist_embedded", num_points=32, fast=True)
+    path = ab.run(opts, tmp_path / "runs", tmp_path / "out")
+    text = path.read_text()
+    assert "| SiPP: max share over S |" in text and "| WT: \\|w\\| |" in text
+    result = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert result["kernel_max_abs_diff"] < 1e-4  # the NumPy shares are SiPP's sensitivities
+    wt_row = result["rows"][-1]
+    # |w| ranked under WT's own allocation reproduces WT exactly, whichever way it is allocated.
+    assert wt_row["WT's per-unit counts"] == wt_row["WT's per-layer counts"] == wt_row["own global top-B"]
+    assert set(result["sipp_in_one_layer"]) == {"linear0", "linear1", "linear2"}
