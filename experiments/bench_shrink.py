@@ -8,6 +8,10 @@ the values), each keep ratio is pruned with a filter method, shrunk with
 default device: median wall time of ``repeats`` forward passes after a warm-up.
 The FLOP ratio is ``dense FLOPs / pruned FLOPs`` (multiply-accumulates of the
 Dense/Conv layers); the target is a speed-up of at least 0.8x the FLOP ratio.
+
+A control follows (skip with ``--no_control``): ResNet20 built natively narrower (width 16, 12, 8,
+4; no pruning, no interceptor), timed the same way. It shows how far the device turns fewer FLOPs
+into less time when only channel counts change, which bounds what any shrinking can reach.
 """
 
 from __future__ import annotations
@@ -77,6 +81,33 @@ def bench_model(
     return rows
 
 
+CONTROL_WIDTHS = {"resnet20": (16, 12, 8, 4)}
+
+
+def bench_widths(name: str, widths, *, batch: int, repeats: int) -> list[dict]:
+    """Control: the same network built natively narrower (zoo ``width``), no pruning or shrinking.
+
+    Shows what XLA on this device makes of fewer FLOPs when nothing but the widths change: if a
+    dense net with 4x fewer FLOPs is not 4x faster, a shrunk one cannot be either.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+    rows, base = [], None
+    for width in widths:
+        model = get_model(name, 10, width=width)
+        variables = model.init(jax.random.PRNGKey(0), x[:1])
+        fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+        seconds = _time(lambda: fn(variables, x), repeats)
+        layers = sp.find_layers(model, variables, x[:1], train=False)
+        flops = sum(int(np.prod(sp.paths.get_kernel(variables["params"], layer).shape)) * layer.num_patches
+                    for layer in layers)
+        base = base or (seconds, flops)
+        rows.append({"model": name, "width": width, "batch": batch, "flop_ratio": round(base[1] / flops, 3),
+                     "seconds": round(seconds, 5), "speedup": round(base[0] / seconds, 3),
+                     "speedup_over_flop_ratio": round(base[0] / seconds / (base[1] / flops), 3)})
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one keep ratio per model, small batch and widths")
@@ -85,6 +116,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256, quick 8)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
     parser.add_argument("--models", default="resnet20,vgg16_bn", help="comma-separated subset of resnet20,vgg16_bn")
+    parser.add_argument("--no_control", action="store_true", help="skip the natively narrower dense nets")
     parser.add_argument("--round_to", type=int, default=1, help="round kept channel counts up to a multiple (8: GPU)")
     args = parser.parse_args(argv)
     batch = args.batch or (8 if args.quick else 256)
@@ -106,9 +138,18 @@ def main(argv=None) -> list[dict]:
             print(f"{row['model']:10s} {row['keep_ratio']:6.3f} {row['params_shrunk']:10d} {row['flop_ratio']:7.2f} {row['shrunk_flop_ratio']:13.2f} "
                   f"{1e3 * row['dense_s']:9.2f} {1e3 * row['shrunk_s']:9.2f} {row['speedup']:8.2f} "
                   f"{row['speedup_over_flop_ratio']:7.2f}", flush=True)
+    controls = []
+    if not args.quick and not args.no_control:
+        print(f"\ncontrol: dense nets built narrower (no pruning)\n{'model':10s} {'width':>6s} {'FLOP x':>7s} "
+              f"{'ms':>9s} {'speed-up':>8s} {'/FLOP x':>7s}")
+        for name in names:
+            for row in bench_widths(name, CONTROL_WIDTHS.get(name, ()), batch=batch, repeats=repeats):
+                controls.append(row)
+                print(f"{row['model']:10s} {row['width']:6d} {row['flop_ratio']:7.2f} {1e3 * row['seconds']:9.2f} "
+                      f"{row['speedup']:8.2f} {row['speedup_over_flop_ratio']:7.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}",
+            json.dump({"controls": controls, "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}",
                        "cpus": os.cpu_count(), "load_avg": list(os.getloadavg()), "rows": rows}, f, indent=1)
     return rows
 

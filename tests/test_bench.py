@@ -77,3 +77,21 @@ def test_bench_quick_writes_json(tmp_path):
     memory = lenet["memory_vs_points"]
     assert [r["points"] for r in memory] == [16, 32]
     assert memory[1]["forward_temp_output_bytes"] > memory[0]["forward_temp_output_bytes"]
+
+
+def test_bench_shrink_quick_rows_and_width_control(tmp_path):
+    import json
+
+    from experiments import bench_shrink
+
+    rows = bench_shrink.main(["--quick", "--models=resnet20", f"--json={tmp_path / 'shrink.json'}"])
+    assert len(rows) == 1 and rows[0]["model"] == "resnet20"
+    r = rows[0]
+    assert r["params_shrunk"] < r["params_dense"] and r["flop_ratio"] > 1.5
+    assert r["shrunk_flop_ratio"] == pytest.approx(r["flop_ratio"], rel=1e-3)  # nothing left half-pruned
+    assert r["speedup"] == pytest.approx(r["dense_s"] / r["shrunk_s"], rel=1e-2)
+    saved = json.loads((tmp_path / "shrink.json").read_text())
+    assert saved["rows"][0]["keep_ratio"] == r["keep_ratio"] and "cpu" in saved["device"]
+    control = bench_shrink.bench_widths("resnet20", (8, 4), batch=2, repeats=1)
+    assert [c["width"] for c in control] == [8, 4]
+    assert control[0]["flop_ratio"] == 1.0 and 3.0 < control[1]["flop_ratio"] < 4.5  # ~quadratic in width
