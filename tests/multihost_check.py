@@ -2,12 +2,14 @@
 processes on this machine (``jax.distributed`` over localhost, CPU collectives
 through gloo), each with forced host devices.
 
-    python -m tests.multihost_check PROCESS_ID NUM_PROCESSES PORT
+    python -m tests.multihost_check PROCESS_ID NUM_PROCESSES PORT [SHARED_CHECKPOINT_DIR]
 
 Runs the same checks as :mod:`tests.sharding_check` on a data mesh that spans
 every process's devices, so global arrays are built from process-local data,
 the running max of the sensitivity pass is reduced across processes and the
-train/eval batches are gathered per process. Prints one JSON line.
+train/eval batches are gathered per process; with a checkpoint directory, the
+trained state also goes through an orbax save / restore by all processes. Prints
+one JSON line.
 """
 
 from __future__ import annotations
@@ -18,20 +20,42 @@ import sys
 import jax
 
 
-def main(process_id: int, num_processes: int, port: int) -> dict:
+def checkpoint_round_trip(directory: str, state) -> dict:
+    """Every process saves the same host-local copy of ``state`` (as the pipeline does) into one
+    shared directory, then restores it; orbax writes from the primary process."""
+    import numpy as np
+
+    from experiments import checkpoint
+    from experiments import train as T
+
+    local = T.local_state(state)
+    items = dict(params=local.params, batch_stats=local.batch_stats, opt_state=local.opt_state)
+    with checkpoint.Checkpointer(directory) as ckpt:
+        ckpt.save(1, **items, meta={"process_count": jax.process_count()})
+        back = ckpt.restore(like=items)
+        steps = ckpt.all_steps()
+    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+               for a, b in zip(jax.tree.leaves(items), jax.tree.leaves({k: back[k] for k in items})))
+    return {"steps": steps, "max_diff": diff, "meta": back["meta"]}
+
+
+def main(process_id: int, num_processes: int, port: int, checkpoint_dir: str | None = None) -> dict:
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
         initialization_timeout=300,
     )
     from tests import sharding_check
 
-    out = sharding_check.main()
+    states: dict = {}
+    out = sharding_check.main(keep=states)
     out["process"] = [jax.process_index(), jax.process_count(), jax.local_device_count()]
+    if checkpoint_dir:
+        out["checkpoint"] = checkpoint_round_trip(checkpoint_dir, states["trained_on_mesh"])
     return out
 
 
 if __name__ == "__main__":
-    result = main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    result = main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *(sys.argv[4:5]))
     json.dump(result, sys.stdout)
     print()
     jax.distributed.shutdown()

@@ -45,7 +45,8 @@ def _replicated(tree, mesh) -> bool:
 
 
 
-def main() -> dict:
+def main(keep: dict | None = None) -> dict:
+    """The checks; ``keep`` (if given) receives the state trained on the mesh."""
     out: dict = {"devices": jax.device_count()}
     mesh = sharding.data_mesh()
     out["mesh_shape"] = dict(mesh.shape)
@@ -117,6 +118,8 @@ def main() -> dict:
     start = T.state_from_params(results["sipp"].params, cnn_vars["batch_stats"], cfg, 5, masks=masks)
     one = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False)
     many = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False, mesh=mesh)
+    if keep is not None:
+        keep["trained_on_mesh"] = many
     kernels_kept_zero = all(
         bool(np.all(np.asarray(p)[~np.asarray(m)] == 0))
         for p, m in zip(jax.tree.leaves(many.params), jax.tree.leaves(masks))

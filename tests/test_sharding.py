@@ -107,7 +107,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_processes():
+def two_processes(tmp_path_factory):
     """The checks of ``sharding_check`` on a 4-device mesh spanning 2 processes
     (``tests/multihost_check.py``); one JSON result per process."""
     env = dict(os.environ)
@@ -115,8 +115,9 @@ def two_processes():
     env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     port = str(_free_port())
+    ckpt = str(tmp_path_factory.mktemp("multihost") / "ckpt")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tests.multihost_check", str(i), "2", port], cwd=ROOT, env=env,
+        subprocess.Popen([sys.executable, "-m", "tests.multihost_check", str(i), "2", port, ckpt], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
@@ -145,6 +146,12 @@ def test_two_processes_match_one_device(two_processes):
         assert t["state_replicated"] and t["pruned_stay_zero"]
         assert r["eval"]["one"]["error"] == pytest.approx(r["eval"]["many"]["error"], abs=1e-7)
         assert r["eval"]["one"]["loss"] == pytest.approx(r["eval"]["many"]["loss"], rel=1e-5)
+
+
+def test_two_processes_share_one_orbax_checkpoint(two_processes):
+    for r in two_processes:  # both saved and restored the same step of one directory
+        c = r["checkpoint"]
+        assert c["steps"] == [1] and c["max_diff"] == 0.0 and c["meta"]["process_count"] == 2
 
 
 def test_two_processes_hold_their_own_rows(two_processes):
