@@ -98,7 +98,7 @@ def _masked_params(params: Any, layers: Sequence[sp.Layer], masks: Mapping[str, 
 
 def ablation(exp: Any, variables: Mapping[str, Any], opts: Options) -> dict[str, Any]:
     """Accuracies of every (score, allocation) pair; see the module docstring."""
-    layers = [layer for layer in exp.layers]
+    layers = list(exp.layers)
     if any(layer.kind != "dense" for layer in layers):
         raise ValueError("sipp_ablation: the NumPy shares cover Dense layers only (use lenet300_100)")
     params = variables["params"]
