@@ -92,7 +92,8 @@ def _metric_figure(results: Results, metric: str, axis: str, tag: str):
     stored, ylabel, transform = _METRICS[metric]
     x_key, xlabel = _AXES[axis]
     values = transform(getattr(results, stored))
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    many = len(results.methods) > 6  # a legend that would cover the curves goes beside the axes
+    fig, ax = plt.subplots(figsize=(7.6 if many else 6.0, 4.2))
     any_data = False
     for m, (name, color) in enumerate(zip(results.methods, _colors(len(results.methods)))):
         x, mean, lo, hi = curve(results, values, x_key, m)
@@ -112,7 +113,10 @@ def _metric_figure(results: Results, metric: str, axis: str, tag: str):
     ax.set_title(tag)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        if many:
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
 

@@ -60,7 +60,7 @@ STUDIES: dict[str, Study] = {
         {"experiments.methods": ("sipp", "sipp_hybrid", "wt", "snip"), "retraining.num_epochs": 8,
          "retraining.lr_milestones": (5, 7)},
         modes=("cascade",)),
-    "fashion_lenet5": Study("configs.fashion.lenet5", "LeNet5 on full Fashion-MNIST, SiPP and PFP vs. WT and FT, 3 nets"),
+    "fashion_lenet5": Study("configs.fashion.lenet5", "LeNet5 on full Fashion-MNIST, all methods, 3 nets"),
     "embedded_lenet300_100": Study(
         "configs.default", "LeNet300-100 on the embedded MNIST digits (the main job's data), all methods, 3 nets",
         {"experiments.num_nets": 3, "experiments.spacing": FIDELITY_SPACING}),

@@ -1,7 +1,7 @@
-"""Fidelity study: LeNet5 on full Fashion-MNIST, SiPP/PFP vs. WT/FT, cascade, 3 nets, keep ratios 40 % -> 2 %.
+"""Fidelity study: LeNet5 on full Fashion-MNIST, all methods, cascade, 3 nets, keep ratios 40 % -> 2 %.
 
-Four methods keep it to about 30 minutes on 2 CPU cores; add others with
---config.experiments.methods="('sipp', 'pfp', 'wt', 'ft', 'snip', 'thinet')".
+About 1.5 hours on 2 CPU cores (one retraining epoch per ratio); a subset with
+--config.experiments.methods="('sipp', 'pfp', 'wt', 'ft')".
 
 Needs Debian's Fashion-MNIST (`apt-get install dataset-fashion-mnist`; see lenet300_100.py). Prune-only
 curves: --config.experiments.mode=prune-only.
@@ -19,6 +19,6 @@ def get_config():
     return common.experiment(
         network="lenet5", dataset="fashion_mnist", train=train,
         retrain_overrides=dict(num_epochs=1, learning_rate=0.01),
-        methods=("sipp", "pfp", "wt", "ft"),
+        methods=common.ALL_METHODS,
         spacing=[common.geometric(0.4, 0.025, 5), common.manual(0.02)], mode="cascade",
         retrain_iterations=-1, num_nets=3, delta_s=1e-12, plot_min=0.02, plot_max=0.5, eval_batch_size=1000)
