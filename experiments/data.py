@@ -1203,8 +1203,13 @@ def iterate_source(
     if rows is not None:  # this process's share of each batch (rows past a short last batch: padding)
         index_batches = ((b[rows[rows < len(b)]]) for b in index_batches)
     width = batch_size if rows is None else len(rows)
+    image_shape = None  # of one decoded example, for a process whose share of the last batch is all padding
     for examples in _prefetched(index_batches, load, num_workers):
-        x = np.stack([e[0] for e in examples]) if examples else np.zeros((0, image_size, image_size, 3), np.uint8)
+        if examples:
+            image_shape = examples[0][0].shape
+        elif image_shape is None:
+            image_shape = load(int(order[0]))[0].shape
+        x = np.stack([e[0] for e in examples]) if examples else np.zeros((0, *image_shape), np.uint8)
         y = np.asarray([e[1] for e in examples], np.int32)
         x = _normalise(x, 255.0, mean, std)
         yield (x, y) if train else _pad_batch(x, y, width)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import os
 import pickle
@@ -383,14 +384,14 @@ def test_sample_set(caplog):
 # ----------------------------------------------------------------------------- streaming
 
 
-def _variable_source(n=6):
+def _variable_source(n=6, channels=3):
     rng = np.random.default_rng(0)
     sizes = [(40, 60), (64, 48), (50, 50), (33, 80), (70, 45), (48, 48)]
     records = [
-        {'image': rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8), 'label': i % 4}
+        {'image': rng.integers(0, 256, (*sizes[i % len(sizes)], channels), dtype=np.uint8), 'label': i % 4}
         for i in range(n)
     ]
-    return data.Source('toy', records, records[:5], 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return data.Source('toy', records, records[:5], 4, (0.5,) * channels, (0.25,) * channels)
 
 
 def test_iterate_source_train_and_eval():
@@ -412,9 +413,12 @@ def test_iterate_source_train_and_eval():
 
 def test_iterate_source_local_rows_split_each_batch():
     """Two 'processes' holding rows [0, 1] and [2, 3] of every batch of 4 read disjoint examples
-    that together give the single-process batches, padding of the short last batch included."""
-    source = _variable_source()
-    for kw in (dict(train=True, seed=0, epoch=0), dict(split='test', train=False)):
+    that together give the single-process batches, padding of the short last batch included (the
+    second process holds none of its 1 example: an all-padding share, grayscale too)."""
+    for source, kw in itertools.product(
+        (_variable_source(), _variable_source(channels=1)),
+        (dict(train=True, seed=0, epoch=0), dict(split='test', train=False)),
+    ):
         full = list(data.iterate_source(source, 4, image_size=16, num_workers=0, **kw))
         parts = [list(data.iterate_source(source, 4, image_size=16, num_workers=0, local_rows=r, **kw))
                  for r in ([0, 1], [2, 3])]
