@@ -98,9 +98,7 @@ def bench_widths(name: str, widths, *, batch: int, repeats: int) -> list[dict]:
         variables = model.init(jax.random.PRNGKey(0), x[:1])
         fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
         seconds = _time(lambda: fn(variables, x), repeats)
-        layers = sp.find_layers(model, variables, x[:1], train=False)
-        flops = sum(int(np.prod(sp.paths.get_kernel(variables["params"], layer).shape)) * layer.num_patches
-                    for layer in layers)
+        flops = sp.dense_flops(sp.find_layers(model, variables, x[:1], train=False))
         base = base or (seconds, flops)
         rows.append({"model": name, "width": width, "batch": batch, "flop_ratio": round(base[1] / flops, 3),
                      "seconds": round(seconds, 5), "speedup": round(base[0] / seconds, 3),

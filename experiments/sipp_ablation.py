@@ -125,35 +125,34 @@ def ablation(exp: Any, variables: Mapping[str, Any], opts: Options) -> dict[str,
         "|w| * mean |a|": {n: np.abs(kernels[n]) * np.abs(inputs[n]).mean(0)[:, None] for n in kernels},
         "WT: |w|": {n: np.abs(k) for n, k in kernels.items()},
     }
-    wt_units = {layer.name: (np.asarray(paths.get_kernel(own["wt"].params, layer)) != 0).sum(0) for layer in layers}
-    wt_layers = {layer.name: int(own["wt"].layer_kept[layer.name]) for layer in layers}
-    allocations: dict[str, Callable[[str, np.ndarray], np.ndarray]] = {
-        "WT's per-unit counts": lambda n, s: keep_top_per_unit(s, wt_units[n]),
-        "WT's per-layer counts": lambda n, s: keep_top(s, wt_layers[n]),
-    }
-    rows = []
-    for score_name, score in scores.items():
-        row = {"score": score_name}
-        for alloc_name, alloc in allocations.items():
-            row[alloc_name] = accuracy(_masked_params(params, layers, {n: alloc(n, s) for n, s in score.items()}))
-        rows.append(row)
-    rows[0]["own global top-B"] = accuracy(own["sipp"].params)
-    rows[-1]["own global top-B"] = accuracy(own["wt"].params)
-    # One layer at a time: SiPP's shares in layer l, |w| elsewhere (WT's per-layer counts).
-    swaps = {}
-    for layer in layers:
-        mixed = {n: (scores["SiPP: max share over S"] if n == layer.name else scores["WT: |w|"])[n] for n in kernels}
-        swaps[layer.name] = accuracy(_masked_params(params, layers, {n: keep_top(s, wt_layers[n])
-                                                                     for n, s in mixed.items()}))
-    # First layer on raw (nonnegative) pixels: shift the normalised inputs so the background is 0.
-    first = layers[0].name
-    raw = relative_shares(inputs[first] - inputs[first].min(), kernels[first]).max(0)
-    raw_scores = {**scores["WT: |w|"], first: raw}
-    raw_acc = accuracy(_masked_params(params, layers, {n: keep_top(s, wt_layers[n]) for n, s in raw_scores.items()}))
+    # Weights kept per unit (column) of every layer, by each method's own choice.
     units = {
         m: {layer.name: (np.asarray(paths.get_kernel(own[m].params, layer)) != 0).sum(0) for layer in layers}
         for m in own
     }
+    wt_layers = {layer.name: int(own["wt"].layer_kept[layer.name]) for layer in layers}
+    allocations: dict[str, Callable[[str, np.ndarray], np.ndarray]] = {
+        "WT's per-unit counts": lambda n, s: keep_top_per_unit(s, units["wt"][n]),
+        "WT's per-layer counts": lambda n, s: keep_top(s, wt_layers[n]),
+    }
+
+    def kept_accuracy(score: Scores, allocation: str) -> float:
+        alloc = allocations[allocation]
+        return accuracy(_masked_params(params, layers, {n: alloc(n, s) for n, s in score.items()}))
+
+    rows = [{"score": name, **{a: kept_accuracy(score, a) for a in allocations}} for name, score in scores.items()]
+    rows[0]["own global top-B"] = accuracy(own["sipp"].params)
+    rows[-1]["own global top-B"] = accuracy(own["wt"].params)
+    # One layer at a time: SiPP's shares in layer l, |w| elsewhere (WT's per-layer counts).
+    swaps = {
+        layer.name: kept_accuracy({**scores["WT: |w|"], layer.name: scores["SiPP: max share over S"][layer.name]},
+                                  "WT's per-layer counts")
+        for layer in layers
+    }
+    # First layer on raw (nonnegative) pixels: shift the normalised inputs so the background is 0.
+    first = layers[0].name
+    raw = relative_shares(inputs[first] - inputs[first].min(), kernels[first]).max(0)
+    raw_acc = kept_accuracy({**scores["WT: |w|"], first: raw}, "WT's per-layer counts")
     return {
         "dense_accuracy": accuracy(params), "keep_ratio": opts.keep_ratio, "num_points": len(s_x),
         "dataset": opts.dataset, "kernel_max_abs_diff": kernel_gap, "rows": rows,
