@@ -23,10 +23,9 @@ import jax
 def checkpoint_round_trip(directory: str, state) -> dict:
     """Every process saves the same host-local copy of ``state`` (as the pipeline does) into one
     shared directory, then restores it; orbax writes from the primary process."""
-    import numpy as np
-
     from experiments import checkpoint
     from experiments import train as T
+    from tests.sharding_check import _max_diff
 
     local = T.local_state(state)
     items = dict(params=local.params, batch_stats=local.batch_stats, opt_state=local.opt_state)
@@ -34,9 +33,7 @@ def checkpoint_round_trip(directory: str, state) -> dict:
         ckpt.save(1, **items, meta={"process_count": jax.process_count()})
         back = ckpt.restore(like=items)
         steps = ckpt.all_steps()
-    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
-               for a, b in zip(jax.tree.leaves(items), jax.tree.leaves({k: back[k] for k in items})))
-    return {"steps": steps, "max_diff": diff, "meta": back["meta"]}
+    return {"steps": steps, "max_diff": _max_diff(items, {k: back[k] for k in items}), "meta": back["meta"]}
 
 
 def main(process_id: int, num_processes: int, port: int, checkpoint_dir: str | None = None) -> dict:
