@@ -71,6 +71,7 @@ def experiment(
     plot_max: float = 0.85,
     data_dir: Optional[str] = None,
     eval_batch_size: int = 500,
+    method_options: Optional[dict[str, dict[str, Any]]] = None,
 ) -> ml_collections.ConfigDict:
     """The full experiment config; every field can be overridden with --config.x=y."""
     retrain = ml_collections.ConfigDict(train.to_dict())
@@ -92,6 +93,9 @@ def experiment(
             spacing=tuple(dict(s) for s in spacing),
             retrain_iterations=retrain_iterations,
             plotting=dict(min_val=plot_min, max_val=plot_max),
+            # Method name -> its select options (sensprune.method_options), e.g.
+            # {"ft": {"joint": "mean", "round_to": 8}} for hardware-aligned filter counts.
+            method_options={m: dict(o) for m, o in (method_options or {}).items()},
         )
     )
     config.coresets = ml_collections.ConfigDict(

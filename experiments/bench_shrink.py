@@ -21,7 +21,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -33,19 +33,23 @@ FULL = {"resnet20": (0.5, 0.3, 0.15), "vgg16_bn": (0.5, 0.25, 0.1)}
 QUICK = {"resnet20": (0.3,), "vgg16_bn": (0.25,)}
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm-up
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _time_all(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median wall time of each function, timed round-robin so that drift hits all alike."""
+    for fn in fns:
+        jax.block_until_ready(fn())  # compile + warm-up
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def bench_model(
-    name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None, round_to: int = 1
+    name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None, round_to: int = 1,
+    method_options=None,
 ) -> list[dict]:
     """Rows ``{model, keep_ratio, flop_ratio, dense_s, shrunk_s, speedup, ...}`` for one network."""
     model = get_model(name, 10, **(width_kwargs or {}))
@@ -53,17 +57,22 @@ def bench_model(
     x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1])
     dense_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    dense_s = _time(lambda: dense_fn(variables, x), repeats)
     deps = sp.analyze_dependencies(model, variables, x[:1], train=False)
-    rows = []
+    pruned = []
     for keep in keeps:
         res = sp.prune(
             model, variables, x[:16], method=method, keep_ratio=keep, key=jax.random.PRNGKey(0),
-            apply_kwargs={"train": False}, chunk_size=16,
+            apply_kwargs={"train": False}, chunk_size=16, method_options=method_options,
         )
         shrunk = sp.shrink(model, variables, res.masks, x=x[:2], deps=deps, train=False, round_to=round_to)
-        small_fn = jax.jit(lambda v, x: shrunk.model.apply(v, x, train=False))
-        shrunk_s = _time(lambda: small_fn(shrunk.variables, x), repeats)
+        pruned.append((res, shrunk))
+    fns = [lambda: dense_fn(variables, x)]
+    for _, shrunk in pruned:
+        small_fn = jax.jit(lambda v, x, m=shrunk.model: m.apply(v, x, train=False))
+        fns.append(lambda f=small_fn, v=shrunk.variables: f(v, x))
+    dense_s, *shrunk_times = _time_all(fns, repeats)
+    rows = []
+    for (res, shrunk), shrunk_s in zip(pruned, shrunk_times):
         flop_ratio = res.flops_dense / max(res.flops, 1)
         # What the shrunk model really computes: channels of half-pruned groups stay, so it can be
         # more than the masked count.
@@ -73,7 +82,7 @@ def bench_model(
         shrunk_flop_ratio = res.flops_dense / max(shrunk_flops, 1)
         speedup = dense_s / shrunk_s
         rows.append({
-            "model": name, "method": method, "keep_ratio": round(res.keep_ratio, 4), "batch": batch, "round_to": round_to,
+            "model": name, "method": method, "method_options": dict(method_options or {}), "keep_ratio": round(res.keep_ratio, 4), "batch": batch, "round_to": round_to,
             "params_dense": sp.count_params(variables["params"]), "params_shrunk": sp.count_params(shrunk.params),
             "flop_ratio": round(flop_ratio, 3), "shrunk_flop_ratio": round(shrunk_flop_ratio, 3), "dense_s": round(dense_s, 5), "shrunk_s": round(shrunk_s, 5),
             "speedup": round(speedup, 3), "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
@@ -92,13 +101,15 @@ def bench_widths(name: str, widths, *, batch: int, repeats: int) -> list[dict]:
     """
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
-    rows, base = [], None
+    fns, flop_counts = [], []
     for width in widths:
         model = get_model(name, 10, width=width)
         variables = model.init(jax.random.PRNGKey(0), x[:1])
         fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
-        seconds = _time(lambda: fn(variables, x), repeats)
-        flops = sp.dense_flops(sp.find_layers(model, variables, x[:1], train=False))
+        fns.append(lambda fn=fn, v=variables: fn(v, x))
+        flop_counts.append(sp.dense_flops(sp.find_layers(model, variables, x[:1], train=False)))
+    rows, base = [], None
+    for width, seconds, flops in zip(widths, _time_all(fns, repeats), flop_counts):
         base = base or (seconds, flops)
         rows.append({"model": name, "width": width, "batch": batch, "flop_ratio": round(base[1] / flops, 3),
                      "seconds": round(seconds, 5), "speedup": round(base[0] / seconds, 3),
@@ -116,7 +127,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--models", default="resnet20,vgg16_bn", help="comma-separated subset of resnet20,vgg16_bn")
     parser.add_argument("--no_control", action="store_true", help="skip the natively narrower dense nets")
     parser.add_argument("--round_to", type=int, default=1, help="round kept channel counts up to a multiple (8: GPU)")
+    parser.add_argument("--method_options", default="{}",
+                        help='JSON options of the method, e.g. \'{"joint": "mean", "round_to": 8}\' for ft')
     args = parser.parse_args(argv)
+    try:
+        method_options = json.loads(args.method_options)
+    except json.JSONDecodeError as err:
+        parser.error(f"--method_options: not JSON ({err})")
+    if not isinstance(method_options, dict):
+        parser.error("--method_options: must be a JSON object")
+    sp.registry.check_options(sp.get_method(args.method), method_options)
     batch = args.batch or (8 if args.quick else 256)
     repeats = args.repeats or (2 if args.quick else 5)
     plan = QUICK if args.quick else FULL
@@ -131,7 +151,8 @@ def main(argv=None) -> list[dict]:
           f"{'speed-up':>8s} {'/FLOP x':>7s}")
     for name, keeps in plan.items():
         for row in bench_model(name, keeps, method=args.method, batch=batch, repeats=repeats,
-                               width_kwargs=widths.get(name), round_to=args.round_to):
+                               width_kwargs=widths.get(name), round_to=args.round_to,
+                               method_options=method_options):
             rows.append(row)
             print(f"{row['model']:10s} {row['keep_ratio']:6.3f} {row['params_shrunk']:10d} {row['flop_ratio']:7.2f} {row['shrunk_flop_ratio']:13.2f} "
                   f"{1e3 * row['dense_s']:9.2f} {1e3 * row['shrunk_s']:9.2f} {row['speedup']:8.2f} "

@@ -76,6 +76,14 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
             raise ValueError(f"config.experiments.methods[{i}]={m!r} is unknown; allowed: {', '.join(known)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"config.experiments.methods has duplicates: {methods}")
+    options = exp.get("method_options") or {}
+    for m in options:
+        if m not in methods:
+            raise ValueError(f"config.experiments.method_options has {m!r}, not in config.experiments.methods {methods}")
+        try:
+            sp.registry.check_options(sp.get_method(m), dict(options[m]))
+        except ValueError as err:
+            raise ValueError(f"config.experiments.{err}") from None
     if exp.mode != "train" and not methods:
         raise ValueError("config.experiments.methods is empty; name at least one method")
     for field in ("num_nets", "num_repetitions"):
@@ -322,6 +330,7 @@ def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
         exp.model, variables, s_x, method=method, keep_ratio=ratio, key=key, labels=s_y,
         delta=float(co.delta_s), c_constant=float(co.c_constant), chunk_size=int(co.chunk_size),
         reference_size=exp.dense_size, layers=exp.layers, apply_kwargs={"train": False}, mesh=exp.mesh,
+        method_options=dict((exp.config.experiments.get("method_options") or {}).get(method) or {}),
     )
 
 

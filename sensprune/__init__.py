@@ -31,7 +31,7 @@ from sensprune.masking import (
     ones_like_masks,
     set_masks,
 )
-from sensprune.registry import Method, Selection, available_methods, get_method, register_method
+from sensprune.registry import Method, Selection, available_methods, get_method, method_options, register_method
 from sensprune.sensitivity import compute_sensitivities, layer_sensitivity
 from sensprune import sharding  # noqa: E402  (data-parallel meshes: sensprune.sharding)
 from sensprune.sharding import data_mesh
@@ -62,6 +62,7 @@ __all__ = [
     "Selection",
     "apply_masks",
     "available_methods",
+    "method_options",
     "capture_inputs",
     "check_same_structure",
     "compute_sensitivities",

@@ -244,8 +244,47 @@ def _input_keep(ctx: PruneContext, cmap, keep_out: Mapping[str, np.ndarray]) -> 
     return keep_in
 
 
+_JOINT = ("best", "mean")
+
+
+def joint_scores(ctx: PruneContext, filter_scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every filter's score replaced by its channel group's mean normalised score.
+
+    Each layer's scores are first divided by the mean over its alive filters
+    (so layers of different fan-in weigh alike); a group's score is then the
+    mean over all its producer filters. All producers of a residual stream
+    channel get the same score, so they rank the stream's channels alike and
+    drop the same ones: the stream itself gets narrower.
+    """
+    deps = ctx.dependencies()
+    alive_f = filter_alive(ctx)
+    total = np.zeros(len(deps.groups))
+    count = np.zeros(len(deps.groups))
+    for layer in ctx.layers:
+        name = layer.name
+        s = np.asarray(filter_scores[name], np.float64)
+        live = alive_f[name]
+        scale = float(np.mean(s[live])) if live.any() else 1.0
+        norm = s / (scale if scale > 0 else 1.0)
+        np.add.at(total, deps.out_group[name][live], norm[live])
+        np.add.at(count, deps.out_group[name][live], 1.0)
+    mean = total / np.maximum(count, 1.0)
+    return {layer.name: mean[deps.out_group[layer.name]] for layer in ctx.layers}
+
+
+def _aligned(k: int, n: int, multiple: int) -> int:
+    """``k`` rounded up to a multiple of ``multiple``, at most ``n``."""
+    return min(n, -(-k // multiple) * multiple)
+
+
 def select_filters(
-    ctx: PruneContext, budget: int, filter_scores: Mapping[str, np.ndarray], iters: int = 50
+    ctx: PruneContext,
+    budget: int,
+    filter_scores: Mapping[str, np.ndarray],
+    iters: int = 50,
+    *,
+    joint: str = "best",
+    round_to: int = 1,
 ) -> registry.Selection:
     """Out-mode selection shared by ``ft``, ``softnet`` and ``uniform_filters``.
 
@@ -262,6 +301,16 @@ def select_filters(
         exceeds it, that minimal configuration).
       filter_scores: layer name -> scores ``[out]`` (higher = more important).
       iters: bisection steps over the kept fraction.
+      joint: how the producers of one group are ranked. ``'best'``: each
+        layer ranks its own scores and a group goes only when every producer
+        ranks it out (a group is as good as its best member; residual streams
+        rarely narrow). ``'mean'``: every producer scores the group by the mean
+        normalised score of all its members (:func:`joint_scores`), so stream
+        channels are dropped jointly.
+      round_to: each layer keeps a multiple of this many filters (or all of
+        them): 8 suits CPU SIMD and GPUs, 128 TPUs. With ``joint='mean'`` the
+        kept channel counts then stay multiples, and ``sensprune.shrink``
+        needs no padding.
 
     Returns:
       The selection; ``info`` has ``fraction``, ``kept_filters`` (bool per
@@ -271,6 +320,12 @@ def select_filters(
     """
     from sensprune import dependencies
 
+    if joint not in _JOINT:
+        raise ValueError(f"joint must be one of {', '.join(map(repr, _JOINT))}, got {joint!r}")
+    if not isinstance(round_to, (int, np.integer)) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    if joint == "mean":
+        filter_scores = joint_scores(ctx, filter_scores)
     deps = ctx.dependencies()
     counts = alive_counts(ctx)
     alive_f = filter_alive(ctx)
@@ -294,7 +349,7 @@ def select_filters(
             keep = alive_f[name]
             if name in ranks:
                 n = int(alive_f[name].sum())
-                k = min(n, max(1, int(np.round(fraction * n))))
+                k = _aligned(max(1, int(np.round(fraction * n))), n, int(round_to))
                 keep = (ranks[name] < k) & alive_f[name]
             kept[deps.out_group[name][keep]] = True
         return ~kept
@@ -347,14 +402,18 @@ def filter_norms(ctx: PruneContext, order: int) -> dict[str, np.ndarray]:
     return ctx.cache[key]
 
 
-def select_ft(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
-    """FT: keep the same fraction of filters per layer, largest L1 norms."""
-    return select_filters(ctx, budget, filter_norms(ctx, 1))
+def select_ft(
+    ctx: PruneContext, budget: int, key: Optional[jax.Array] = None, *, joint: str = "best", round_to: int = 1
+) -> registry.Selection:
+    """FT: keep the same fraction of filters per layer, largest L1 norms (options: :func:`select_filters`)."""
+    return select_filters(ctx, budget, filter_norms(ctx, 1), joint=joint, round_to=round_to)
 
 
-def select_softnet(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
-    """SoftNet: keep the same fraction of filters per layer, largest L2 norms."""
-    return select_filters(ctx, budget, filter_norms(ctx, 2))
+def select_softnet(
+    ctx: PruneContext, budget: int, key: Optional[jax.Array] = None, *, joint: str = "best", round_to: int = 1
+) -> registry.Selection:
+    """SoftNet: keep the same fraction of filters per layer, largest L2 norms (options: :func:`select_filters`)."""
+    return select_filters(ctx, budget, filter_norms(ctx, 2), joint=joint, round_to=round_to)
 
 
 registry.register_method(

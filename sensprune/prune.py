@@ -59,6 +59,7 @@ def search_selection(
     key: Optional[jax.Array],
     *,
     rtol: float = 0.005,
+    options: Optional[Mapping[str, Any]] = None,
 ) -> tuple[registry.Selection, int, int, bool, int]:
     """The keep-ratio search of :func:`prune`, on an existing context.
 
@@ -76,7 +77,7 @@ def search_selection(
 
     def achieved(b: int) -> int:
         if b not in selections:
-            selections[b] = spec.select(ctx, b, key)
+            selections[b] = spec.select(ctx, b, key, **dict(options or {}))
         return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
 
     guess = int(round(target - fixed))
@@ -104,6 +105,7 @@ def prune(
     apply_method: Any = None,
     apply_kwargs: Optional[Mapping[str, Any]] = None,
     mesh: Any = None,
+    method_options: Optional[Mapping[str, Any]] = None,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -131,6 +133,9 @@ def prune(
         ``apply_kwargs={'train': False}``).
       mesh: optional ``jax.sharding.Mesh`` (``sensprune.sharding.data_mesh()``):
         the sensitivity pass runs data-parallel, S split over its data axis.
+      method_options: keyword options of the method's select function, e.g.
+        ``{'joint': 'mean', 'round_to': 8}`` for ``ft``/``softnet``
+        (``sensprune.method_options(method)`` lists them).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -138,6 +143,7 @@ def prune(
     from sensprune.layers import find_layers
 
     spec = registry.get_method(method)
+    method_options = registry.check_options(spec, method_options)
     keep_ratio = budget_lib.validate_keep_ratio(keep_ratio)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
@@ -173,7 +179,9 @@ def prune(
         mesh=mesh,
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
-    sel, chosen, size, ok, searches = search_selection(ctx, spec, keep_ratio * reference, key, rtol=rtol)
+    sel, chosen, size, ok, searches = search_selection(
+        ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
+    )
     if not ok:
         logging.warning(
             "prune(%s): keep_ratio %.4f not reachable within %.2f%%; achieved %.4f",

@@ -10,6 +10,7 @@ statistics) is shared by :func:`sensprune.prune`. Add your own with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -111,6 +112,30 @@ def get_method(name: str) -> Method:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
     return _METHODS[name]
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """Keyword options of a method's select function and their defaults (``{}`` for none)."""
+    return _options(get_method(name).select)
+
+
+def _options(select: SelectFn) -> dict[str, Any]:
+    params = inspect.signature(select).parameters
+    return {
+        p.name: p.default for p in params.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+    }
+
+
+def check_options(method: Method, options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``options`` as a dict, after checking every name is a keyword option of ``method``."""
+    options = dict(options or {})
+    allowed = _options(method.select)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        listed = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"method_options: {unknown} not options of method {method.name!r}; allowed: {listed}")
+    return options
 
 
 def available_methods() -> list[str]:

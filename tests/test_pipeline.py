@@ -118,9 +118,14 @@ def test_bad_configs_fail_before_training(tmp_path, monkeypatch):
         (lambda c: setattr(c.experiments, "spacing", (dict(type="zigzag"),)), "type must be one of"),
         (lambda c: setattr(c.training, "optimizer", "lion"), "optimizer"),
         (lambda c: setattr(c.coresets, "delta_s", 2.0), "delta_s must be in"),
+        (lambda c: c.experiments.update(methods=("sipp",), method_options={"ft": {"joint": "mean"}}),
+         r"method_options has 'ft', not in config.experiments.methods"),
+        (lambda c: setattr(c.experiments, "method_options", {"sipp": {"joint": "mean"}}),
+         r"config.experiments.method_options: \['joint'\] not options of method 'sipp'; allowed: none"),
     ]
     for mutate, message in cases:
         config = base()
+        assert "sipp" in config.experiments.methods
         mutate(config)
         with pytest.raises(ValueError, match=message):
             pipeline.run(config, tmp_path / "bad")
@@ -195,3 +200,19 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
         np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-7, err_msg=field)
     for path in ("plots", "tensorboard", "report.md"):
         assert (killed / path).exists()
+
+
+def test_method_options_reach_prune(tmp_path, monkeypatch):
+    seen = []
+    real = pipeline.sp.prune
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["method"], kwargs["method_options"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.sp, "prune", spy)
+    config = tiny(load_config(ROOT / "configs" / "default.py"), methods=["ft", "wt"])
+    config.experiments.method_options = {"ft": {"joint": "mean", "round_to": 4}}
+    results = pipeline.run(config, tmp_path)
+    assert results.done.all()
+    assert ("ft", {"joint": "mean", "round_to": 4}) in seen and ("wt", {}) in seen

@@ -131,3 +131,61 @@ def _set_kernel(masks, layer, kernel_masks):
     from sensprune import paths
 
     return paths.set_kernel(masks, layer, jnp.asarray(kernel_masks[layer.name]))
+
+
+def test_ft_joint_mean_narrows_the_residual_streams_in_aligned_counts():
+    """ft with joint='mean', round_to=4 drops stream channels jointly, keeps multiples of 4, shrinks unpadded."""
+    model, variables, data = _setup("resnet20")
+    deps = deps_lib.analyze(model, variables, data[:1], train=False)
+    kwargs = dict(method="ft", keep_ratio=0.4, apply_kwargs={"train": False}, chunk_size=8)
+    best = sp.prune(model, variables, data, **kwargs)
+    joint = sp.prune(model, variables, data, method_options={"joint": "mean", "round_to": 4}, **kwargs)
+
+    def widths(masks):
+        params = sp.shrink(model, variables, masks, deps=deps, check=False, train=False).params
+        return {layer.name: sp.paths.get_kernel(params, layer).shape[-1] for layer in deps.layers}
+
+    stem = deps.layers[0].name  # conv1 writes the first residual stream
+    w = widths(joint.masks)
+    # Best member: a stream channel goes only when all 4 producers rank it out, so the stream stays wider
+    # than the blocks' inner convs; joint='mean' cuts stream and inner convs alike.
+    assert widths(best.masks)[stem] > w[stem]
+    assert len({w[layer.name] for layer in deps.layers[:7]}) == 1  # stage 1: stem + 3 blocks x 2 convs
+    assert all(n % 4 == 0 or n == layer.out_channels for layer, n in zip(deps.layers, w.values()))
+    # Aligned at selection time, so shrinking with round_to=4 adds no channels.
+    assert sp.predict_param_count(deps, variables["params"], joint.masks, round_to=4) == sp.predict_param_count(
+        deps, variables["params"], joint.masks
+    )
+    shrunk = sp.shrink(model, variables, joint.masks, x=data[:4], deps=deps, train=False)  # checks outputs
+    assert sp.count_params(shrunk.params) == sp.predict_param_count(deps, variables["params"], joint.masks)
+
+
+def test_joint_scores_against_a_loop_over_groups():
+    """joint_scores = mean of per-layer-normalised producer scores over each group (NumPy loop over Group objects)."""
+    from sensprune import filter_norm
+
+    model, variables, data = _setup("catres")
+    layers = sp.find_layers(model, variables, data[:1])
+    ctx = sp.PruneContext(model=model, variables=variables, layers=layers, data=data)
+    rng = np.random.default_rng(1)
+    scores = {layer.name: rng.uniform(0.1, 5.0, layer.out_channels) for layer in layers}
+    got = filter_norm.joint_scores(ctx, scores)
+    deps = ctx.dependencies()
+    for group in deps.groups:
+        members = [scores[n][f] / np.mean(scores[n]) for n, fs in group.producers.items() for f in fs]
+        for name, filters in group.producers.items():
+            np.testing.assert_allclose(got[name][filters], np.mean(members), rtol=1e-12)
+
+
+def test_method_options_are_checked():
+    model, variables, data = _setup("resnet20")
+    kwargs = dict(method="ft", keep_ratio=0.5, apply_kwargs={"train": False})
+    with pytest.raises(ValueError, match=r"method_options: \['nope'\].*allowed: joint, round_to"):
+        sp.prune(model, variables, data, method_options={"nope": 1}, **kwargs)
+    with pytest.raises(ValueError, match="joint must be one of 'best', 'mean'"):
+        sp.prune(model, variables, data, method_options={"joint": "max"}, **kwargs)
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        sp.prune(model, variables, data, method_options={"round_to": 0}, **kwargs)
+    with pytest.raises(ValueError, match="allowed: none"):
+        sp.prune(model, variables, data, method="wt", keep_ratio=0.5, method_options={"joint": "mean"})
+    assert sp.method_options("softnet") == {"joint": "best", "round_to": 1}
