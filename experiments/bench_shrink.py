@@ -9,8 +9,8 @@ default device: median wall time of ``repeats`` forward passes after a warm-up.
 The FLOP ratio is ``dense FLOPs / pruned FLOPs`` (multiply-accumulates of the
 Dense/Conv layers); the target is a speed-up of at least 0.8x the FLOP ratio.
 
-A control follows (skip with ``--no_control``): ResNet20 built natively narrower (width 16, 12, 8,
-4; no pruning, no interceptor), timed the same way. It shows how far the device turns fewer FLOPs
+A control follows (skip with ``--no_control``): ResNet20 built natively narrower (width 12, 8, 4;
+no pruning, no interceptor), timed in the same round-robin as the dense and shrunk nets. It shows how far the device turns fewer FLOPs
 into less time when only channel counts change, which bounds what any shrinking can reach.
 """
 
@@ -47,17 +47,33 @@ def _time_all(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _narrow_net(name: str, width: int, x: np.ndarray) -> tuple[Callable[[], Any], int]:
+    """A natively narrower zoo net (``width``): its timed forward and its FLOPs."""
+    model = get_model(name, 10, width=width)
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return (lambda: fn(variables, x)), sp.dense_flops(sp.find_layers(model, variables, x[:1], train=False))
+
+
 def bench_model(
     name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None, round_to: int = 1,
-    method_options=None,
-) -> list[dict]:
-    """Rows ``{model, keep_ratio, flop_ratio, dense_s, shrunk_s, speedup, ...}`` for one network."""
+    method_options=None, control_widths=(),
+) -> tuple[list[dict], list[dict]]:
+    """Rows ``{model, keep_ratio, flop_ratio, dense_s, shrunk_s, speedup, ...}`` for one network, and
+    control rows ``{model, width, flop_ratio, seconds, speedup, ...}``.
+
+    The control is the same network built natively narrower (zoo ``width``), with no pruning or
+    shrinking: what XLA on this device makes of fewer FLOPs when nothing but the widths change (if a
+    dense net with 4x fewer FLOPs is not 4x faster, a shrunk one cannot be either). Dense, shrunk and
+    control nets are timed in one round-robin.
+    """
     model = get_model(name, 10, **(width_kwargs or {}))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1])
     dense_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
     deps = sp.analyze_dependencies(model, variables, x[:1], train=False)
+    dense_flops = sp.dense_flops(deps.layers)
     pruned = []
     for keep in keeps:
         res = sp.prune(
@@ -70,7 +86,9 @@ def bench_model(
     for _, shrunk in pruned:
         small_fn = jax.jit(lambda v, x, m=shrunk.model: m.apply(v, x, train=False))
         fns.append(lambda f=small_fn, v=shrunk.variables: f(v, x))
-    dense_s, *shrunk_times = _time_all(fns, repeats)
+    narrow = [_narrow_net(name, width, x) for width in control_widths]
+    dense_s, *times = _time_all(fns + [fn for fn, _ in narrow], repeats)
+    shrunk_times, control_times = times[: len(pruned)], times[len(pruned):]
     rows = []
     for (res, shrunk), shrunk_s in zip(pruned, shrunk_times):
         flop_ratio = res.flops_dense / max(res.flops, 1)
@@ -87,34 +105,16 @@ def bench_model(
             "flop_ratio": round(flop_ratio, 3), "shrunk_flop_ratio": round(shrunk_flop_ratio, 3), "dense_s": round(dense_s, 5), "shrunk_s": round(shrunk_s, 5),
             "speedup": round(speedup, 3), "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
         })
-    return rows
+    controls = []
+    for width, (_, flops), seconds in zip(control_widths, narrow, control_times):
+        ratio, speedup = dense_flops / flops, dense_s / seconds
+        controls.append({"model": name, "width": width, "batch": batch, "flop_ratio": round(ratio, 3),
+                         "seconds": round(seconds, 5), "speedup": round(speedup, 3),
+                         "speedup_over_flop_ratio": round(speedup / ratio, 3)})
+    return rows, controls
 
 
-CONTROL_WIDTHS = {"resnet20": (16, 12, 8, 4)}
-
-
-def bench_widths(name: str, widths, *, batch: int, repeats: int) -> list[dict]:
-    """Control: the same network built natively narrower (zoo ``width``), no pruning or shrinking.
-
-    Shows what XLA on this device makes of fewer FLOPs when nothing but the widths change: if a
-    dense net with 4x fewer FLOPs is not 4x faster, a shrunk one cannot be either.
-    """
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
-    fns, flop_counts = [], []
-    for width in widths:
-        model = get_model(name, 10, width=width)
-        variables = model.init(jax.random.PRNGKey(0), x[:1])
-        fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
-        fns.append(lambda fn=fn, v=variables: fn(v, x))
-        flop_counts.append(sp.dense_flops(sp.find_layers(model, variables, x[:1], train=False)))
-    rows, base = [], None
-    for width, seconds, flops in zip(widths, _time_all(fns, repeats), flop_counts):
-        base = base or (seconds, flops)
-        rows.append({"model": name, "width": width, "batch": batch, "flop_ratio": round(base[1] / flops, 3),
-                     "seconds": round(seconds, 5), "speedup": round(base[0] / seconds, 3),
-                     "speedup_over_flop_ratio": round(base[0] / seconds / (base[1] / flops), 3)})
-    return rows
+CONTROL_WIDTHS = {"resnet20": (12, 8, 4)}
 
 
 def main(argv=None) -> list[dict]:
@@ -146,26 +146,27 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--models: unknown {unknown}; allowed: {', '.join(plan)}")
     plan = {name: plan[name] for name in names}
     widths = {"resnet20": {"width": 8}, "vgg16_bn": {"cfg": (8, "M", 16, "M", 16, "M", 32, "M", 32, "M")}} if args.quick else {}
-    rows = []
+    rows, controls = [], []
     print(f"{'model':10s} {'keep':>6s} {'params':>10s} {'FLOP x':>7s} {'shrunk FLOP x':>13s} {'dense ms':>9s} {'shrunk ms':>9s} "
           f"{'speed-up':>8s} {'/FLOP x':>7s}")
     for name, keeps in plan.items():
-        for row in bench_model(name, keeps, method=args.method, batch=batch, repeats=repeats,
-                               width_kwargs=widths.get(name), round_to=args.round_to,
-                               method_options=method_options):
+        control_widths = () if args.quick or args.no_control else CONTROL_WIDTHS.get(name, ())
+        model_rows, model_controls = bench_model(
+            name, keeps, method=args.method, batch=batch, repeats=repeats, width_kwargs=widths.get(name),
+            round_to=args.round_to, method_options=method_options, control_widths=control_widths,
+        )
+        for row in model_rows:
             rows.append(row)
             print(f"{row['model']:10s} {row['keep_ratio']:6.3f} {row['params_shrunk']:10d} {row['flop_ratio']:7.2f} {row['shrunk_flop_ratio']:13.2f} "
                   f"{1e3 * row['dense_s']:9.2f} {1e3 * row['shrunk_s']:9.2f} {row['speedup']:8.2f} "
                   f"{row['speedup_over_flop_ratio']:7.2f}", flush=True)
-    controls = []
-    if not args.quick and not args.no_control:
-        print(f"\ncontrol: dense nets built narrower (no pruning)\n{'model':10s} {'width':>6s} {'FLOP x':>7s} "
-              f"{'ms':>9s} {'speed-up':>8s} {'/FLOP x':>7s}")
-        for name in names:
-            for row in bench_widths(name, CONTROL_WIDTHS.get(name, ()), batch=batch, repeats=repeats):
-                controls.append(row)
-                print(f"{row['model']:10s} {row['width']:6d} {row['flop_ratio']:7.2f} {1e3 * row['seconds']:9.2f} "
-                      f"{row['speedup']:8.2f} {row['speedup_over_flop_ratio']:7.2f}", flush=True)
+        controls += model_controls
+    if controls:
+        print(f"\ncontrol: dense nets built narrower (no pruning), timed with the rows above\n{'model':10s} {'width':>6s} "
+              f"{'FLOP x':>7s} {'ms':>9s} {'speed-up':>8s} {'/FLOP x':>7s}")
+        for row in controls:
+            print(f"{row['model']:10s} {row['width']:6d} {row['flop_ratio']:7.2f} {1e3 * row['seconds']:9.2f} "
+                  f"{row['speedup']:8.2f} {row['speedup_over_flop_ratio']:7.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"controls": controls, "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}",

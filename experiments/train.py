@@ -553,10 +553,12 @@ def _train_step_fn(
 
 
 _train_step = jax.jit(_train_step_fn, static_argnames=_STEP_STATIC)
+# The same step, reusing the input state's buffers for the output state (the loop in :func:`train`).
+_train_step_donated = jax.jit(_train_step_fn, static_argnames=_STEP_STATIC, donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_train_step(mesh: Any, **static: Any) -> Callable[..., Any]:
+def _sharded_train_step(mesh: Any, donate: bool = False, **static: Any) -> Callable[..., Any]:
     """:func:`_train_step_fn` with its static arguments bound, jitted for
     ``mesh``: batch split over its data axis, state, key and metrics
     replicated (XLA all-reduces the gradients and batch statistics).
@@ -567,6 +569,7 @@ def _sharded_train_step(mesh: Any, **static: Any) -> Callable[..., Any]:
     jitted = jax.jit(
         functools.partial(_train_step_fn, **static),
         in_shardings=(rep, batch, batch, rep), out_shardings=(rep, rep),
+        donate_argnums=(0,) if donate else (),
     )
     return functools.partial(jitted)
 
@@ -600,6 +603,7 @@ def make_train_step(
     masked: bool = False,
     augment_fn: Optional[AugmentFn] = None,
     mesh: Any = None,
+    donate: bool = False,
 ) -> Callable[[TrainState, Any, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted ``step(state, batch_x, batch_y, key) -> (state, metrics)``.
 
@@ -613,6 +617,10 @@ def make_train_step(
     With ``mesh`` (``sensprune.sharding.data_mesh()``) the step runs
     data-parallel: pass batches split over the data axis and a replicated
     state (:func:`shard_state`); it returns a replicated state and metrics.
+
+    With ``donate=True`` the input state's buffers are donated to the output
+    state (no new params / optimizer state / masks are allocated per step);
+    the state passed in must not be used again.
     """
     cfg = as_train_config(cfg)
     opt_cfg = _opt_key(cfg)
@@ -624,8 +632,8 @@ def make_train_step(
         compute_dtype=cfg.dtype,
     )
     if mesh is not None:
-        return _sharded_train_step(mesh, **static)
-    return functools.partial(_train_step, **static)
+        return _sharded_train_step(mesh, bool(donate), **static)
+    return functools.partial(_train_step_donated if donate else _train_step, **static)
 
 
 def train_step(
@@ -838,7 +846,8 @@ def train(
 
     Args:
       model: flax.linen module with ``__call__(x, train: bool)``.
-      state: start state (not modified; no buffers are donated).
+      state: start state (not modified: the loop runs on a copy, whose
+        buffers every step donates to the next).
       data_x, data_y: training examples ``[N, ...]`` and integer labels ``[N]``
         (host arrays; batches are gathered on the host).
       cfg: training config (see :func:`as_train_config`).
@@ -846,7 +855,9 @@ def train(
       end_epoch: stop after this epoch (exclusive), e.g. to train in pieces.
       on_epoch_end: ``fn(epoch, state, metrics)`` after every epoch, with the
         epoch just finished (0-based; the next run starts at ``epoch + 1``) and
-        its mean ``loss``, ``accuracy`` and last ``lr``. Checkpoint here.
+        its mean ``loss``, ``accuracy`` and last ``lr``. Checkpoint here,
+        synchronously: the next step donates this state's buffers, so copy
+        (``jax.tree.map(jnp.copy, state)``) what you keep beyond the call.
       on_log: ``fn(global_step, metrics)`` every ``log_every`` steps with the
         metrics of that step (host floats).
       augment_fn: overrides the config's augmentation (``fn(key, x) -> x``).
@@ -871,9 +882,11 @@ def train(
             f"{sharding_lib.mesh_size(mesh)} devices of the mesh"
         )
     state = _committed(state) if mesh is None else shard_state(state, mesh)
+    # Steps donate their input state; this copy keeps the caller's arrays alive.
+    state = jax.tree.map(jnp.copy, state)
     step_fn = make_train_step(
         model, cfg, run.spe, masked=_has_mask_state(state.opt_state), augment_fn=augment_fn,
-        mesh=mesh,
+        mesh=mesh, donate=True,
     )
     base_key = shard_state(jax.random.key(seed), mesh)
     total = (run.end_epoch - run.first_epoch) * run.spe

@@ -273,6 +273,29 @@ def test_masked_training_keeps_pruned_weights_zero():
     assert masking.get_masks(out.opt_state) is not None
 
 
+def test_train_donates_only_its_own_copy():
+    """The loop's steps donate their state (buffers really reused), never the caller's state."""
+    x, y = blobs()
+    cfg = T.as_train_config({**BASE, "num_epochs": 1})
+    spe = T.steps_per_epoch(len(x), cfg)
+    state = T.create_state(MODEL, jax.random.key(0), x.shape[1:], cfg, spe)
+    before = jax.device_get(state)
+    first = T.train(MODEL, state, x, y, cfg, seed=0, **KW)
+    again = T.train(MODEL, state, x, y, cfg, seed=0, **KW)  # the input is still alive and unchanged
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    step = T.make_train_step(MODEL, cfg, spe, donate=True)
+    copy = jax.tree.map(jnp.copy, state)
+    out, _ = step(copy, jnp.asarray(x[:8]), jnp.asarray(y[:8]), jax.random.key(1))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(copy.params))
+    plain, _ = T.make_train_step(MODEL, cfg, spe)(state, jnp.asarray(x[:8]), jnp.asarray(y[:8]), jax.random.key(1))
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_evaluate_pads_last_batch():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(23, 6, 6, 2)).astype(np.float32)
