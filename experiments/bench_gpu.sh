@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerator benchmarks in one go, each step under its own time limit:
-#   1. shrunk vs dense inference (ResNet20, VGG16; batch 256), channel counts as pruned and rounded up to 8;
+#   1. shrunk vs dense inference (ResNet20, VGG16; batch 256), plain ft and ft with stream-aware counts aligned to 8;
 #   2. the benchmark suite (experiments/bench.py), one process per network so each writes its JSON.
 # Usage (from the repository root, on the machine with the accelerator):
 #   OUT=bench_gpu bash experiments/bench_gpu.sh
@@ -21,7 +21,7 @@ log "environment"
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" >>"$OUT/log.txt" 2>&1
 nvidia-smi -L >>"$OUT/log.txt" 2>&1 || true
 step "${SHRINK_S:-90}" experiments.bench_shrink --repeats=20 --json="$OUT/shrink.json"
-step "${SHRINK8_S:-60}" experiments.bench_shrink --repeats=20 --round_to=8 --json="$OUT/shrink_round8.json"
+step "${SHRINK8_S:-60}" experiments.bench_shrink --repeats=20 --round_to=8 --method_options='{"joint": "mean", "round_to": 8}' --json="$OUT/shrink_joint8.json"
 for spec in ${BENCH_MODELS:-lenet300_100:60 resnet20:170 resnet56:150}; do
     model=${spec%%:*}
     step "${BENCH_S:-${spec##*:}}" experiments.bench --models="$model" --device_models="$model" --memory_models="$model" \
