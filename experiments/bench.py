@@ -774,6 +774,11 @@ def device_scaling(
         env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={int(count)} "
                             "--xla_cpu_collective_timeout_seconds=900 "
                             "--xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
+        if int(count) > 1 and "PJRT_NPROC" not in os.environ:
+            # XLA:CPU runs every forced device's work, and each device's wait in an all-reduce, on one
+            # intra-op pool sized by the core count: with fewer cores than waiting devices the device
+            # that must arrive gets no thread (ResNet20 on 2 cores hung until the rendezvous timeout).
+            env["PJRT_NPROC"] = str(max(os.cpu_count() or 1, 4 * int(count)))
         args = dict(opts, models=list(models), memory_fractions=opts["memory_fractions"] if count == counts[0] else ())
         code = "import json, sys; from experiments.bench import _device_worker; print(json.dumps(_device_worker(json.loads(sys.argv[1]))))"
         logging.info("[7] %d forced host device(s): %s", count, ", ".join(models))

@@ -30,6 +30,8 @@ def four_devices():
     # it much later than the others: wait instead of aborting (the default is far shorter).
     env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4 " + " ".join(
         f"--xla_cpu_collective{kind}_timeout_seconds=900" for kind in ("", "_call_terminate"))).strip()
+    # A device waiting in an all-reduce holds an intra-op thread; size the pool for all 4 (2-core CI).
+    env.setdefault("PJRT_NPROC", "16")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharding_check"], cwd=ROOT, env=env,
