@@ -4,7 +4,9 @@ A method is a selection function ``select(ctx, budget, key) -> Selection`` that
 keeps about ``budget`` kernel entries of the prunable layers. Everything else
 (budget accounting, the keep-ratio search, building masks and pruned params,
 statistics) is shared by :func:`sensprune.prune`. Add your own with
-:func:`register_method`.
+:func:`register_method`. Keyword-only parameters of ``select`` with defaults
+are the method's options (:func:`method_options`), passed through
+``prune(..., method_options={...})``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class Method:
 
     Attributes:
       name: registry key.
-      select: ``select(ctx, budget, key) -> Selection``.
+      select: ``select(ctx, budget, key, **options) -> Selection``.
       structured: True for filter/channel methods (masks whole input channels).
       stochastic: True if ``select`` needs a ``jax.random`` key.
       needs_labels: True if the method needs labels and a loss (e.g. SNIP).
