@@ -456,7 +456,7 @@ def prune(
       layers: precomputed :func:`find_layers` result (optional).
       **options: further :func:`sensprune.prune` options (``delta``,
         ``c_constant``, ``chunk_size``, ``reference_size``, ``rtol``,
-        ``protect_input_channels``).
+        ``protect_input_channels``, ``method_options``).
 
     Returns:
       A :class:`~sensprune.types.PruneResult` whose ``params`` and ``masks``
