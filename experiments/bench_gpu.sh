@@ -4,6 +4,7 @@
 #   2. the benchmark suite (experiments/bench.py), one process per network so each writes its JSON.
 # Usage (from the repository root, on the machine with the accelerator):
 #   OUT=bench_gpu bash experiments/bench_gpu.sh
+# Limits: SHRINK_S, SHRINK8_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g. "resnet56:400" alone).
 # Writes $OUT/log.txt and one JSON per step. Needs nothing beyond requirements.txt (the CUDA jax build on a GPU).
 set -u
 OUT=${OUT:-bench_gpu}
@@ -11,8 +12,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 log() { echo "== $(date -u +%T) $*" | tee -a "$OUT/log.txt"; }
-step() {  # step SECONDS ARGS...: one python -m call under a time limit, output appended to the log
+step() {  # step SECONDS ARGS...: one python -m call under a time limit (0: skipped), output appended to the log
     local limit=$1; shift
+    if [ "$limit" = 0 ]; then log "skipped: $*"; return; fi
     log "$* (limit ${limit}s)"
     timeout "$limit" "$PY" -m "$@" >>"$OUT/log.txt" 2>&1 || log "exit $? for: $*"
     pkill -f "experiments.bench import _device_worker" 2>/dev/null || true  # a timed-out step's worker
