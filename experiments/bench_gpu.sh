@@ -4,7 +4,7 @@
 #   2. the benchmark suite (experiments/bench.py), one process per network so each writes its JSON.
 # Usage (from the repository root, on the machine with the accelerator):
 #   OUT=bench_gpu bash experiments/bench_gpu.sh
-# Limits: SHRINK_S, SHRINK8_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g. "resnet56:400" alone).
+# Limits: SHRINK_S, SHRINK8_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g. "resnet56:400" alone; "" for none).
 # Writes $OUT/log.txt and one JSON per step. Needs nothing beyond requirements.txt (the CUDA jax build on a GPU).
 set -u
 OUT=${OUT:-bench_gpu}
@@ -24,7 +24,7 @@ log "environment"
 nvidia-smi -L >>"$OUT/log.txt" 2>&1 || true
 step "${SHRINK_S:-90}" experiments.bench_shrink --repeats=20 --json="$OUT/shrink.json"
 step "${SHRINK8_S:-60}" experiments.bench_shrink --repeats=20 --round_to=8 --method_options='{"joint": "mean", "round_to": 8}' --json="$OUT/shrink_joint8.json"
-for spec in ${BENCH_MODELS:-lenet300_100:60 resnet20:170 resnet56:150}; do
+for spec in ${BENCH_MODELS-lenet300_100:60 resnet20:170 resnet56:150}; do
     model=${spec%%:*}
     step "${BENCH_S:-${spec##*:}}" experiments.bench --models="$model" --device_models="$model" --memory_models="$model" \
         --device_counts="${DEVICE_COUNTS-1}" --repeats=7 --budget_s=5 --json="$OUT/bench_$model.json"
