@@ -9,8 +9,9 @@ default device: median wall time of ``repeats`` forward passes after a warm-up.
 The FLOP ratio is ``dense FLOPs / pruned FLOPs`` (multiply-accumulates of the
 Dense/Conv layers); the target is a speed-up of at least 0.8x the FLOP ratio.
 
-A control follows (skip with ``--no_control``): ResNet20 built natively narrower (width 12, 8, 4;
-no pruning, no interceptor), timed in the same round-robin as the dense and shrunk nets. It shows how far the device turns fewer FLOPs
+A control follows (skip with ``--no_control``): each network built natively narrower (every width
+times 0.75, 0.5, 0.25; no pruning, no interceptor), timed in the same round-robin as the dense and
+shrunk nets. It shows how far the device turns fewer FLOPs
 into less time when only channel counts change, which bounds what any shrinking can reach.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 
 import sensprune as sp
 from experiments.models import get_model
+from experiments.models.vgg import CFGS
 
 FULL = {"resnet20": (0.5, 0.3, 0.15), "vgg16_bn": (0.5, 0.25, 0.1)}
 QUICK = {"resnet20": (0.3,), "vgg16_bn": (0.25,)}
@@ -47,9 +49,16 @@ def _time_all(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def _narrow_net(name: str, width: int, x: np.ndarray) -> tuple[Callable[[], Any], int]:
-    """A natively narrower zoo net (``width``): its timed forward and its FLOPs."""
-    model = get_model(name, 10, width=width)
+def _narrow_kwargs(name: str, fraction: float) -> dict[str, Any]:
+    """Zoo kwargs that scale every width of ``name`` (default widths) by ``fraction``."""
+    if name.startswith("vgg"):
+        return {"cfg": tuple(v if v == "M" else max(1, round(v * fraction)) for v in CFGS["D"])}
+    return {"width": max(1, round(16 * fraction))}
+
+
+def _narrow_net(name: str, fraction: float, x: np.ndarray) -> tuple[Callable[[], Any], int]:
+    """A natively narrower zoo net (widths times ``fraction``): its timed forward and its FLOPs."""
+    model = get_model(name, 10, **_narrow_kwargs(name, fraction))
     variables = model.init(jax.random.PRNGKey(0), x[:1])
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
     return (lambda: fn(variables, x)), sp.dense_flops(sp.find_layers(model, variables, x[:1], train=False))
@@ -57,12 +66,13 @@ def _narrow_net(name: str, width: int, x: np.ndarray) -> tuple[Callable[[], Any]
 
 def bench_model(
     name: str, keeps, *, method: str, batch: int, repeats: int, width_kwargs=None, round_to: int = 1,
-    method_options=None, control_widths=(),
+    method_options=None, control_fractions=(),
 ) -> tuple[list[dict], list[dict]]:
     """Rows ``{model, keep_ratio, flop_ratio, dense_s, shrunk_s, speedup, ...}`` for one network, and
-    control rows ``{model, width, flop_ratio, seconds, speedup, ...}``.
+    control rows ``{model, fraction, flop_ratio, seconds, speedup, ...}``.
 
-    The control is the same network built natively narrower (zoo ``width``), with no pruning or
+    The control is the same network built natively narrower (default widths times each of
+    ``control_fractions``), with no pruning or
     shrinking: what XLA on this device makes of fewer FLOPs when nothing but the widths change (if a
     dense net with 4x fewer FLOPs is not 4x faster, a shrunk one cannot be either). Dense, shrunk and
     control nets are timed in one round-robin.
@@ -86,7 +96,7 @@ def bench_model(
     for _, shrunk in pruned:
         small_fn = jax.jit(lambda v, x, m=shrunk.model: m.apply(v, x, train=False))
         fns.append(lambda f=small_fn, v=shrunk.variables: f(v, x))
-    narrow = [_narrow_net(name, width, x) for width in control_widths]
+    narrow = [_narrow_net(name, fraction, x) for fraction in control_fractions]
     dense_s, *times = _time_all(fns + [fn for fn, _ in narrow], repeats)
     shrunk_times, control_times = times[: len(pruned)], times[len(pruned):]
     rows = []
@@ -106,15 +116,15 @@ def bench_model(
             "speedup": round(speedup, 3), "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
         })
     controls = []
-    for width, (_, flops), seconds in zip(control_widths, narrow, control_times):
+    for fraction, (_, flops), seconds in zip(control_fractions, narrow, control_times):
         ratio, speedup = dense_flops / flops, dense_s / seconds
-        controls.append({"model": name, "width": width, "batch": batch, "flop_ratio": round(ratio, 3),
+        controls.append({"model": name, "fraction": fraction, "batch": batch, "flop_ratio": round(ratio, 3),
                          "seconds": round(seconds, 5), "speedup": round(speedup, 3),
                          "speedup_over_flop_ratio": round(speedup / ratio, 3)})
     return rows, controls
 
 
-CONTROL_WIDTHS = {"resnet20": (12, 8, 4)}
+CONTROL_FRACTIONS = (0.75, 0.5, 0.25)
 
 
 def main(argv=None) -> list[dict]:
@@ -150,10 +160,10 @@ def main(argv=None) -> list[dict]:
     print(f"{'model':10s} {'keep':>6s} {'params':>10s} {'FLOP x':>7s} {'shrunk FLOP x':>13s} {'dense ms':>9s} {'shrunk ms':>9s} "
           f"{'speed-up':>8s} {'/FLOP x':>7s}")
     for name, keeps in plan.items():
-        control_widths = () if args.quick or args.no_control else CONTROL_WIDTHS.get(name, ())
+        control_fractions = () if args.quick or args.no_control else CONTROL_FRACTIONS
         model_rows, model_controls = bench_model(
             name, keeps, method=args.method, batch=batch, repeats=repeats, width_kwargs=widths.get(name),
-            round_to=args.round_to, method_options=method_options, control_widths=control_widths,
+            round_to=args.round_to, method_options=method_options, control_fractions=control_fractions,
         )
         for row in model_rows:
             rows.append(row)
@@ -162,10 +172,10 @@ def main(argv=None) -> list[dict]:
                   f"{row['speedup_over_flop_ratio']:7.2f}", flush=True)
         controls += model_controls
     if controls:
-        print(f"\ncontrol: dense nets built narrower (no pruning), timed with the rows above\n{'model':10s} {'width':>6s} "
+        print(f"\ncontrol: dense nets built narrower (no pruning), timed with the rows above\n{'model':10s} {'widths':>6s} "
               f"{'FLOP x':>7s} {'ms':>9s} {'speed-up':>8s} {'/FLOP x':>7s}")
         for row in controls:
-            print(f"{row['model']:10s} {row['width']:6d} {row['flop_ratio']:7.2f} {1e3 * row['seconds']:9.2f} "
+            print(f"{row['model']:10s} {row['fraction']:6.2f} {row['flop_ratio']:7.2f} {1e3 * row['seconds']:9.2f} "
                   f"{row['speedup']:8.2f} {row['speedup_over_flop_ratio']:7.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

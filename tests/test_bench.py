@@ -93,9 +93,9 @@ def test_bench_shrink_quick_rows_and_width_control(tmp_path):
     saved = json.loads((tmp_path / "shrink.json").read_text())
     assert saved["rows"][0]["keep_ratio"] == r["keep_ratio"] and "cpu" in saved["device"]
     rows, control = bench_shrink.bench_model(
-        "resnet20", (0.5,), method="ft", batch=2, repeats=1, width_kwargs={"width": 8}, control_widths=(8, 4),
+        "resnet20", (0.5,), method="ft", batch=2, repeats=1, width_kwargs={"width": 8}, control_fractions=(0.5, 0.25),
         method_options={"joint": "mean", "round_to": 4}, round_to=4,
     )
-    assert [c["width"] for c in control] == [8, 4]
+    assert [c["fraction"] for c in control] == [0.5, 0.25]  # of the default width 16: 8 and 4
     assert control[0]["flop_ratio"] == 1.0 and 3.0 < control[1]["flop_ratio"] < 4.5  # ~quadratic in width
     assert rows[0]["method_options"] == {"joint": "mean", "round_to": 4} and rows[0]["flop_ratio"] > 1.2
