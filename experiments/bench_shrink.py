@@ -29,7 +29,6 @@ import numpy as np
 
 import sensprune as sp
 from experiments.models import get_model
-from experiments.models.vgg import CFGS
 
 FULL = {"resnet20": (0.5, 0.3, 0.15), "vgg16_bn": (0.5, 0.25, 0.1)}
 QUICK = {"resnet20": (0.3,), "vgg16_bn": (0.25,)}
@@ -50,10 +49,11 @@ def _time_all(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
 
 
 def _narrow_kwargs(name: str, fraction: float) -> dict[str, Any]:
-    """Zoo kwargs that scale every width of ``name`` (default widths) by ``fraction``."""
-    if name.startswith("vgg"):
-        return {"cfg": tuple(v if v == "M" else max(1, round(v * fraction)) for v in CFGS["D"])}
-    return {"width": max(1, round(16 * fraction))}
+    """Zoo kwargs that scale every width of ``name`` (its default ``cfg`` or ``width``) by ``fraction``."""
+    base = get_model(name, 10)
+    if hasattr(base, "cfg"):  # VGG: a width per conv
+        return {"cfg": tuple(v if v == "M" else max(1, round(v * fraction)) for v in base.cfg)}
+    return {"width": max(1, round(base.width * fraction))}
 
 
 def _narrow_net(name: str, fraction: float, x: np.ndarray) -> tuple[Callable[[], Any], int]:
