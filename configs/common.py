@@ -105,6 +105,9 @@ def experiment(
     # Data-parallel devices: -1 = every device (of every process), n = the first n. Batch sizes
     # must be multiples of it. Runtime only: a run may resume with another value.
     config.mesh_devices = -1
+    # Size of a 'model' mesh axis that params, masks and optimizer state are split over (FSDP-style,
+    # each device stores 1/mesh_model of them); 1 = replicated. Must divide the device count.
+    config.mesh_model = 1
     # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() on every host.
     config.multihost = False
     return config

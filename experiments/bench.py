@@ -722,12 +722,32 @@ def _device_worker(args: Mapping[str, Any]) -> dict[str, Any]:
         }
         if jax.device_count() == 1:
             cases["sipp_pass_no_mesh"] = Case(pass_fn("mean", data, None))
+        state_bytes = {"replicated": _device0_bytes(state)}
+        if jax.device_count() % 2 == 0 and m["train_batch"] % (jax.device_count() // 2) == 0:
+            # The same step with params / optimizer state split over a 'model' axis of 2 devices.
+            mesh2 = sharding.data_mesh(model=2)
+            state2 = train_lib.shard_state(state, mesh2)
+            step2 = train_lib.make_train_step(model, cfg, 1, mesh=mesh2)
+            bx2, by2 = sharding.shard_batch(jax.device_get((bx, by)), mesh2)
+            tkey2 = sharding.replicate(jax.random.PRNGKey(2), mesh2)
+            cases["train_step_model2"] = Case(lambda: step2(state2, bx2, by2, tkey2))
+            state_bytes["model2"] = _device0_bytes(state2)
         timing, _ = measure(cases, args["repeats"], args["min_repeats"], args["budget_s"])
-        entry: dict[str, Any] = {"points": len(data), "chunk_size": chunk, "train_batch": m["train_batch"], **timing}
+        entry: dict[str, Any] = {"points": len(data), "chunk_size": chunk, "train_batch": m["train_batch"],
+                                 "state_bytes_per_device": state_bytes, **timing}
         if args.get("memory_fractions") and name in args.get("memory_models", ()):
             entry["memory_vs_points"] = _memory_vs_points(m, chunk, args["memory_fractions"])
         out["models"][name] = entry
     return out
+
+
+def _device0_bytes(tree: Any) -> int:
+    """Bytes of ``tree``'s arrays that live on the first device of their sharding."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        first = min(leaf.sharding.device_set, key=lambda d: d.id)
+        total += sum(shard.data.nbytes for shard in leaf.addressable_shards if shard.device == first)
+    return total
 
 
 def _memory_vs_points(m: Mapping[str, Any], chunk: int, fractions: Sequence[float]) -> list[dict[str, Any]]:
@@ -986,7 +1006,7 @@ def _device_lines(devices: Optional[Mapping[str, Any]]) -> list[str]:
     base: dict[tuple[str, str], float] = {}
     for count, res in devices.items():
         if "error" in res:
-            rows.append([f"{count}", "-", "worker failed (see JSON)", "-", "-", "-", "-", "-"])
+            rows.append([f"{count}", "-", "worker failed (see JSON)", "-", "-", "-", "-", "-", "-", "-"])
             continue
         for name, e in res["models"].items():
             for key in ("sipp_pass", "pfp_pass", "train_step"):
@@ -997,9 +1017,13 @@ def _device_lines(devices: Optional[Mapping[str, Any]]) -> list[str]:
                 *(f"{_fmt_t(e[k]['median_s'])} ({base[(name, k)] / e[k]['median_s']:.2f}x)"
                   for k in ("sipp_pass", "pfp_pass", "train_step")),
                 _fmt_t(e["sipp_pass_no_mesh"]["median_s"]) if "sipp_pass_no_mesh" in e else "-",
+                _fmt_t(e["train_step_model2"]["median_s"]) if "train_step_model2" in e else "-",
+                " / ".join(_fmt_b(e.get("state_bytes_per_device", {}).get(k)) for k in ("replicated", "model2")
+                           if k in e.get("state_bytes_per_device", {})) or "-",
             ])
     lines.append(_table(["devices", "model", "device", "|S|", "SiPP pass (speed-up)", "PFP pass (speed-up)",
-                         "train step (speed-up)", "SiPP no mesh"], rows))
+                         "train step (speed-up)", "SiPP no mesh", "train step, model axis 2",
+                         "state per device (replicated / model 2)"], rows))
     mem_rows = []
     for res in devices.values():
         for name, e in res.get("models", {}).items():

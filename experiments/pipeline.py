@@ -183,30 +183,42 @@ def build(config: Any, workdir: str | Path) -> Experiment:
 
 
 def make_mesh(config: Any) -> Any:
-    """The data-parallel mesh of ``config.mesh_devices`` (-1: every device of every
-    process), or None for a single device in a single process.
+    """The mesh of ``config.mesh_devices`` (-1: every device of every process)
+    with a ``'model'`` axis of ``config.mesh_model`` devices when that is > 1,
+    or None for a single device in a single process.
 
     Raises:
-      ValueError naming the field: a bad device count, or a (re)training batch
-      size that the devices do not divide.
+      ValueError naming the field: a bad device count or model-axis size, or a
+      (re)training batch size that the data axis does not divide.
     """
     count = int(config.get("mesh_devices", -1))
+    model = config.get("mesh_model", 1)
     available = jax.device_count()
     if count != -1 and not 1 <= count <= available:
         raise ValueError(f"config.mesh_devices={count}: expected -1 (all devices) or a count in [1, {available}]")
     if jax.process_count() > 1 and count not in (-1, available):
         raise ValueError(f"config.mesh_devices={count}: multi-host runs use every device (-1 or {available})")
     size = available if count == -1 else count
+    if isinstance(model, bool) or not isinstance(model, int) or model < 1 or size % model:
+        divisors = [d for d in range(1, size + 1) if size % d == 0]
+        raise ValueError(
+            f"config.mesh_model={model!r}: expected a divisor of the {size} devices of the mesh "
+            f"(config.mesh_devices): one of {divisors}"
+        )
     if size == 1 and jax.process_count() == 1:
         return None
+    data = size // model
     for block in ("training", "retraining"):
         batch = int(config[block].batch_size)
-        if batch % size:
+        if batch % data:
             raise ValueError(
-                f"config.{block}.batch_size={batch}: expected a multiple of the {size} devices "
-                "of the data-parallel mesh (config.mesh_devices)"
+                f"config.{block}.batch_size={batch}: expected a multiple of the {data} devices "
+                "of the mesh's data axis (config.mesh_devices / config.mesh_model)"
             )
-    return sp.sharding.data_mesh(size)
+    mesh = sp.sharding.data_mesh(size, model=model)
+    logging.info("mesh %s: batches split over 'data'%s", dict(mesh.shape),
+                 ", params / masks / optimizer state over 'model'" if model > 1 else ", state replicated")
+    return mesh
 
 
 def _steps_per_epoch(exp: Experiment, cfg: train_lib.TrainConfig) -> int:
@@ -528,7 +540,7 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
 
 # Where and on how many devices a run executes; not part of what it computes, so a run
 # may resume on another machine.
-RUNTIME_FIELDS = ("mesh_devices", "multihost")
+RUNTIME_FIELDS = ("mesh_devices", "mesh_model", "multihost")
 
 
 def _check_config_unchanged(exp: Experiment) -> None:

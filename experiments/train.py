@@ -560,15 +560,22 @@ _train_step_donated = jax.jit(_train_step_fn, static_argnames=_STEP_STATIC, dona
 @functools.lru_cache(maxsize=64)
 def _sharded_train_step(mesh: Any, donate: bool = False, **static: Any) -> Callable[..., Any]:
     """:func:`_train_step_fn` with its static arguments bound, jitted for
-    ``mesh``: batch split over its data axis, state, key and metrics
-    replicated (XLA all-reduces the gradients and batch statistics).
+    ``mesh``: batch split over its data axis, key and metrics replicated, the
+    state placed by :func:`sensprune.sharding.param_sharding` (replicated, or
+    split over a ``'model'`` axis) on the way in and out. XLA all-reduces the
+    gradients and batch statistics.
 
     Returned as a ``functools.partial`` (no keywords) like the unsharded step,
     so ``step.func.lower(*args, **step.keywords)`` works on both."""
     rep, batch = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
+
+    def step(state: TrainState, batch_x: jax.Array, batch_y: jax.Array, key: jax.Array):
+        new_state, metrics = _train_step_fn(sharding_lib.constrain_params(state, mesh), batch_x, batch_y, key, **static)
+        return sharding_lib.constrain_params(new_state, mesh), metrics
+
+    # The state's shardings come from its (committed) arrays: shard_state placed them by the same rule.
     jitted = jax.jit(
-        functools.partial(_train_step_fn, **static),
-        in_shardings=(rep, batch, batch, rep), out_shardings=(rep, rep),
+        step, in_shardings=(None, batch, batch, rep), out_shardings=(None, rep),
         donate_argnums=(0,) if donate else (),
     )
     return functools.partial(jitted)
@@ -615,8 +622,9 @@ def make_train_step(
     Compiled once per (model, update rule, augmentation, dtype, shapes).
 
     With ``mesh`` (``sensprune.sharding.data_mesh()``) the step runs
-    data-parallel: pass batches split over the data axis and a replicated
-    state (:func:`shard_state`); it returns a replicated state and metrics.
+    data-parallel: pass batches split over the data axis and a state placed by
+    :func:`shard_state` (replicated, or split over the mesh's ``'model'``
+    axis); it returns the state placed alike and replicated metrics.
 
     With ``donate=True`` the input state's buffers are donated to the output
     state (no new params / optimizer state / masks are allocated per step);
@@ -692,24 +700,28 @@ eval_step = jax.jit(_eval_step_fn, static_argnames=("model", "compute_dtype"))
 @functools.lru_cache(maxsize=64)
 def _sharded_eval_step(mesh: Any, model: Any, compute_dtype: str) -> Callable[..., Any]:
     """:func:`eval_step` for ``mesh``: batch, labels and weights split over the
-    data axis, params replicated, sums replicated."""
+    data axis, params and batch statistics as :func:`shard_state` placed them,
+    sums replicated."""
     rep, batch = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
     return jax.jit(
         functools.partial(_eval_step_fn, model=model, compute_dtype=compute_dtype),
-        in_shardings=(rep, rep, batch, batch, batch), out_shardings=rep,
+        in_shardings=(None, None, batch, batch, batch), out_shardings=rep,
     )
 
 
 def shard_state(tree: PyTree, mesh: Any) -> PyTree:
-    """``tree`` (a :class:`TrainState`, params, ...) replicated over ``mesh``;
-    unchanged when ``mesh`` is None."""
-    return tree if mesh is None else sharding_lib.replicate(tree, mesh)
+    """``tree`` (a :class:`TrainState`, params, ...) placed on ``mesh`` by
+    :func:`sensprune.sharding.shard_params`: replicated, or split over the
+    mesh's ``'model'`` axis; unchanged when ``mesh`` is None."""
+    return tree if mesh is None else sharding_lib.shard_params(tree, mesh)
 
 
 def local_state(tree: PyTree) -> PyTree:
-    """``tree`` (e.g. a replicated :class:`TrainState`) copied to this process's
-    first device: the inverse of :func:`shard_state`."""
-    return _committed(jax.device_get(tree))
+    """``tree`` (e.g. a state placed by :func:`shard_state`) copied whole to
+    this process's first device: the inverse of :func:`shard_state`. Arrays
+    split over a ``'model'`` axis are all-gathered first (multi-host: every
+    process must call this)."""
+    return _committed(jax.device_get(sharding_lib.gather(tree)))
 
 
 def _device_batch(mesh: Any, x: np.ndarray, y: np.ndarray, idx: np.ndarray, *extra: np.ndarray):
@@ -866,9 +878,9 @@ def train(
       mesh: train data-parallel (``sensprune.sharding.data_mesh()``): every
         batch is split over the mesh's data axis (``batch_size`` must be
         divisible by its size; with several processes each gathers only the
-        rows its devices hold), the state is replicated, and the returned
-        state is replicated over ``mesh``. Same numbers as one device, up to
-        float reassociation.
+        rows its devices hold), the state is placed by :func:`shard_state`
+        (replicated, or split over the mesh's ``'model'`` axis) and returned
+        placed alike. Same numbers as one device, up to float reassociation.
     """
     cfg = as_train_config(cfg)
     data_x, data_y = np.asarray(data_x), np.asarray(data_y)

@@ -132,7 +132,7 @@ def prune(
       apply_method, apply_kwargs: forwarded to ``model.apply`` (e.g.
         ``apply_kwargs={'train': False}``).
       mesh: optional ``jax.sharding.Mesh`` (``sensprune.sharding.data_mesh()``):
-        the sensitivity pass runs data-parallel, S split over its data axis.
+        the sensitivity pass runs data-parallel, S split over all its devices.
       method_options: keyword options of the method's select function, e.g.
         ``{'joint': 'mean', 'round_to': 8}`` for ``ft``/``softnet``
         (``sensprune.method_options(method)`` lists them).

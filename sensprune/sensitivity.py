@@ -358,11 +358,13 @@ def compute_sensitivities(
       layers: restrict to these layers (default: :func:`find_layers`).
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
       mesh: a ``jax.sharding.Mesh`` (:func:`sensprune.sharding.data_mesh`) to
-        run data-parallel: each chunk is split over its data axis (padded to a
-        multiple of the axis size by repeating a point), the variables are
-        replicated, and the running max is reduced across devices inside the
-        compiled kernels. The result is replicated and equals the
-        single-device one. ``None``: the default device.
+        run data-parallel: each chunk is split over every device of the mesh
+        (padded to a multiple of the device count by repeating a point), the
+        variables are placed by :func:`sensprune.sharding.shard_params`
+        (replicated, or split over a ``'model'`` axis and gathered per layer),
+        and the running max is reduced across devices inside the compiled
+        kernels. The result is replicated and equals the single-device one.
+        ``None``: the default device.
 
     Returns:
       layer name -> :class:`LayerSensitivity`, maxima over all of ``data``.
@@ -381,12 +383,12 @@ def compute_sensitivities(
     geometry = {layer.name: _geometry(layer) for layer in layers}
     layer_step = _layer_step
     if mesh is not None:
-        variables = sharding.replicate(variables, mesh)
-        layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=sharding.data_axis(mesh))
+        variables = sharding.shard_params(variables, mesh)
+        layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names))
     result: dict[str, LayerSensitivity] = {}
     for chunk in itertools.chain([first], chunks):
         if mesh is not None:
-            chunk = sharding.shard_batch(sharding.pad_to_multiple(chunk, sharding.mesh_size(mesh))[0], mesh)
+            chunk = sharding.shard_points(chunk, mesh)[0]
         inputs = capture(variables, chunk)
         for layer in layers:
             kernel = paths.get_kernel(variables["params"], layer)
@@ -428,11 +430,12 @@ def _sharded_layer_step(
     previous: LayerSensitivity,
     *,
     mesh: Any,
-    axis: str,
+    axis: tuple[str, ...],
 ) -> LayerSensitivity:
-    """:func:`_layer_step` with ``inputs`` split over mesh axis ``axis``: each
-    device reduces its own points, then ``pmax`` over the axis (an all-reduce
-    in the compiled program); kernel, running max and result are replicated."""
+    """:func:`_layer_step` with ``inputs`` split over mesh axes ``axis`` (all of
+    them): each device reduces its own points, then ``pmax`` over the axes (an
+    all-reduce in the compiled program); kernel, running max and result are
+    replicated."""
     from jax.sharding import PartitionSpec as P
 
     def local(kernel, inputs, previous):

@@ -1,11 +1,19 @@
 """Data-parallel helpers over ``jax.make_mesh`` / ``NamedSharding`` (no ``pmap``).
 
-The convention is one mesh axis named ``'data'``: batches (and the points of S)
-are split along their leading axis over it, everything else (params, masks,
-optimizer state, sensitivities) is replicated. Jitted functions given inputs
-with these shardings run SPMD on every device of the mesh; reductions over the
-batch axis (a mean loss, a max over points) become cross-device all-reduces
-inside the compiled program.
+The convention is one mesh axis named ``'data'``: batches are split along their
+leading axis over it, everything else (params, masks, optimizer state,
+sensitivities) is replicated. Jitted functions given inputs with these
+shardings run SPMD on every device of the mesh; reductions over the batch axis
+(a mean loss, a max over points) become cross-device all-reduces inside the
+compiled program.
+
+Optionally a second axis ``'model'`` (``data_mesh(model=k)``: a
+``(devices // k, k)`` mesh): every param-shaped array (params, masks, optimizer
+moments) is then split over it along its largest dimension that ``k`` divides
+(:func:`param_spec`, the FSDP rule), so each device stores ``1/k`` of the
+training state; batches stay split over ``'data'`` only and XLA gathers each
+weight where it is used. The points of S are split over every axis
+(:func:`point_sharding`): the sensitivity pass uses all devices either way.
 
 Multi-host (one process per host after ``jax.distributed.initialize()``): the
 mesh spans the devices of every process (``jax.devices()``). Arrays that every
@@ -17,6 +25,7 @@ of goes through :func:`process_rows` (which rows to load) and
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -25,33 +34,49 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "DATA_AXIS",
+    "MODEL_AXIS",
     "batch_sharding",
+    "constrain_params",
     "data_axis",
     "data_mesh",
+    "gather",
     "global_batch_from_local",
     "mesh_size",
+    "model_axis_size",
     "pad_to_multiple",
+    "param_sharding",
+    "param_spec",
+    "point_sharding",
     "process_rows",
     "replicate",
     "replicated_sharding",
     "shard_batch",
+    "shard_params",
+    "shard_points",
 ]
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 PyTree = Any
 
 
 def data_mesh(
-    devices: Union[None, int, Sequence[jax.Device]] = None, axis: str = DATA_AXIS
+    devices: Union[None, int, Sequence[jax.Device]] = None, axis: str = DATA_AXIS, *, model: int = 1
 ) -> Mesh:
-    """A 1-D mesh over ``devices`` with one (``Auto``) axis named ``axis``.
+    """A 1-D mesh over ``devices`` with one (``Auto``) axis named ``axis``; with
+    ``model=k > 1`` a 2-D ``(n // k, k)`` mesh with axes ``(axis, 'model')``.
 
     Args:
       devices: ``None`` or ``-1`` for every device of every process
         (``jax.devices()``), an int ``n >= 1`` for the first ``n`` devices, or
         a sequence of devices.
-      axis: name of the mesh axis.
+      axis: name of the data axis.
+      model: size of the ``'model'`` axis params are split over (1: none). It
+        must divide the device count. ``jax.make_mesh`` orders the devices so
+        that the model axis stays within a host where it can.
     """
+    if isinstance(model, bool) or not isinstance(model, (int, np.integer)) or model < 1:
+        raise ValueError(f"model={model!r}: expected an integer >= 1 (size of the 'model' mesh axis)")
     if not isinstance(axis, str) or not axis:
         raise ValueError(f"axis must be a non-empty string, got {axis!r}")
     available = jax.devices()
@@ -68,7 +93,16 @@ def data_mesh(
         chosen = list(devices)
         if not chosen:
             raise ValueError("devices is an empty sequence; pass None for all devices")
-    return jax.make_mesh((len(chosen),), (axis,), axis_types=(AxisType.Auto,), devices=chosen)
+    if model == 1:
+        return jax.make_mesh((len(chosen),), (axis,), axis_types=(AxisType.Auto,), devices=chosen)
+    if axis == MODEL_AXIS:
+        raise ValueError(f"axis={axis!r} is the name of the model axis; choose another data-axis name")
+    if len(chosen) % model:
+        raise ValueError(f"model={model}: expected a divisor of the {len(chosen)} devices of the mesh")
+    return jax.make_mesh(
+        (len(chosen) // int(model), int(model)), (axis, MODEL_AXIS),
+        axis_types=(AxisType.Auto, AxisType.Auto), devices=chosen,
+    )
 
 
 def data_axis(mesh: Mesh) -> str:
@@ -86,6 +120,97 @@ def data_axis(mesh: Mesh) -> str:
 def mesh_size(mesh: Mesh) -> int:
     """Number of shards of a batch: the size of the data axis."""
     return int(mesh.shape[data_axis(mesh)])
+
+
+def model_axis_size(mesh: Mesh) -> int:
+    """Size of the mesh's ``'model'`` axis (1 when it has none)."""
+    return int(dict(mesh.shape).get(MODEL_AXIS, 1))
+
+
+def param_spec(shape: Sequence[int], model_size: int) -> PartitionSpec:
+    """Where a param-shaped array of ``shape`` lives on a mesh whose ``'model'``
+    axis has ``model_size`` devices: split over it along its largest dimension
+    that ``model_size`` divides (the last of equal ones), else replicated.
+
+    With ``model_size == 1`` everything is replicated (``PartitionSpec()``).
+    """
+    if model_size <= 1:
+        return PartitionSpec()
+    candidates = [(size, i) for i, size in enumerate(shape) if size >= model_size and size % model_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    _, dim = max(candidates)
+    return PartitionSpec(*([None] * dim), MODEL_AXIS)
+
+
+def param_sharding(leaf: Any, mesh: Mesh) -> NamedSharding:
+    """The :class:`NamedSharding` of :func:`param_spec` for an array (or shape struct) ``leaf``."""
+    return NamedSharding(mesh, param_spec(np.shape(leaf), model_axis_size(mesh)))
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def shard_params(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Every array leaf of ``tree`` (params, masks, a train state, ...) placed by
+    :func:`param_sharding`: replicated without a ``'model'`` axis, else split
+    over it. Non-array leaves are unchanged. Multi-host: every process must
+    pass the same values.
+    """
+
+    def put(leaf: Any) -> Any:
+        if not _is_array(leaf):
+            return leaf
+        sharding = param_sharding(leaf, mesh)
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+            return leaf
+        return _put(leaf, sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def constrain_params(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Inside ``jit``: ``tree``'s leaves constrained to :func:`param_sharding`
+    (``jax.lax.with_sharding_constraint``), e.g. the state a train step returns."""
+    return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, param_sharding(leaf, mesh)), tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(mesh: Mesh) -> Any:
+    return jax.jit(lambda leaf: leaf, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def gather(tree: PyTree) -> PyTree:
+    """``tree`` with every split array leaf (e.g. on a ``'model'`` axis)
+    all-gathered to a replicated copy on its mesh, so any process can read it
+    whole (``jax.device_get``). Other leaves are unchanged. Multi-host: a
+    collective; every process must call it with the same tree.
+    """
+
+    def full(leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array) or leaf.sharding.is_fully_replicated:
+            return leaf
+        if not isinstance(leaf.sharding, NamedSharding):
+            if leaf.is_fully_addressable:
+                return leaf
+            raise ValueError(f"gather: cannot gather an array with sharding {leaf.sharding}; expected a NamedSharding")
+        return _gather_fn(leaf.sharding.mesh)(leaf)
+
+    return jax.tree.map(full, tree)
+
+
+def point_sharding(mesh: Mesh) -> NamedSharding:
+    """The points of S split over every axis of ``mesh`` (all devices), other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+
+def shard_points(points: Any, mesh: Mesh) -> tuple[jax.Array, int]:
+    """``points`` padded (by repeating its first row, which keeps maxima) to a
+    multiple of the device count and split over every mesh axis; returns the
+    global array and the number of real points."""
+    padded, n = pad_to_multiple(points, mesh.size)
+    return _put(padded, point_sharding(mesh)), n
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

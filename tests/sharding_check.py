@@ -137,6 +137,59 @@ def main(keep: dict | None = None) -> dict:
     e1 = T.evaluate(one, cnn, test_x, test_y, 10)
     e4 = T.evaluate(one, cnn, test_x, test_y, 10, mesh=mesh)
     out["eval"] = {"one": e1, "many": e4}
+    out["model_axis"] = _model_axis_checks(
+        cnn, cnn_vars, s_points, results, start, one, (train_x, train_y, cfg), (test_x, test_y, e1)
+    )
+    return out
+
+
+def _specs(tree) -> list[str]:
+    return [str(leaf.sharding.spec) for leaf in jax.tree.leaves(tree)]
+
+
+def _model_axis_checks(cnn, cnn_vars, s_points, results, start, trained_one, train_data, test_data) -> dict:
+    """The same pass, prune, training and evaluation on a 2 x 2 mesh whose
+    'model' axis splits params, masks and optimizer state."""
+    mesh = sharding.data_mesh(model=2)
+    out: dict = {"mesh_shape": dict(mesh.shape)}
+    out["sens_max_rel"] = max(
+        _max_rel(
+            sp.compute_sensitivities(cnn, cnn_vars, s_points, reduction=red, chunk_size=10),
+            sp.compute_sensitivities(cnn, cnn_vars, s_points, reduction=red, chunk_size=10, mesh=mesh),
+        )
+        for red in ("mean", "max")
+    )
+    out["same_masks"] = {}
+    for method in ("sipp", "pfp"):
+        many = sp.prune(cnn, cnn_vars, s_points, method=method, keep_ratio=0.5, key=jax.random.PRNGKey(3),
+                        chunk_size=10, apply_kwargs={"train": False}, mesh=mesh)
+        out["same_masks"][method] = all(
+            bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(results[method].masks), jax.tree.leaves(many.masks))
+        )
+    train_x, train_y, cfg = train_data
+    many = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False, mesh=mesh)
+    masks = many.opt_state.masks
+    out["train"] = {
+        "steps": int(many.step),
+        "params_max_diff": _max_diff(trained_one.params, many.params),
+        "batch_stats_max_diff": _max_diff(trained_one.batch_stats, many.batch_stats),
+        "opt_state_max_diff": _max_diff(trained_one.opt_state, many.opt_state),
+        "kernel_specs": {name: str(layer["kernel"].sharding.spec) for name, layer in many.params.items() if "kernel" in layer},
+        "kernel_shard_shapes": {name: sorted({tuple(s.data.shape) for s in layer["kernel"].addressable_shards})
+                                for name, layer in many.params.items() if "kernel" in layer},
+        "specs_match": _specs(many.params) == _specs(masks) == _specs(many.opt_state.inner_state[1][0].trace),
+        "pruned_stay_zero": all(
+            bool(np.all(np.asarray(p)[~np.asarray(m)] == 0))
+            for p, m in zip(jax.tree.leaves(many.params), jax.tree.leaves(masks))
+        ),
+    }
+    local = T.local_state(many)
+    out["local_max_diff"] = _max_diff(trained_one.params, local.params)
+    out["local_whole"] = all(
+        np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(local.params), jax.tree.leaves(trained_one.params))
+    )
+    test_x, test_y, e1 = test_data
+    out["eval"] = {"one": e1, "many": T.evaluate(trained_one, cnn, test_x, test_y, 10, mesh=mesh)}
     return out
 
 

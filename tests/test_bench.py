@@ -72,8 +72,10 @@ def test_bench_quick_writes_json(tmp_path):
     workers = res["devices"]  # --quick: one subprocess with 2 forced host devices
     assert list(workers) == ["2"] and workers["2"]["devices"] == 2
     lenet = workers["2"]["models"]["lenet300_100"]
-    for name in ("sipp_pass", "pfp_pass", "train_step"):
+    for name in ("sipp_pass", "pfp_pass", "train_step", "train_step_model2"):
         _positive_times(lenet[name])
+    state = lenet["state_bytes_per_device"]  # the 'model' axis of 2 halves every kernel (784, 300, 100: even)
+    assert 0.45 * state["replicated"] < state["model2"] < 0.55 * state["replicated"]
     memory = lenet["memory_vs_points"]
     assert [r["points"] for r in memory] == [16, 32]
     assert memory[1]["forward_temp_output_bytes"] > memory[0]["forward_temp_output_bytes"]

@@ -87,6 +87,22 @@ def test_pruned_evaluation_matches_one_device(four_devices):
     assert e["one"]["loss"] == pytest.approx(e["many"]["loss"], rel=1e-5)
 
 
+def test_model_axis_splits_the_state_and_matches_one_device(four_devices):
+    m = four_devices["model_axis"]  # 2 x 2 mesh: params, masks, optimizer state split over 'model'
+    assert m["mesh_shape"] == {"data": 2, "model": 2}
+    assert m["sens_max_rel"] < 1e-5 and all(m["same_masks"].values())
+    t = m["train"]
+    assert t["steps"] == 5 and t["pruned_stay_zero"] and t["specs_match"]
+    assert max(t["params_max_diff"], t["batch_stats_max_diff"], t["opt_state_max_diff"]) < 1e-5
+    # Largest dimension divisible by 2: conv output channels (8, 12, 16), the dense kernel's 16 inputs.
+    assert t["kernel_specs"] == {f"Conv_{i}": "P(None, None, None, 'model')" for i in range(3)} | {"Dense_0": "P('model',)"}
+    assert t["kernel_shard_shapes"] == {"Conv_0": [[3, 3, 1, 4]], "Conv_1": [[3, 3, 8, 6]],
+                                        "Conv_2": [[3, 3, 12, 8]], "Dense_0": [[8, 5]]}
+    assert m["local_whole"] and m["local_max_diff"] < 1e-5  # local_state gathers the split arrays
+    assert m["eval"]["one"]["error"] == pytest.approx(m["eval"]["many"]["error"], abs=1e-7)
+    assert m["eval"]["one"]["loss"] == pytest.approx(m["eval"]["many"]["loss"], rel=1e-5)
+
+
 def test_indivisible_batches_are_refused(four_devices):
     err = four_devices["errors"]
     assert "batch size 6 is not divisible by the 4 devices of mesh axis 'data'" in err["shard_batch"]
@@ -148,6 +164,12 @@ def test_two_processes_match_one_device(two_processes):
         assert t["state_replicated"] and t["pruned_stay_zero"]
         assert r["eval"]["one"]["error"] == pytest.approx(r["eval"]["many"]["error"], abs=1e-7)
         assert r["eval"]["one"]["loss"] == pytest.approx(r["eval"]["many"]["loss"], rel=1e-5)
+        m = r["model_axis"]  # the model axis inside each process, the data axis across them
+        assert m["mesh_shape"] == {"data": 2, "model": 2} and m["sens_max_rel"] < 1e-5
+        assert all(m["same_masks"].values()) and m["train"]["specs_match"] and m["train"]["pruned_stay_zero"]
+        assert max(m["train"]["params_max_diff"], m["train"]["opt_state_max_diff"]) < 1e-5
+        assert m["local_whole"] and m["local_max_diff"] < 1e-5  # gathered across processes
+        assert m["eval"]["one"]["error"] == pytest.approx(m["eval"]["many"]["error"], abs=1e-7)
 
 
 def test_two_processes_share_one_orbax_checkpoint(two_processes):
@@ -208,6 +230,36 @@ def test_shard_batch_and_replicate_on_one_device():
     assert tree["n"] == 3 and tree["w"].sharding.is_fully_replicated
 
 
+def test_param_spec_splits_the_largest_divisible_dimension():
+    spec = sharding.param_spec
+    P = sharding.PartitionSpec
+    assert spec((3, 3, 16, 32), 1) == P()  # no model axis: replicated
+    assert spec((3, 3, 16, 32), 2) == P(None, None, None, "model")
+    assert spec((784, 300), 4) == P("model")  # the larger of two divisible dimensions
+    assert spec((300, 784), 4) == P(None, "model")
+    assert spec((3, 3, 6, 6), 2) == P(None, None, None, "model")  # ties: the last one
+    assert spec((3, 3, 5, 12), 8) == P() and spec((10,), 4) == P() and spec((), 2) == P()
+    assert spec((3, 3, 5, 12), 3) == P(None, None, None, "model")
+    assert spec((2, 3), 3) == P(None, "model") and spec((2,), 4) == P()  # smaller than the axis
+
+
+def test_model_axis_on_one_device():
+    mesh = sharding.data_mesh(model=1)
+    assert mesh.axis_names == ("data",) and sharding.model_axis_size(mesh) == 1
+    with pytest.raises(ValueError, match=r"model=0: expected an integer >= 1 \(size of the 'model' mesh axis\)"):
+        sharding.data_mesh(model=0)
+    with pytest.raises(ValueError, match=r"model=2: expected a divisor of the 1 devices of the mesh"):
+        sharding.data_mesh(model=2)
+    grid = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    tree = {"w": np.ones((4, 2), np.float32), "n": 3}
+    placed = sharding.shard_params(tree, grid)
+    assert placed["n"] == 3 and placed["w"].sharding.spec == sharding.PartitionSpec()
+    assert sharding.point_sharding(grid).spec == sharding.PartitionSpec(("data", "model"))
+    points, n = sharding.shard_points(np.arange(3.0), grid)
+    assert n == 3 and np.asarray(points).tolist() == [0.0, 1.0, 2.0]
+    assert sharding.gather(placed)["w"] is placed["w"]  # replicated already: untouched
+
+
 def test_pad_to_multiple():
     x = np.arange(5.0)
     padded, n = sharding.pad_to_multiple(x, 4)
@@ -243,3 +295,12 @@ def test_experiment_mesh_config():
     with pytest.raises(ValueError, match="config.mesh_devices=0"):
         pipeline.make_mesh(config(0))
     assert "mesh_devices" in pipeline.RUNTIME_FIELDS and "multihost" in pipeline.RUNTIME_FIELDS
+    assert "mesh_model" in pipeline.RUNTIME_FIELDS
+    with_model = config(-1)
+    with_model.mesh_model = 1
+    assert pipeline.make_mesh(with_model) is None
+    for bad in (2, 0, True, "2"):
+        with_model = config(-1)
+        with_model.mesh_model = bad
+        with pytest.raises(ValueError, match=r"config.mesh_model=.*: expected a divisor of the 1 devices of the mesh \(config.mesh_devices\): one of \[1\]"):
+            pipeline.make_mesh(with_model)
