@@ -598,6 +598,13 @@ def analyze(
 # --------------------------------------------------------------------------- helpers
 
 
+def check_round_to(round_to: Any) -> int:
+    """``round_to`` (kept channels per group a multiple of it) as an int >= 1, or a ValueError."""
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int (1 = no rounding), got {round_to!r}")
+    return int(round_to)
+
+
 def removed_groups(deps: DependencyMap, kernel_masks: Mapping[str, Any]) -> np.ndarray:
     """bool ``[groups]``: removable groups whose every consumer feature is fully masked.
 

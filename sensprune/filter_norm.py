@@ -322,8 +322,7 @@ def select_filters(
 
     if joint not in _JOINT:
         raise ValueError(f"joint must be one of {', '.join(map(repr, _JOINT))}, got {joint!r}")
-    if not isinstance(round_to, (int, np.integer)) or isinstance(round_to, bool) or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    round_to = dependencies.check_round_to(round_to)
     if joint == "mean":
         filter_scores = joint_scores(ctx, filter_scores)
     deps = ctx.dependencies()

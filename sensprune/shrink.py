@@ -201,15 +201,9 @@ def _kernel_masks(deps: deps_lib.DependencyMap, masks_or_params: Any) -> dict[st
 
 def removed_for(deps: deps_lib.DependencyMap, masks_or_params: Any, round_to: int = 1) -> np.ndarray:
     """bool ``[groups]`` that :func:`shrink` drops for these masks (or masked params)."""
-    round_to = _check_round_to(round_to)
+    round_to = deps_lib.check_round_to(round_to)
     removed = deps_lib.removed_groups(deps, _kernel_masks(deps, masks_or_params))
     return _round(deps, removed, round_to) if round_to > 1 else removed
-
-
-def _check_round_to(round_to: Any) -> int:
-    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
-        raise ValueError(f"round_to must be a positive int (1 = no rounding), got {round_to!r}")
-    return int(round_to)
 
 
 def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[tuple[int, np.ndarray]]]:

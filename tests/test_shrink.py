@@ -184,7 +184,7 @@ def test_method_options_are_checked():
         sp.prune(model, variables, data, method_options={"nope": 1}, **kwargs)
     with pytest.raises(ValueError, match="joint must be one of 'best', 'mean'"):
         sp.prune(model, variables, data, method_options={"joint": "max"}, **kwargs)
-    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+    with pytest.raises(ValueError, match=r"round_to must be a positive int \(1 = no rounding\), got 0"):
         sp.prune(model, variables, data, method_options={"round_to": 0}, **kwargs)
     with pytest.raises(ValueError, match="allowed: none"):
         sp.prune(model, variables, data, method="wt", keep_ratio=0.5, method_options={"joint": "mean"})
