@@ -448,9 +448,9 @@ def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
     }
 
     # 1. sensitivity passes vs forward -------------------------------------
-    def pass_fn(reduction: str, x: np.ndarray) -> Callable[[], Any]:
+    def pass_fn(reduction: str, x: np.ndarray, fused: bool = False) -> Callable[[], Any]:
         return lambda: sp.compute_sensitivities(
-            model, variables, x, reduction=reduction, chunk_size=chunk, layers=layers, train=False
+            model, variables, x, reduction=reduction, chunk_size=chunk, layers=layers, fused=fused, train=False
         )
 
     warm_points = min(n_points, 2 * chunk)  # compiles the chunk function and the running max
@@ -469,6 +469,10 @@ def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
         "forward_full": Case(lambda: forward(variables, data)),
         "forward_chunked": Case(forward_chunked, lambda: forward(variables, chunks[0]), 1.0 / len(chunks)),
     }
+    fused = name in opts.get("fused_models", ())
+    if fused:  # the whole pass as one program (one scan over the chunks): its compile covers every chunk
+        cases["sipp_pass_fused"] = Case(pass_fn("mean", data, fused=True))
+        cases["pfp_pass_fused"] = Case(pass_fn("max", data, fused=True))
     logging.info("%s: [1] sensitivity passes and forward (compiling, then up to %d rounds)", name, repeats)
     timing, outputs = measure(cases, repeats, min_rep, budget)
     sens = {"mean": outputs["sipp_pass"], "max": outputs["pfp_pass"]}
@@ -481,6 +485,14 @@ def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
         "pfp_over_forward_chunked": med["pfp_pass"] / med["forward_chunked"],
         "pfp_over_sipp": med["pfp_pass"] / med["sipp_pass"],
     }
+    if fused:
+        for kind, ref in (("sipp", "mean"), ("pfp", "max")):
+            out["ratios"][f"{kind}_fused_over_forward_full"] = med[f"{kind}_pass_fused"] / med["forward_full"]
+            out["ratios"][f"{kind}_fused_over_per_layer"] = med[f"{kind}_pass_fused"] / med[f"{kind}_pass"]
+            out.setdefault("fused_max_rel_diff", {})[kind] = float(max(
+                np.max(np.abs(np.asarray(a) - np.asarray(b)) / (np.abs(np.asarray(b)) + 1e-6))
+                for a, b in zip(jax.tree.leaves(outputs[f"{kind}_pass_fused"]), jax.tree.leaves(sens[ref]))
+            ))
     logging.info("%s: SiPP pass %.3fs, PFP pass %.3fs, forward %.4fs (one batch) / %.4fs (chunks)",
                  name, med["sipp_pass"], med["pfp_pass"], med["forward_full"], med["forward_chunked"])
 
@@ -879,6 +891,19 @@ def format_report(results: Mapping[str, Any]) -> str:
     lines.append(_table(
         ["model", "|S|", "chunk", "SiPP pass (mean)", "PFP pass (max)", "fwd |S| 1 batch",
          "fwd chunks", "SiPP/fwd1", "PFP/fwd1", "SiPP/fwdc", "PFP/fwdc", "PFP/SiPP", "reps"], rows))
+    fused_rows = [
+        [name, _fmt_t(m["passes"]["sipp_pass_fused"]["median_s"]), _fmt_t(m["passes"]["pfp_pass_fused"]["median_s"]),
+         f"{m['ratios']['sipp_fused_over_per_layer']:.2f}", f"{m['ratios']['pfp_fused_over_per_layer']:.2f}",
+         f"{m['ratios']['sipp_fused_over_forward_full']:.1f}x", f"{m['ratios']['pfp_fused_over_forward_full']:.1f}x",
+         _fmt_t(m["passes"]["sipp_pass_fused"].get("compile_s")),
+         f"{max(m['fused_max_rel_diff'].values()):.1e}"]
+        for name, m in models.items() if "sipp_pass_fused" in m["passes"]
+    ]
+    if fused_rows:
+        lines += ["", "[1b] The pass fused into one program (compute_sensitivities(..., fused=True): one scan over "
+                  "the chunks, one dispatch) vs the per-layer pass above"]
+        lines.append(_table(["model", "SiPP fused", "PFP fused", "SiPP fused/per-layer", "PFP fused/per-layer",
+                             "SiPP fused/fwd1", "PFP fused/fwd1", "SiPP fused compile", "max rel diff"], fused_rows))
     lines += ["", f"[2] After the pass: allocation + keep-ratio search (keep_ratio {results['config']['keep_ratio']}), "
               "fresh PruneContext with cached sensitivities"]
     rows = []
@@ -1093,6 +1118,7 @@ def run_benchmark(
     prune_models: Sequence[str] = ("lenet300_100",),
     methods: Sequence[str] = ("sipp", "pfp"),
     pfp_models: Sequence[str] = ("lenet300_100", "resnet20"),
+    fused_models: Sequence[str] = ("lenet300_100", "resnet20"),
     device_counts: Sequence[int] = (1, 2, 4),
     device_models: Sequence[str] = ("lenet300_100", "resnet20"),
     memory_models: Sequence[str] = ("resnet20",),
@@ -1126,6 +1152,7 @@ def run_benchmark(
         chunk_size=chunk_size, num_points=num_points, keep_ratio=keep_ratio,
         scaling_models=list(scaling_models), scaling_fractions=[float(f) for f in scaling_fractions],
         prune_models=list(prune_models), methods=list(methods), pfp_models=list(pfp_models), quick=quick,
+        fused_models=list(fused_models),
         device_counts=[int(c) for c in device_counts], device_models=list(device_models),
         memory_models=list(memory_models), memory_fractions=[float(f) for f in memory_fractions],
         max_contraction=max_contraction,
@@ -1186,6 +1213,8 @@ def _define_flags() -> None:
     flags.DEFINE_list("pfp_models", ["lenet300_100", "resnet20"], "Models whose PFP keep-ratio search is timed: each "
                       "PFP select propagates channels with eager forwards (~1 min per select on ResNet56, 2 CPUs).")
     flags.DEFINE_list("methods", ["sipp", "pfp"], "Methods whose keep-ratio search is timed ([2]).")
+    flags.DEFINE_list("fused_models", ["lenet300_100", "resnet20"], "Models whose pass is also timed fused into one "
+                      "program ([1b]; compiles the whole net at once).")
     flags.DEFINE_list("device_counts", ["1", "2", "4"], "Forced host device counts of the data-parallel scaling "
                       "table [7] (one subprocess each; '' = skip).")
     flags.DEFINE_list("device_models", ["lenet300_100", "resnet20"], "Models of [7].")
@@ -1207,7 +1236,7 @@ def main(argv: Sequence[str]) -> None:
         models=f.models, repeats=f.repeats, min_repeats=f.min_repeats, budget_s=f.budget_s,
         chunk_size=f.chunk_size, num_points=f.num_points, keep_ratio=f.keep_ratio,
         scaling_models=f.scaling_models, scaling_fractions=[float(x) for x in f.scaling_fractions],
-        prune_models=f.prune_models, methods=f.methods, pfp_models=f.pfp_models,
+        prune_models=f.prune_models, methods=f.methods, pfp_models=f.pfp_models, fused_models=f.fused_models,
         device_counts=[int(c) for c in f.device_counts], device_models=f.device_models,
         memory_models=f.memory_models, memory_fractions=[float(x) for x in f.memory_fractions],
         max_contraction=f.max_contraction,

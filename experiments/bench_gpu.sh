@@ -26,7 +26,7 @@ step "${SHRINK_S:-90}" experiments.bench_shrink --repeats=20 --json="$OUT/shrink
 step "${SHRINK8_S:-60}" experiments.bench_shrink --repeats=20 --round_to=8 --method_options='{"joint": "mean", "round_to": 8}' --json="$OUT/shrink_joint8.json"
 for spec in ${BENCH_MODELS-lenet300_100:60 resnet20:170 resnet56:150}; do
     model=${spec%%:*}
-    step "${BENCH_S:-${spec##*:}}" experiments.bench --models="$model" --device_models="$model" --memory_models="$model" \
+    step "${BENCH_S:-${spec##*:}}" experiments.bench --models="$model" --device_models="$model" --memory_models="$model" --fused_models="$model" \
         --device_counts="${DEVICE_COUNTS-1}" --repeats=7 --budget_s=5 --json="$OUT/bench_$model.json"
 done
 log "done"

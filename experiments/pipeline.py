@@ -343,6 +343,7 @@ def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
         delta=float(co.delta_s), c_constant=float(co.c_constant), chunk_size=int(co.chunk_size),
         reference_size=exp.dense_size, layers=exp.layers, apply_kwargs={"train": False}, mesh=exp.mesh,
         method_options=dict((exp.config.experiments.get("method_options") or {}).get(method) or {}),
+        fused_pass=bool(exp.config.get("fused_pass", False)),
     )
 
 
@@ -540,7 +541,7 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
 
 # Where and on how many devices a run executes; not part of what it computes, so a run
 # may resume on another machine.
-RUNTIME_FIELDS = ("mesh_devices", "mesh_model", "multihost")
+RUNTIME_FIELDS = ("mesh_devices", "mesh_model", "multihost", "fused_pass")
 
 
 def _check_config_unchanged(exp: Experiment) -> None:

@@ -37,7 +37,9 @@ class PruneContext:
       protect_input_channels: never prune input channels of layers that read
         the model input directly (e.g. the RGB channels of the first conv).
       mesh: optional ``jax.sharding.Mesh``: the sensitivity pass runs
-        data-parallel over its data axis (:mod:`sensprune.sharding`).
+        data-parallel over its devices (:mod:`sensprune.sharding`).
+      fused_pass: run the sensitivity pass as one compiled program
+        (``compute_sensitivities(..., fused=True)``).
     """
 
     model: Any
@@ -54,6 +56,7 @@ class PruneContext:
     protect_input_channels: bool = True
     cache: dict = dataclasses.field(default_factory=dict)
     mesh: Any = None
+    fused_pass: bool = False
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -97,6 +100,7 @@ class PruneContext:
                 layers=self.layers,
                 method=self.apply_method,
                 mesh=self.mesh,
+                fused=self.fused_pass,
                 **kwargs,
             )
         return self.cache[key]

@@ -106,6 +106,7 @@ def prune(
     apply_kwargs: Optional[Mapping[str, Any]] = None,
     mesh: Any = None,
     method_options: Optional[Mapping[str, Any]] = None,
+    fused_pass: bool = False,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -136,6 +137,8 @@ def prune(
       method_options: keyword options of the method's select function, e.g.
         ``{'joint': 'mean', 'round_to': 8}`` for ``ft``/``softnet``
         (``sensprune.method_options(method)`` lists them).
+      fused_pass: run the sensitivity pass as one compiled program (one
+        dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -177,6 +180,7 @@ def prune(
         apply_method=apply_method,
         protect_input_channels=protect_input_channels,
         mesh=mesh,
+        fused_pass=bool(fused_pass),
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
     sel, chosen, size, ok, searches = search_selection(

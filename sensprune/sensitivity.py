@@ -344,6 +344,7 @@ def compute_sensitivities(
     layers: Sequence[Layer] | None = None,
     method: Callable[..., Any] | str | None = None,
     mesh: Any = None,
+    fused: bool = False,
     **apply_kwargs: Any,
 ) -> dict[str, LayerSensitivity]:
     """Empirical sensitivities of every prunable layer over the points in ``data``.
@@ -365,6 +366,12 @@ def compute_sensitivities(
         and the running max is reduced across devices inside the compiled
         kernels. The result is replicated and equals the single-device one.
         ``None``: the default device.
+      fused: run the whole pass as one compiled program (:func:`fused_pass`):
+        every chunk's forward and every layer's kernel inside one
+        ``lax.scan`` over the chunks, and with a mesh one cross-device max at
+        the end. One dispatch instead of ``chunks x (layers + 1)``, which is
+        what a small net on a GPU waits on; it compiles the whole net at once
+        (longer) and holds all of S on the device. Same results.
 
     Returns:
       layer name -> :class:`LayerSensitivity`, maxima over all of ``data``.
@@ -379,6 +386,10 @@ def compute_sensitivities(
     layers = tuple(layers)
     if not layers:
         raise ValueError("layers is empty; pass None to use every prunable layer")
+    if fused:
+        stacked = np.stack([np.asarray(c) for c in itertools.chain([first], chunks)])
+        return fused_pass(model, variables, stacked, layers, reduction=reduction, method=method, mesh=mesh,
+                          **apply_kwargs)
     capture = _capture_function(model, layers, method, apply_kwargs)
     geometry = {layer.name: _geometry(layer) for layer in layers}
     layer_step = _layer_step
@@ -402,6 +413,99 @@ def compute_sensitivities(
             red = reduction if layer.num_patches > 1 else "max"
             result[layer.name] = layer_step(geometry[layer.name], red, kernel, inputs[layer.name], previous)
     return result
+
+
+def _zero_sensitivities(variables: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, LayerSensitivity]:
+    """The identity of the running max (sensitivities are >= 0) for every layer."""
+    out = {}
+    for layer in layers:
+        shape = paths.get_kernel(variables["params"], layer).shape
+        out[layer.name] = LayerSensitivity(jnp.zeros(shape, jnp.float32), jnp.zeros(shape[-2], jnp.float32))
+    return out
+
+
+def _chunk_sensitivities(
+    variables: Mapping[str, Any],
+    chunk: jax.Array,
+    running: dict[str, LayerSensitivity],
+    *,
+    model: Any,
+    layers: tuple[Layer, ...],
+    method: Any,
+    apply_items: tuple[tuple[str, Any], ...],
+    reduction: str,
+) -> dict[str, LayerSensitivity]:
+    """``running`` maxed with every layer's sensitivities over one chunk (traced)."""
+    inputs = _capture(variables, chunk, model, layers, method, apply_items)
+    out = {}
+    for layer in layers:
+        red = reduction if layer.num_patches > 1 else "max"
+        mine = layer_sensitivity(layer, paths.get_kernel(variables["params"], layer), inputs[layer.name], reduction=red)
+        out[layer.name] = max_sensitivity(running[layer.name], mine)
+    return out
+
+
+def _fused_impl(variables, chunks, *, model, layers, method, apply_items, reduction, mesh):
+    """The whole pass over ``chunks [C, n, ...]``: a scan over chunks; with
+    ``mesh``, every chunk split over all its devices and one ``pmax`` at the end."""
+    step = functools.partial(
+        _chunk_sensitivities, model=model, layers=layers, method=method, apply_items=apply_items, reduction=reduction
+    )
+
+    def scan(variables, chunks):
+        body = lambda running, chunk: (step(variables, chunk, running), None)  # noqa: E731
+        return lax.scan(body, _zero_sensitivities(variables, layers), chunks)[0]
+
+    if mesh is None:
+        return scan(variables, chunks)
+    from jax.sharding import PartitionSpec as P
+
+    axes = tuple(mesh.axis_names)
+
+    def local(variables, chunks):
+        return jax.tree.map(lambda v: lax.pmax(v, axes), scan(variables, chunks))
+
+    # check_vma=False: as in _sharded_layer_step (replicated zeros start the scan; pmax replicates).
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, axes)), out_specs=P(), check_vma=False)(
+        variables, chunks
+    )
+
+
+_FUSED_STATIC = ("model", "layers", "method", "apply_items", "reduction", "mesh")
+_fused_program = jax.jit(_fused_impl, static_argnames=_FUSED_STATIC)
+
+
+def fused_pass(
+    model: Any,
+    variables: Mapping[str, Any],
+    chunks: Any,
+    layers: Sequence[Layer],
+    *,
+    reduction: str = "mean",
+    method: Any = None,
+    mesh: Any = None,
+    **apply_kwargs: Any,
+) -> dict[str, LayerSensitivity]:
+    """Sensitivities of ``layers`` over ``chunks [C, n, ...]`` (S in ``C`` equal
+    chunks) as one jitted program: ``lax.scan`` over the chunks, each running
+    the forward and every layer's kernel. With ``mesh`` each chunk is padded to
+    a multiple of the device count (repeating its first point) and split over
+    every device; the result is replicated.
+    """
+    _check_reduction(reduction)
+    if np.ndim(chunks) < 2 or 0 in np.shape(chunks)[:2]:
+        raise ValueError(f"chunks must be [C, n, ...] with C, n >= 1, got shape {tuple(np.shape(chunks))}")
+    if mesh is not None:
+        variables = sharding.shard_params(variables, mesh)
+        chunks = sharding.shard_points(chunks, mesh, axis=1)[0]
+    static = dict(model=model, layers=tuple(layers), method=method, apply_items=tuple(sorted(apply_kwargs.items())),
+                  reduction=reduction, mesh=mesh)
+    try:
+        hash(tuple(static.values()))
+        program = functools.partial(_fused_program, **static)
+    except TypeError:  # e.g. an rngs dict in apply_kwargs: a fresh jit
+        program = jax.jit(functools.partial(_fused_impl, **static))
+    return program(variables, chunks)
 
 
 def _geometry(layer: Layer) -> Layer:

@@ -205,12 +205,15 @@ def point_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
-def shard_points(points: Any, mesh: Mesh) -> tuple[jax.Array, int]:
-    """``points`` padded (by repeating its first row, which keeps maxima) to a
-    multiple of the device count and split over every mesh axis; returns the
-    global array and the number of real points."""
-    padded, n = pad_to_multiple(points, mesh.size)
-    return _put(padded, point_sharding(mesh)), n
+def shard_points(points: Any, mesh: Mesh, *, axis: int = 0) -> tuple[jax.Array, int]:
+    """``points`` padded along ``axis`` (by repeating its first entry, which
+    keeps maxima) to a multiple of the device count and split along it over
+    every mesh axis; returns the global array and the number of real points.
+    ``axis=1`` splits each chunk of a ``[C, n, ...]`` stack."""
+    moved = np.moveaxis(np.asarray(points), axis, 0)
+    padded, n = pad_to_multiple(moved, mesh.size)
+    spec = PartitionSpec(*([None] * axis), tuple(mesh.axis_names))
+    return _put(np.moveaxis(padded, 0, axis), NamedSharding(mesh, spec)), n
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

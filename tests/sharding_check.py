@@ -63,8 +63,13 @@ def main(keep: dict | None = None) -> dict:
             many = sp.compute_sensitivities(
                 model, variables[name], s_points, reduction=reduction, chunk_size=10, mesh=mesh
             )
+            fused = sp.compute_sensitivities(
+                model, variables[name], s_points, reduction=reduction, chunk_size=10, mesh=mesh, fused=True
+            )
             out["sens"][f"{name}/{reduction}"] = {
                 "max_rel": _max_rel(one, many),
+                "fused_max_rel": _max_rel(one, fused),
+                "fused_replicated": _replicated(fused, mesh),
                 "layers": sorted(one) == sorted(many),
                 "replicated": _replicated(many, mesh),
                 "positive": bool(all(float(jnp.max(v.weight)) > 0 for v in one.values())),
@@ -155,9 +160,9 @@ def _model_axis_checks(cnn, cnn_vars, s_points, results, start, trained_one, tra
     out["sens_max_rel"] = max(
         _max_rel(
             sp.compute_sensitivities(cnn, cnn_vars, s_points, reduction=red, chunk_size=10),
-            sp.compute_sensitivities(cnn, cnn_vars, s_points, reduction=red, chunk_size=10, mesh=mesh),
+            sp.compute_sensitivities(cnn, cnn_vars, s_points, reduction=red, chunk_size=10, mesh=mesh, fused=fused),
         )
-        for red in ("mean", "max")
+        for red in ("mean", "max") for fused in (False, True)
     )
     out["same_masks"] = {}
     for method in ("sipp", "pfp"):

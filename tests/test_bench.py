@@ -38,6 +38,9 @@ def test_bench_quick_writes_json(tmp_path):
         _positive_times(m["passes"][name])
         assert m["passes"][name]["compile_s"] >= 0
     assert all(v > 0 for v in m["ratios"].values())
+    for name in ("sipp_pass_fused", "pfp_pass_fused"):  # [1b]: the pass as one program, same numbers
+        _positive_times(m["passes"][name])
+    assert max(m["fused_max_rel_diff"].values()) < 1e-5 and "[1b] The pass fused" in proc.stdout
 
     sipp = m["prune"]["sipp"]
     _positive_times(sipp["search"])

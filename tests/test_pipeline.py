@@ -207,12 +207,13 @@ def test_method_options_reach_prune(tmp_path, monkeypatch):
     real = pipeline.sp.prune
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["method"], kwargs["method_options"]))
+        seen.append((kwargs["method"], kwargs["method_options"], kwargs["fused_pass"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.sp, "prune", spy)
     config = tiny(load_config(ROOT / "configs" / "default.py"), methods=["ft", "wt"])
     config.experiments.method_options = {"ft": {"joint": "mean", "round_to": 4}}
+    config.fused_pass = True
     results = pipeline.run(config, tmp_path)
     assert results.done.all()
-    assert ("ft", {"joint": "mean", "round_to": 4}) in seen and ("wt", {}) in seen
+    assert ("ft", {"joint": "mean", "round_to": 4}, True) in seen and ("wt", {}, True) in seen

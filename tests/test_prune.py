@@ -100,6 +100,28 @@ def test_same_key_same_result_and_keys_differ():
     )
 
 
+@pytest.mark.parametrize("method", ["sipp", "pfp"])
+def test_fused_pass_gives_the_same_masks(method, monkeypatch):
+    from sensprune import sensitivity
+
+    model, variables = cnn()
+    x, _ = digits()
+    seen = []
+    real = sensitivity.compute_sensitivities
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fused"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "compute_sensitivities", spy)
+    kw = dict(method=method, keep_ratio=0.3, key=jax.random.PRNGKey(0), chunk_size=16)
+    plain = sp.prune(model, variables, x[:40], **kw)
+    fused = sp.prune(model, variables, x[:40], fused_pass=True, **kw)
+    assert seen == [False, True]  # one cached pass per prune call, fused in the second
+    for a, b in zip(jax.tree_util.tree_leaves(plain.masks), jax.tree_util.tree_leaves(fused.masks)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("method", ["sipp", "sipp_rand", "pfp"])
 def test_iterative_pruning_keeps_pruned_weights_pruned(method):
     model, variables = trained_mlp()

@@ -283,6 +283,29 @@ def test_chunk_invariance(reduction):
         _close(chunked[layer.name], want)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_fused_pass_equals_the_per_layer_pass(reduction):
+    """One compiled scan over all chunks and layers gives the per-layer dispatch's numbers."""
+    model = _Net()
+    data = _inputs(8, (10, 8, 8, 2), True)  # negative inputs: the sign split runs inside the scan
+    variables = _init(model, data[:1])
+    run = lambda d, **kw: compute_sensitivities(  # noqa: E731
+        model, variables, d, reduction=reduction, chunk_size=3, train=False, **kw
+    )
+    per_layer = run(data)
+    for fused in (run(data, fused=True), run([data[:4], data[4:5], data[5:]], fused=True)):
+        assert set(fused) == set(per_layer)
+        for name in per_layer:
+            np.testing.assert_allclose(fused[name].weight, per_layer[name].weight, rtol=1e-6, atol=0)
+            np.testing.assert_allclose(fused[name].channel, per_layer[name].channel, rtol=1e-6, atol=0)
+    # Unhashable apply options (an rngs dict) take a fresh jit instead of the cached program.
+    rngs = {"dropout": jax.random.PRNGKey(0)}
+    with_rngs = run(data, fused=True, rngs=rngs)
+    np.testing.assert_allclose(with_rngs["Dense_1"].weight, per_layer["Dense_1"].weight, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"chunks must be \[C, n, ...\] with C, n >= 1, got shape \(0, 3\)"):
+        sensitivity.fused_pass(model, variables, np.zeros((0, 3)), find_layers(model, variables, data[:1], train=False))
+
+
 def test_zero_weights_have_zero_sensitivity():
     model = _Net()
     data = _inputs(10, (10, 8, 8, 2), True)

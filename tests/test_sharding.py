@@ -52,6 +52,7 @@ def test_sensitivities_match_one_device(four_devices, net, reduction):
     assert r["layers"] and r["positive"]
     assert r["max_rel"] < 1e-5  # same points, different grouping per device: float reassociation only
     assert r["replicated"]  # the cross-device max leaves a full copy on every device
+    assert r["fused_max_rel"] < 1e-5 and r["fused_replicated"]  # one program, one pmax at the end
 
 
 @pytest.mark.parametrize("method", ["sipp", "pfp"])
@@ -156,6 +157,7 @@ def test_two_processes_match_one_device(two_processes):
         assert r["process"] == [i, 2, 2] and r["devices"] == 4 and r["mesh_shape"] == {"data": 4}
         for key, sens in r["sens"].items():
             assert sens["layers"] and sens["replicated"] and sens["max_rel"] < 1e-5, key
+            assert sens["fused_replicated"] and sens["fused_max_rel"] < 1e-5, key
         for method, p in r["prune"].items():
             assert p["same_masks"] and p["keep"][0] == p["keep"][1], method
         t = r["train"]
