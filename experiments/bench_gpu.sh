@@ -4,7 +4,7 @@
 #   2. the benchmark suite (experiments/bench.py), one process per network so each writes its JSON.
 # Usage (from the repository root, on the machine with the accelerator):
 #   OUT=bench_gpu bash experiments/bench_gpu.sh
-# Limits: SHRINK_S, SHRINK8_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g. "resnet56:400" alone; "" for none).
+# Limits: SHRINK_S, SHRINK8_S, CHUNK_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g. "resnet56:400" alone; "" for none).
 # Writes $OUT/log.txt and one JSON per step. Needs nothing beyond requirements.txt (the CUDA jax build on a GPU).
 set -u
 OUT=${OUT:-bench_gpu}
@@ -29,4 +29,7 @@ for spec in ${BENCH_MODELS-lenet300_100:60 resnet20:170 resnet56:150}; do
     step "${BENCH_S:-${spec##*:}}" experiments.bench --models="$model" --device_models="$model" --memory_models="$model" --fused_models="$model" \
         --device_counts="${DEVICE_COUNTS-1}" --repeats=7 --budget_s=5 --json="$OUT/bench_$model.json"
 done
+# The pass with all of S in one chunk (a GPU has memory to spare; chunk 32 leaves it mostly idle), per-layer and fused.
+step "${CHUNK_S:-100}" experiments.bench --models=resnet20 --chunk_size=256 --fused_models=resnet20 --device_counts= \
+    --scaling_models= --prune_models= --methods=sipp --pfp_models= --repeats=7 --budget_s=5 --json="$OUT/bench_resnet20_chunk256.json"
 log "done"
