@@ -113,6 +113,9 @@ def experiment(
     config.fused_pass = False
     # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() on every host.
     config.multihost = False
+    # Its arguments where the cluster environment does not provide them (a manually launched GPU
+    # cluster): "" / 0 / -1 = detect from the environment (TPU, SLURM, Open MPI, ...).
+    config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return config
 
 

@@ -9,9 +9,12 @@ One checkpoint (a numbered step directory) holds the items
 * ``index``: JSON written by this module: for every array item its leaves
   (name, shape, dtype) and a CRC32 of their bytes.
 
-Multi-host: every process calls ``save`` / ``restore`` with the same (replicated)
-arrays; orbax coordinates the processes and writes arrays and the JSON items
-(``meta``, ``index``) from the primary process only.
+Multi-host: every process calls ``save`` / ``restore`` with the same values
+(host-local arrays, or global arrays replicated or split over a mesh); ``save``
+first turns them into whole host arrays (gathering split ones, a collective),
+so a checkpoint holds the same full arrays whatever the mesh was. Orbax
+coordinates the processes and writes arrays and the JSON items (``meta``,
+``index``) from the primary process only.
 
 Saving is synchronous: orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
 renames it to ``<step>`` when complete, so a process killed at any moment
@@ -167,6 +170,17 @@ def _diff(
     return problems
 
 
+def _host_arrays(tree: Any) -> Any:
+    """``tree`` with every ``jax.Array`` as a whole NumPy array: what a process
+    of a multi-host run saves. Orbax refuses host-local device arrays there
+    (they look like pmap output), and split global arrays are gathered first
+    (:func:`sensprune.sharding.gather`; every process must take part)."""
+    from sensprune import sharding
+
+    gathered = sharding.gather(tree)
+    return jax.tree.map(lambda leaf: np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf, gathered)
+
+
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
     """Restore target for one leaf (keeps a given sharding, else this process's first device)."""
     sharding = getattr(leaf, "sharding", None)
@@ -282,6 +296,8 @@ class Checkpointer:
             )
         meta_json = _jsonable({} if meta is None else dict(meta))
         trees = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state, "masks": masks}
+        if jax.process_count() > 1:
+            trees = {name: None if tree is None else _host_arrays(tree) for name, tree in trees.items()}
         index: dict[str, Any] = {"format": _FORMAT, "items": {}}
         args: dict[str, Any] = {}
         for name, tree in trees.items():

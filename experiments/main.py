@@ -29,6 +29,29 @@ class _QuietLibraries(logging_std.Filter):
         return record.levelno >= logging_std.WARNING or not noisy
 
 
+def distributed_args(config) -> dict:
+    """Keyword arguments of ``jax.distributed.initialize`` set in ``config.distributed``
+    (unset ones are left to JAX's cluster detection: TPU, SLURM, Open MPI, ...)."""
+    given = dict(config.get("distributed") or {})
+    unknown = sorted(set(given) - {"coordinator_address", "num_processes", "process_id"})
+    if unknown:
+        raise ValueError(f"config.distributed: unknown fields {unknown}; allowed: coordinator_address, num_processes, "
+                         "process_id")
+    out = {}
+    if given.get("coordinator_address"):
+        out["coordinator_address"] = str(given["coordinator_address"])
+    processes, process_id = int(given.get("num_processes") or 0), int(given.get("process_id", -1))
+    if processes < 0:
+        raise ValueError(f"config.distributed.num_processes={processes}: expected >= 1 (0 = from the environment)")
+    if processes:
+        out["num_processes"] = processes
+    if process_id >= 0:
+        if processes and process_id >= processes:
+            raise ValueError(f"config.distributed.process_id={process_id}: expected one of 0..{processes - 1}")
+        out["process_id"] = process_id
+    return out
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -38,8 +61,8 @@ def main(argv: list[str]) -> None:
     # Much faster to compile on CPU than threefry for initialising large models; deterministic.
     jax.config.update("jax_default_prng_impl", "rbg")
     config = _CONFIG.value
-    if config.get("multihost", False):
-        jax.distributed.initialize()  # one process per host; settings from the environment (TPU, SLURM, ...)
+    if config.get("multihost", False):  # one process per host
+        jax.distributed.initialize(**distributed_args(config))
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # process 0 logs and writes results; the others only warn
     logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
