@@ -445,7 +445,17 @@ def _chunk_sensitivities(
     return out
 
 
-def _fused_impl(variables, chunks, *, model, layers, method, apply_items, reduction, mesh):
+def _fused_impl(
+    variables: Mapping[str, Any],
+    chunks: jax.Array,
+    *,
+    model: Any,
+    layers: tuple[Layer, ...],
+    method: Any,
+    apply_items: tuple[tuple[str, Any], ...],
+    reduction: str,
+    mesh: Any,
+) -> dict[str, LayerSensitivity]:
     """The whole pass over ``chunks [C, n, ...]``: a scan over chunks; with
     ``mesh``, every chunk split over all its devices and one ``pmax`` at the end."""
     step = functools.partial(
