@@ -6,11 +6,12 @@ The multi-device checks run in one subprocess (``tests/sharding_check.py``) with
 its single CPU device.
 """
 
+import fcntl
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -23,8 +24,26 @@ from sensprune import sharding
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _once_per_session(tmp_path_factory, worker_id: str, name: str, compute):
+    """``compute()`` (a JSON-able result) run by one pytest-xdist worker and read by the others,
+    instead of once per worker; without xdist (``worker_id == 'master'``) simply ``compute()``."""
+    if worker_id == "master":
+        return compute()
+    shared = tmp_path_factory.getbasetemp().parent  # one folder for all workers of this session
+    path = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker computes; the others wait, then read
+        if not path.exists():
+            path.write_text(json.dumps(compute()))
+        return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
-def four_devices():
+def four_devices(tmp_path_factory, worker_id):
+    return _once_per_session(tmp_path_factory, worker_id, "four_devices", _run_four_devices)
+
+
+def _run_four_devices():
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
     # Forced host devices meet in in-process all-reduces; on an overloaded machine one may reach
@@ -127,9 +146,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def two_processes(tmp_path_factory, worker_id):
     """The checks of ``sharding_check`` on a 4-device mesh spanning 2 processes
     (``tests/multihost_check.py``); one JSON result per process."""
+    return _once_per_session(tmp_path_factory, worker_id, "two_processes",
+                             lambda: _run_two_processes(tmp_path_factory))
+
+
+def _run_two_processes(tmp_path_factory):
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
     env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
