@@ -78,7 +78,7 @@ def _channels_for(stats, eps: float) -> dict[str, int]:
         if protected or coef <= 0:
             counts[name] = n_live if protected else min(1, n_live)
             continue
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", divide="ignore"):  # eps -> 0: unbounded samples, capped
             m = min(max(1.0, np.ceil(3.0 * (6.0 + 2.0 * eps) * coef / eps**2)), 1e300)
         u = int(np.ceil(sampling.expected_unique(p[None], np.array([m]))[0] - 1e-9))
         counts[name] = int(min(max(u, 1), n_live))
