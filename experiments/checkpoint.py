@@ -177,8 +177,7 @@ def _host_arrays(tree: Any) -> Any:
     (:func:`sensprune.sharding.gather`; every process must take part)."""
     from sensprune import sharding
 
-    gathered = sharding.gather(tree)
-    return jax.tree.map(lambda leaf: np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf, gathered)
+    return jax.device_get(sharding.gather(tree))
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:

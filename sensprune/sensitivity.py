@@ -396,23 +396,24 @@ def compute_sensitivities(
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
         layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names))
-    result: dict[str, LayerSensitivity] = {}
+    result = _zero_sensitivities(variables, layers)
+    if mesh is not None:
+        result = sharding.replicate(result, mesh)
     for chunk in itertools.chain([first], chunks):
         if mesh is not None:
             chunk = sharding.shard_points(chunk, mesh)[0]
         inputs = capture(variables, chunk)
         for layer in layers:
             kernel = paths.get_kernel(variables["params"], layer)
-            previous = result.get(layer.name)
-            if previous is None:  # sensitivities are >= 0: zeros are the identity of the running max
-                zeros = jnp.zeros(kernel.shape, jnp.float32)
-                previous = LayerSensitivity(zeros, jnp.zeros(kernel.shape[-2], jnp.float32))
-                if mesh is not None:
-                    previous = sharding.replicate(previous, mesh)
-            # Dense-like layers (one output position): both reductions are the same kernel, compile it once.
-            red = reduction if layer.num_patches > 1 else "max"
-            result[layer.name] = layer_step(geometry[layer.name], red, kernel, inputs[layer.name], previous)
+            result[layer.name] = layer_step(
+                geometry[layer.name], _layer_reduction(layer, reduction), kernel, inputs[layer.name], result[layer.name]
+            )
     return result
+
+
+def _layer_reduction(layer: Layer, reduction: str) -> str:
+    """Dense-like layers (one output position): both reductions are the same, so use one kernel."""
+    return reduction if layer.num_patches > 1 else "max"
 
 
 def _zero_sensitivities(variables: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, LayerSensitivity]:
@@ -439,8 +440,8 @@ def _chunk_sensitivities(
     inputs = _capture(variables, chunk, model, layers, method, apply_items)
     out = {}
     for layer in layers:
-        red = reduction if layer.num_patches > 1 else "max"
-        mine = layer_sensitivity(layer, paths.get_kernel(variables["params"], layer), inputs[layer.name], reduction=red)
+        mine = layer_sensitivity(layer, paths.get_kernel(variables["params"], layer), inputs[layer.name],
+                                 reduction=_layer_reduction(layer, reduction))
         out[layer.name] = max_sensitivity(running[layer.name], mine)
     return out
 

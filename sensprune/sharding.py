@@ -148,8 +148,19 @@ def param_sharding(leaf: Any, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, param_spec(np.shape(leaf), model_axis_size(mesh)))
 
 
-def _is_array(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+def _place(tree: PyTree, sharding_of: Any) -> PyTree:
+    """Every array leaf of ``tree`` as a global array with ``sharding_of(leaf)``
+    (left as is when it already has it); non-array leaves unchanged."""
+
+    def put(leaf: Any) -> Any:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            return leaf
+        sharding = sharding_of(leaf)
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+            return leaf
+        return _put(leaf, sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def shard_params(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -158,16 +169,7 @@ def shard_params(tree: PyTree, mesh: Mesh) -> PyTree:
     over it. Non-array leaves are unchanged. Multi-host: every process must
     pass the same values.
     """
-
-    def put(leaf: Any) -> Any:
-        if not _is_array(leaf):
-            return leaf
-        sharding = param_sharding(leaf, mesh)
-        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
-            return leaf
-        return _put(leaf, sharding)
-
-    return jax.tree.map(put, tree)
+    return _place(tree, lambda leaf: param_sharding(leaf, mesh))
 
 
 def constrain_params(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -210,10 +212,10 @@ def shard_points(points: Any, mesh: Mesh, *, axis: int = 0) -> tuple[jax.Array, 
     keeps maxima) to a multiple of the device count and split along it over
     every mesh axis; returns the global array and the number of real points.
     ``axis=1`` splits each chunk of a ``[C, n, ...]`` stack."""
-    moved = np.moveaxis(np.asarray(points), axis, 0)
-    padded, n = pad_to_multiple(moved, mesh.size)
+    xp = jax.numpy if isinstance(points, jax.Array) else np  # device arrays stay on the device
+    padded, n = pad_to_multiple(xp.moveaxis(xp.asarray(points), axis, 0), mesh.size)
     spec = PartitionSpec(*([None] * axis), tuple(mesh.axis_names))
-    return _put(np.moveaxis(padded, 0, axis), NamedSharding(mesh, spec)), n
+    return _put(xp.moveaxis(padded, 0, axis), NamedSharding(mesh, spec)), n
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -243,15 +245,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     Multi-host: every process must pass the same values.
     """
     sharding = replicated_sharding(mesh)
-
-    def put(leaf: Any) -> Any:
-        if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
-                return leaf
-            return _put(leaf, sharding)
-        return leaf
-
-    return jax.tree.map(put, tree)
+    return _place(tree, lambda leaf: sharding)
 
 
 def _leading(leaf: Any, what: str) -> int:
