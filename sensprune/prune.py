@@ -14,6 +14,7 @@ from absl import logging
 from sensprune import budget as budget_lib
 from sensprune import counting, masking, paths, registry
 from sensprune.context import PruneContext
+from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
 
 
@@ -107,6 +108,7 @@ def prune(
     mesh: Any = None,
     method_options: Optional[Mapping[str, Any]] = None,
     fused_pass: bool = False,
+    contraction: str = "auto",
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -139,6 +141,8 @@ def prune(
         (``sensprune.method_options(method)`` lists them).
       fused_pass: run the sensitivity pass as one compiled program (one
         dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
+      contraction: strategy of the sensitivity kernels' (max, x) contraction,
+        one of ``sensprune.sensitivity.CONTRACTIONS`` (``'auto'`` picks by backend).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -148,6 +152,7 @@ def prune(
     spec = registry.get_method(method)
     method_options = registry.check_options(spec, method_options)
     keep_ratio = budget_lib.validate_keep_ratio(keep_ratio)
+    resolve_contraction(contraction)  # bad names fail before any work
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
     if spec.stochastic and key is None:
@@ -181,6 +186,7 @@ def prune(
         protect_input_channels=protect_input_channels,
         mesh=mesh,
         fused_pass=bool(fused_pass),
+        contraction=contraction,
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
     sel, chosen, size, ok, searches = search_selection(

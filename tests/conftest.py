@@ -9,10 +9,3 @@ if "xla_backend_optimization_level" not in _flags:
     os.environ["XLA_FLAGS"] = (
         _flags + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     ).strip()
-
-import jax  # noqa: E402
-
-# The counter-based 'rbg' generator compiles far faster on CPU than threefry for model
-# initialisation; the experiment launcher uses it too (experiments/main.py).
-jax.config.update("jax_default_prng_impl", "rbg")
-

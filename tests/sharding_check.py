@@ -14,12 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-jax.config.update("jax_default_prng_impl", "rbg")
-
-import sensprune as sp  # noqa: E402
-from experiments import train as T  # noqa: E402
-from sensprune import sharding  # noqa: E402
-from tests.fixtures import CNN, MLP, digits, np_init  # noqa: E402
+import sensprune as sp
+from experiments import train as T
+from sensprune import sharding
+from tests.fixtures import CNN, MLP, digits, np_init
 
 
 def _max_diff(a, b) -> float:

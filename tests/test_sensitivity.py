@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sensprune as sp
 from sensprune import paths, sensitivity
 from sensprune.layers import capture_inputs, find_layers
 from sensprune.sensitivity import (
@@ -218,7 +219,6 @@ def test_conv_matches_reference(case, reduction):
 @pytest.mark.parametrize("mode", ["carry", "reduce"])
 def test_contraction_modes_and_small_steps(monkeypatch, mode):
     """Both (max, x) strategies, with tiny step sizes: many groups, blocks and padding."""
-    monkeypatch.setattr(sensitivity, "MAX_CONTRACTION", mode)
     monkeypatch.setattr(sensitivity, "_GROUP_ELEMENTS", 64)
     monkeypatch.setattr(sensitivity, "_CARRY_ELEMENTS", 200)
     monkeypatch.setattr(sensitivity, "_BLOCK_ELEMENTS", 200)
@@ -228,8 +228,27 @@ def test_contraction_modes_and_small_steps(monkeypatch, mode):
     layer = _sole_layer(conv, x)
     kernel = _sparse_kernel(16, layer.kernel_shape)
     for reduction in ("mean", "max"):
-        got = jax.jit(lambda k, a: layer_sensitivity(layer, k, a, reduction=reduction))(kernel, x)
+        got = jax.jit(lambda k, a: layer_sensitivity(layer, k, a, reduction=reduction, contraction=mode))(kernel, x)
         _close(got, ref_sensitivity(x, kernel, reduction, (2, 1), layer.padding))
+
+
+def test_contraction_is_a_keyword_of_the_pass_and_prune():
+    """``contraction=`` reaches the kernels; every strategy gives the same result; bad names raise."""
+    model = nn.Sequential([nn.Conv(3, (3, 3)), nn.relu, lambda x: x.reshape(x.shape[0], -1), nn.Dense(2)])
+    x = _inputs(6, (6, 5, 5, 2), True)
+    variables = _init(model, x)
+    base = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4)
+    for mode in sensitivity.CONTRACTIONS:
+        got = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4, contraction=mode)
+        for name in base:
+            np.testing.assert_allclose(got[name].weight, base[name].weight, rtol=1e-5, atol=1e-6)
+    assert not hasattr(sensitivity, "MAX_CONTRACTION")
+    with pytest.raises(ValueError, match="contraction"):
+        sensitivity.compute_sensitivities(model, variables, x, reduction="max", contraction="fast")
+    with pytest.raises(ValueError, match="contraction"):
+        sp.prune(model, variables, x, method="pfp", keep_ratio=0.5, contraction="fast")
+    result = sp.prune(model, variables, x, method="pfp", keep_ratio=0.5, contraction="carry")
+    assert 0 < result.keep_ratio <= 1
 
 
 @pytest.mark.parametrize("negative", [False, True])
