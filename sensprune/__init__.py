@@ -42,7 +42,7 @@ from sensprune.prune import prune, search_selection  # isort: skip
 from sensprune import nnx  # noqa: F401,E402  isort: skip  (sensprune.nnx: Flax NNX models)
 from sensprune.types import Layer, LayerSensitivity, PruneResult
 from sensprune.dependencies import DependencyMap, analyze as analyze_dependencies  # noqa: E402  isort: skip
-from sensprune.shrink import Shrunk, load_shrunk, predict_param_count, save_shrunk, shrink  # noqa: E402  isort: skip
+from sensprune.shrink import Shrunk, load_shrunk, predict_param_count, read_shrunk_meta, save_shrunk, shrink  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "analyze_dependencies",
     "load_shrunk",
     "predict_param_count",
+    "read_shrunk_meta",
     "save_shrunk",
     "shrink",
     "Layer",

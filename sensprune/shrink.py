@@ -54,6 +54,7 @@ __all__ = [
     "ShrunkModel",
     "load_shrunk",
     "predict_param_count",
+    "read_shrunk_meta",
     "removed_for",
     "save_shrunk",
     "shrink",
@@ -317,7 +318,7 @@ def shrink(
     opt_state: Any = None,
     check: bool = True,
     atol: float = 1e-4,
-    zoo: Optional[Mapping[str, Any]] = None,
+    info: Optional[Mapping[str, Any]] = None,
     method: Any = None,
     **apply_kwargs: Any,
 ) -> Shrunk:
@@ -335,7 +336,9 @@ def shrink(
       opt_state: optional optimizer state; subtrees shaped like params are sliced.
       check: compare shrunk and masked outputs on ``x`` (raises ``ValueError``).
       atol: tolerance of that check (relative to the output scale).
-      zoo: optional ``{'name': ..., 'kwargs': {...}}`` stored for :func:`load_shrunk`.
+      info: optional JSON-serialisable metadata saved with the model
+        (``Shrunk.meta['info']``, :func:`read_shrunk_meta`), e.g. how the caller
+        rebuilds its module before :func:`load_shrunk`.
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
@@ -365,8 +368,11 @@ def shrink(
     }
     widths = {name: (int(k["in"].size), int(k["out"].size)) for name, k in kept.items()}
     meta = {"module": _module_meta(model), "apply_kwargs": _jsonable(apply_kwargs)}
-    if zoo is not None:
-        meta["zoo"] = {"name": str(zoo["name"]), "kwargs": dict(zoo.get("kwargs", {}))}
+    if info is not None:
+        try:
+            meta["info"] = json.loads(json.dumps(dict(info)))
+        except TypeError as err:
+            raise ValueError(f"info must be JSON-serialisable: {err}") from None
     shrunk = Shrunk(ShrunkModel(model), small, widths, kept, small_opt, meta)
     if check and x is not None:
         _check(model, masked_vars, shrunk, x, atol, method, apply_kwargs)
@@ -454,22 +460,14 @@ def _tuples(value: Any) -> Any:
 def _build_module(meta: dict, model: Any) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    if callable(model):
+    if model is not None and not isinstance(model, str) and callable(model):
         return model()
-    zoo = meta.get("zoo")
-    fields = (meta.get("module") or {}).get("fields")
-    if isinstance(model, str):
-        from experiments.models import get_model  # the experiment zoo (optional dependency)
-
-        kwargs = dict(zoo["kwargs"]) if zoo and zoo.get("name") == model else {
-            k: _tuples(v) for k, v in (fields or {}).items()
-        }
-        num_classes = kwargs.pop("num_classes", None)
-        if num_classes is None:
-            raise ValueError(f"cannot rebuild zoo model {model!r}: num_classes is not in the saved metadata")
-        return get_model(model, num_classes, **kwargs)
     if model is not None:
-        raise ValueError(f"model must be None, a zoo name, a Linen module or a factory, got {type(model).__name__}")
+        raise ValueError(
+            f"model must be None, a Linen module or a zero-argument factory, got {type(model).__name__} "
+            "(resolve model names, e.g. of a model zoo, before calling load_shrunk)"
+        )
+    fields = (meta.get("module") or {}).get("fields")
     cls_path = (meta.get("module") or {}).get("class")
     if not cls_path or fields is None:
         raise ValueError("the saved model cannot be rebuilt from its metadata; pass model= (a module or a factory)")
@@ -485,17 +483,8 @@ def _build_module(meta: dict, model: Any) -> nn.Module:
     return obj(**{k: _tuples(v) for k, v in fields.items()})
 
 
-def load_shrunk(path: str | os.PathLike, model: Any = None) -> Shrunk:
-    """Loads a model saved by :func:`save_shrunk`, without the original dense params.
-
-    Args:
-      path: the directory written by :func:`save_shrunk`.
-      model: ``None`` (rebuild the module from the saved class and fields), a zoo
-        name (``experiments.models.get_model``), a Linen module or a zero-argument
-        factory returning one.
-    """
-    import orbax.checkpoint as ocp
-
+def read_shrunk_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a model saved by :func:`save_shrunk` (``'info'``: what ``shrink(info=...)`` stored)."""
     path = os.path.abspath(os.fspath(path))
     meta_file = os.path.join(path, _META_FILE)
     if not os.path.isfile(meta_file):
@@ -508,6 +497,22 @@ def load_shrunk(path: str | os.PathLike, model: Any = None) -> Shrunk:
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{meta_file!r} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                          f"expected {_FORMAT!r}")
+    return meta
+
+
+def load_shrunk(path: str | os.PathLike, model: Optional[nn.Module | Callable[[], nn.Module]] = None) -> Shrunk:
+    """Loads a model saved by :func:`save_shrunk`, without the original dense params.
+
+    Args:
+      path: the directory written by :func:`save_shrunk`.
+      model: ``None`` (rebuild the module from the saved class and fields), a
+        Linen module or a zero-argument factory returning one (e.g. built from
+        ``read_shrunk_meta(path)['info']``).
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    meta = read_shrunk_meta(path)
     vars_dir = os.path.join(path, _VARS_DIR)
     if not os.path.isdir(vars_dir):
         raise ValueError(f"{path!r} is not a complete saved shrunk model: {_VARS_DIR}/ is missing")
@@ -519,5 +524,5 @@ def load_shrunk(path: str | os.PathLike, model: Any = None) -> Shrunk:
     module = _build_module(meta, model)
     widths = {k: tuple(v) for k, v in meta.get("widths", {}).items()}
     kept = {k: {s: np.asarray(v[s], np.int64) for s in ("in", "out")} for k, v in meta.get("kept", {}).items()}
-    extra = {k: v for k, v in meta.items() if k in ("module", "zoo", "apply_kwargs")}
+    extra = {k: v for k, v in meta.items() if k in ("module", "info", "apply_kwargs")}
     return Shrunk(ShrunkModel(module), dict(variables), widths, kept, None, extra)

@@ -118,10 +118,17 @@ def test_zoo_export_by_name(tmp_path):
     masks, kernel_masks = sp.ones_like_masks(variables["params"]), deps_lib.kernel_masks_for(deps, removed)
     for layer in deps.layers:
         masks = _set_kernel(masks, layer, kernel_masks)
-    shrunk = sp.shrink(model, variables, masks, x=x, zoo={"name": "resnet20", "kwargs": {"num_classes": 10, "width": 4}},
-                       train=False)
+    zoo = {"name": "resnet20", "kwargs": {"num_classes": 10, "width": 4}}
+    shrunk = sp.shrink(model, variables, masks, x=x, info={"zoo": zoo}, train=False)
     sp.save_shrunk(tmp_path / "z", shrunk)
-    loaded = sp.load_shrunk(tmp_path / "z", "resnet20")
+    # The library never resolves zoo names: the caller rebuilds its module from the saved info.
+    saved = sp.read_shrunk_meta(tmp_path / "z")["info"]["zoo"]
+    assert saved == zoo
+    kwargs = dict(saved["kwargs"])
+    loaded = sp.load_shrunk(tmp_path / "z", lambda: get_model(saved["name"], kwargs.pop("num_classes"), **kwargs))
+    assert loaded.meta["info"] == {"zoo": zoo}
+    with pytest.raises(ValueError, match="factory"):
+        sp.load_shrunk(tmp_path / "z", "resnet20")
     np.testing.assert_allclose(
         np.asarray(loaded.apply(x, train=False)), np.asarray(shrunk.apply(x, train=False)), atol=1e-6
     )
