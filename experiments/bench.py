@@ -373,7 +373,7 @@ def _search(model, variables, layers, data, method, keep_ratio, key, sens, chunk
         apply_kwargs={"train": False},
     )
     for reduction, value in sens.items():
-        ctx.cache[("sensitivity", reduction)] = value
+        ctx.preset_sensitivities(reduction, value)
     total = sp.count_params(variables["params"])
     selection, _, size, ok, calls = sp.search_selection(ctx, spec, keep_ratio * total, key)
     return {

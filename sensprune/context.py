@@ -3,27 +3,38 @@
 A :class:`PruneContext` is built once per :func:`sensprune.prune` call. Methods
 read kernels, alive masks and (cached) sensitivities from it, so the keep-ratio
 search can call a method's ``select`` many times while the expensive pass over
-S runs once.
+S runs once. What is shared by several methods is a typed, lazily computed
+property; a method's own derived data (scores, factorisations, ...) is
+memoised per context by the function that computes it (:meth:`PruneContext.memo`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
 
 from sensprune import paths
+from sensprune.adapter import ModelAdapter, as_adapter
 from sensprune.types import Layer, LayerSensitivity
 
+if TYPE_CHECKING:
+    from sensprune.dependencies import DependencyMap
 
-@dataclasses.dataclass
+T = TypeVar("T")
+Sensitivities = dict[str, LayerSensitivity]
+
+
+@dataclasses.dataclass(eq=False)
 class PruneContext:
     """Inputs shared by all methods of one prune call.
 
     Attributes:
-      model: the flax.linen module.
+      model: the flax.linen module, or a model adapter (:mod:`sensprune.adapter`);
+        None for methods that only read kernels.
       variables: its variables (``{'params': ..., ...}``).
       layers: the prunable layers, in call order.
       data: the points of S, ``[N, *input_shape]``.
@@ -56,10 +67,13 @@ class PruneContext:
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     apply_method: Any = None
     protect_input_channels: bool = True
-    cache: dict = dataclasses.field(default_factory=dict)
     mesh: Any = None
     fused_pass: bool = False
     contraction: str = "auto"
+    _sensitivities: dict[str, Sensitivities] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _memo: dict[tuple[Callable[..., Any], tuple], Any] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -75,66 +89,88 @@ class PruneContext:
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
+    @functools.cached_property
+    def adapter(self) -> ModelAdapter:
+        """The model adapter: the only way methods run the model."""
+        if self.model is None:
+            raise ValueError("this method runs the model: the PruneContext needs model=")
+        return as_adapter(self.model, self.apply_method, self.apply_kwargs)
+
+    @functools.cached_property
+    def _kernels(self) -> dict[str, np.ndarray]:
+        return {layer.name: np.asarray(paths.get_kernel(self.params, layer)) for layer in self.layers}
+
     def kernels(self) -> dict[str, np.ndarray]:
         """Layer name -> kernel as a host numpy array (cached)."""
-        if "kernels" not in self.cache:
-            self.cache["kernels"] = {
-                layer.name: np.asarray(paths.get_kernel(self.params, layer)) for layer in self.layers
-            }
-        return self.cache["kernels"]
+        return self._kernels
 
-    def alive(self) -> dict[str, np.ndarray]:
-        """Layer name -> bool mask of nonzero kernel entries (already pruned = False)."""
+    @functools.cached_property
+    def _alive(self) -> dict[str, np.ndarray]:
         return {name: k != 0 for name, k in self.kernels().items()}
 
-    def sensitivities(self, reduction: str) -> dict[str, LayerSensitivity]:
+    def alive(self) -> dict[str, np.ndarray]:
+        """Layer name -> bool mask of nonzero kernel entries (already pruned = False; cached)."""
+        return self._alive
+
+    def sensitivities(self, reduction: str) -> Sensitivities:
         """Empirical sensitivities over S with the given patch reduction (cached)."""
-        key = ("sensitivity", reduction)
-        if key not in self.cache:
+        if reduction not in self._sensitivities:
             from sensprune.sensitivity import compute_sensitivities
 
-            kwargs = dict(self.apply_kwargs)
-            self.cache[key] = compute_sensitivities(
-                self.model,
+            self._sensitivities[reduction] = compute_sensitivities(
+                self.adapter,
                 self.variables,
                 self.data,
                 reduction=reduction,
                 chunk_size=self.chunk_size,
                 layers=self.layers,
-                method=self.apply_method,
                 mesh=self.mesh,
                 fused=self.fused_pass,
                 contraction=self.contraction,
-                **kwargs,
             )
-        return self.cache[key]
+        return self._sensitivities[reduction]
 
-    def dependencies(self):
+    def preset_sensitivities(self, reduction: str, sensitivities: Sensitivities) -> None:
+        """Uses already computed sensitivities for ``reduction`` (e.g. timed separately by a benchmark)."""
+        from sensprune.sensitivity import REDUCTIONS
+
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self._sensitivities[reduction] = dict(sensitivities)
+
+    @functools.cached_property
+    def _dependencies(self) -> DependencyMap:
+        from sensprune.dependencies import analyze
+
+        return analyze(self.adapter, self.variables, np.asarray(self.data[:1]), layers=self.layers)
+
+    def dependencies(self) -> DependencyMap:
         """Channel groups of the model (:func:`sensprune.dependencies.analyze`, cached)."""
-        if "dependencies" not in self.cache:
-            from sensprune.dependencies import analyze
+        return self._dependencies
 
-            self.cache["dependencies"] = analyze(
-                self.model, self.variables, np.asarray(self.data[:1]), layers=self.layers,
-                method=self.apply_method, **dict(self.apply_kwargs),
-            )
-        return self.cache["dependencies"]
+    @functools.cached_property
+    def _input_layers(self) -> frozenset[str]:
+        x = np.asarray(self.data[:2])
+        inputs = self.adapter.capture_inputs(self.variables, x, self.layers)
+        flat_x = x.reshape(x.shape[0], -1)
+        found = set()
+        for name, a in inputs.items():
+            a = np.asarray(a).reshape(a.shape[0], -1)
+            if a.shape == flat_x.shape and np.array_equal(a, flat_x):
+                found.add(name)
+        return frozenset(found)
 
-    def input_layers(self) -> set[str]:
+    def input_layers(self) -> frozenset[str]:
         """Names of layers whose input is the model input itself (cached)."""
-        if "input_layers" not in self.cache:
-            from sensprune.layers import capture_inputs
+        return self._input_layers
 
-            x = np.asarray(self.data[:2])
-            inputs = capture_inputs(
-                self.model, self.variables, x, method=self.apply_method, layers=self.layers,
-                **dict(self.apply_kwargs),
-            )
-            flat_x = x.reshape(x.shape[0], -1)
-            found = set()
-            for name, a in inputs.items():
-                a = np.asarray(a).reshape(a.shape[0], -1)
-                if a.shape == flat_x.shape and np.array_equal(a, flat_x):
-                    found.add(name)
-            self.cache["input_layers"] = found
-        return self.cache["input_layers"]
+    def memo(self, fn: Callable[..., T], *args: Hashable) -> T:
+        """``fn(self, *args)``, computed once per context and argument tuple.
+
+        Methods keep their derived data (scores, factorisations, compiled
+        functions) here, keyed by the function that computes it.
+        """
+        key = (fn, args)
+        if key not in self._memo:
+            self._memo[key] = fn(self, *args)
+        return self._memo[key]

@@ -5,9 +5,10 @@ input) feed each input feature of each layer and the model output? We answer it
 for any Linen model, with no per-architecture code:
 
 1. The model is traced once (``jax.make_jaxpr``, no FLOPs) with every
-   ``nn.Dense`` / ``nn.Conv`` call replaced, through ``nn.intercept_methods``,
-   by a fresh *marker* input of the layer's output shape; the layer's input
-   becomes an extra output of the traced function.
+   prunable layer call replaced, through the model adapter
+   (:func:`sensprune.adapter.trace_with_markers`), by a fresh *marker* input
+   of the layer's output shape; the layer's input becomes an extra output of
+   the traced function.
 2. A small interpreter walks the jaxpr and propagates, for every array, one
    bitset per index of its *last* axis (the channel / feature axis): the set of
    sources that flow into it. Sources are the channels of the model input, the
@@ -37,11 +38,10 @@ import functools
 import operator
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from sensprune.adapter import as_adapter, trace_with_markers
 from sensprune.types import Layer, Path
 
 __all__ = [
@@ -55,8 +55,6 @@ __all__ = [
     "joint_removal",
     "variable_keep",
 ]
-
-_PRUNABLE = (nn.Dense, nn.Conv)
 
 _ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp clz complex conj
@@ -336,62 +334,8 @@ def _propagate(jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], n
 # --------------------------------------------------------------------------- tracing
 
 
-def _layer_input(args: tuple, kwargs: Mapping[str, Any]) -> Any:
-    return args[0] if args else kwargs["inputs"]
-
-
 def _path_keys(path) -> Path:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
-
-
-def _trace(model, variables, x, layers: Sequence[Layer], method, apply_kwargs):
-    """Closed jaxpr of ``(variables, x, markers) -> (outputs, {layer name: input})``."""
-    by_path = {tuple(layer.path): layer for layer in layers}
-    kwargs = dict(apply_kwargs)
-    mutable = kwargs.get("mutable", False)
-    if method is not None:
-        kwargs["method"] = method
-
-    def fn(variables, x, markers):
-        captured = {}
-
-        def interceptor(next_fun, args, kw, context):
-            module = context.module
-            if context.method_name == "__call__" and isinstance(module, _PRUNABLE):
-                layer = by_path.get(tuple(module.path))
-                if layer is not None:
-                    captured[layer.name] = _layer_input(args, kw)
-                    return markers[layer.name]
-            return next_fun(*args, **kw)
-
-        hook = None if isinstance(model, nn.Module) else getattr(model, "sensprune_intercept", None)
-        if hook is not None:  # non-Linen models, e.g. sensprune.nnx.LinenView
-
-            def layer_interceptor(next_fun, args, kw, call):
-                layer = by_path.get(tuple(call.path))
-                if layer is None:
-                    return next_fun(*args, **kw)
-                captured[layer.name] = _layer_input(args, kw)
-                return markers[layer.name]
-
-            out = hook(variables, x, layer_interceptor, **kwargs)
-        else:
-            with nn.intercept_methods(interceptor):
-                out = model.apply(variables, x, **kwargs)
-        if mutable not in (False, None):
-            out = out[0]
-        return out, captured
-
-    batch = int(jax.tree_util.tree_leaves(x)[0].shape[0])
-    markers = {
-        layer.name: jax.ShapeDtypeStruct((batch, *layer.output_shape), jnp.float32) for layer in layers
-    }
-    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(_abstract(variables), _abstract(x), markers)
-    return closed, shapes, markers
 
 
 # --------------------------------------------------------------------------- union-find
@@ -427,8 +371,12 @@ def _bits(value: int) -> list[int]:
 # --------------------------------------------------------------------------- analysis
 
 
+def _sorted_arrays(d: Mapping[Any, list[int]]) -> dict[Any, np.ndarray]:
+    return {k: np.asarray(sorted(v), np.int64) for k, v in d.items()}
+
+
 def analyze(
-    model: nn.Module,
+    model: Any,
     variables: Mapping[str, Any],
     x: Any,
     *,
@@ -439,7 +387,7 @@ def analyze(
     """Channel groups of ``model`` (traced on ``x``; only shapes matter, no compute).
 
     Args:
-      model: a Linen module.
+      model: a Linen module or a model adapter (:mod:`sensprune.adapter`).
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
       layers: the prunable layers (default: :func:`sensprune.find_layers`).
@@ -447,13 +395,12 @@ def analyze(
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
+    adapter = as_adapter(model, method, apply_kwargs)
     if layers is None:
-        from sensprune.layers import find_layers
-
-        layers = find_layers(model, variables, x, method=method, **apply_kwargs)
+        layers = adapter.find_layers(variables, x)
     layers = tuple(layers)
     names = [layer.name for layer in layers]
-    closed, shapes, markers = _trace(model, variables, x, layers, method, apply_kwargs)
+    closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
 
     # Sources: model input channels, layer output channels, per-channel variable entries.
     kinds: list[tuple[str, Any, int]] = []
@@ -570,11 +517,10 @@ def analyze(
             if high:
                 reason = f"variable leaves {high} of rank != 1 are indexed by these channels"
                 unsafe[gid] = reason
-        arr = lambda d: {k: np.asarray(sorted(v), np.int64) for k, v in d.items()}
         group = Group(
-            producers=arr(m["producers"]),
-            consumers=arr(m["consumers"]),
-            variables=arr(m["variables"]),
+            producers=_sorted_arrays(m["producers"]),
+            consumers=_sorted_arrays(m["consumers"]),
+            variables=_sorted_arrays(m["variables"]),
             inputs=np.asarray(sorted(m["inputs"]), np.int64),
             output=output,
             removable=not reason,

@@ -13,24 +13,7 @@ Filters are removed by channel group (:mod:`sensprune.dependencies`): a
 filter, its consumers' input columns and every filter summed into the same
 residual stream channel go together, or none of them (:func:`select_filters`).
 
-The older consumer map (:func:`consumer_map`, still used by ThiNet's size
-model) is found from the call order and checked on probe points:
-
-* shape rule: the consumer is the next layer ``n`` in call order when
-  ``n.in_channels = k * l.out_channels``; ``k = 1`` covers channel-preserving
-  ops in between (activations, BatchNorm, pooling, global averaging), ``k > 1``
-  a channel-last flatten (feature index = position * C + f);
-* mapping check: perturbing filter ``f`` of ``l`` (its kernel slice and bias)
-  changes exactly the predicted input columns of ``n`` on the probe points;
-* isolation check: zeroing filter ``f`` (kernel slice and bias) together with
-  its consumer columns gives the same model outputs as zeroing only the
-  consumer columns, i.e. ``f`` reaches the output through those columns only
-  (false for a filter that also feeds a residual stream or another layer).
-
-Both checks run on a few filters per layer. Layers that fail the shape rule or
-a check keep all their filters and are listed in ``info['skipped']`` with the
-reason. The same machinery serves ``uniform_filters``
-(:mod:`sensprune.random_pruning`).
+The same machinery serves ``uniform_filters`` (:mod:`sensprune.random_pruning`).
 """
 
 from __future__ import annotations
@@ -38,70 +21,12 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sensprune import paths, registry
+from sensprune import registry
 from sensprune.context import PruneContext
-from sensprune.types import Layer
-
-_PROBES = 8  # points of S, plus as many Gaussian noise points
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _call_kwargs(ctx: PruneContext) -> dict:
-    kwargs = dict(ctx.apply_kwargs)
-    if ctx.apply_method is not None:
-        kwargs["method"] = ctx.apply_method
-    return kwargs
-
-
-def _apply_fn(ctx: PruneContext):
-    """Jitted ``(params, x) -> list of output leaves`` (cached)."""
-    if "out_mode_apply" not in ctx.cache:
-        kwargs = _call_kwargs(ctx)
-        returns_state = kwargs.get("mutable", False) not in (False, None)
-
-        def apply(params, x):
-            out = ctx.model.apply({**ctx.variables, "params": params}, x, **kwargs)
-            if returns_state:
-                out = out[0]
-            return jax.tree_util.tree_leaves(out)
-
-        ctx.cache["out_mode_apply"] = jax.jit(apply)
-    return ctx.cache["out_mode_apply"]
-
-
-def capture_fn(ctx: PruneContext):
-    """Jitted ``(params, x) -> {layer name: input}`` for every layer (cached)."""
-    if "out_mode_capture" not in ctx.cache:
-        from sensprune.layers import capture_inputs
-
-        kwargs = dict(ctx.apply_kwargs)
-        layers = list(ctx.layers)
-
-        def capture(params, x):
-            variables = {**ctx.variables, "params": params}
-            return capture_inputs(ctx.model, variables, x, method=ctx.apply_method, layers=layers, **kwargs)
-
-        ctx.cache["out_mode_capture"] = jax.jit(capture)
-    return ctx.cache["out_mode_capture"]
-
-
-def probe_points(ctx: PruneContext, n: int = _PROBES) -> jax.Array:
-    """The first ``n`` points of S and ``n`` Gaussian points with matching mean and scale."""
-    data = np.asarray(ctx.data[:n], np.float32)
-    rng = np.random.default_rng(0)
-    noise = rng.standard_normal(data.shape).astype(np.float32) * (np.std(data) + 1e-3) + np.mean(data)
-    return jnp.asarray(np.concatenate([data, noise], axis=0))
-
-
-def consumer_columns(out_channels: int, factor: int, filters) -> np.ndarray:
-    """Consumer input columns fed by the given producer filters (channel-last flatten order)."""
-    filters = np.atleast_1d(np.asarray(filters, np.int64))
-    return (filters[None, :] + out_channels * np.arange(factor)[:, None]).ravel()
 
 
 def filter_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
@@ -110,138 +35,19 @@ def filter_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     return {layer.name: alive[layer.name].reshape(-1, layer.out_channels).any(axis=0) for layer in ctx.layers}
 
 
-def _with_filter(params, layer: Layer, f: int, kernel_value, bias_value):
-    """Params with filter ``f`` of ``layer`` set to the given kernel slice and bias (host-side edit)."""
-    kernel = np.array(paths.get_kernel(params, layer))
-    kernel[..., f] = kernel_value
-    params = paths.set_kernel(params, layer, jnp.asarray(kernel))
-    if layer.use_bias:
-        bias = np.array(paths.get_path(params, paths.bias_path(layer)))
-        bias[f] = bias_value
-        params = paths.set_path(params, paths.bias_path(layer), jnp.asarray(bias))
-    return params
-
-
-def _without_columns(params, layer: Layer, columns: np.ndarray):
-    kernel = np.array(paths.get_kernel(params, layer))
-    kernel[..., columns, :] = 0
-    return paths.set_kernel(params, layer, jnp.asarray(kernel))
-
-
-def _same(a, b) -> bool:
-    for x, y in zip(a, b):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        scale = 1.0 + float(np.max(np.abs(x))) if x.size else 1.0
-        if not np.allclose(x, y, rtol=1e-4, atol=1e-5 * scale):
-            return False
-    return True
-
-
-def _check_layer(
-    ctx: PruneContext, layer: Layer, nxt: Layer, factor: int, x, base_inputs, alive
-) -> Optional[str]:
-    """None when filter -> consumer-column mapping passes both checks, else the reason it failed."""
-    apply, capture = _apply_fn(ctx), capture_fn(ctx)
-    params = ctx.params
-    live = np.flatnonzero(alive)
-    if live.size == 0:
-        return "no alive filter"
-    tests = np.unique(live[[0, live.size // 2, live.size - 1]])
-    a0 = np.asarray(base_inputs[nxt.name], np.float64).reshape(x.shape[0], -1, nxt.in_channels)
-    kernel = np.asarray(paths.get_kernel(params, layer))
-    big = 1e3 * (1.0 + float(np.max(np.abs(kernel))))
-    rng = np.random.default_rng(layer.order)
-    for f in tests:
-        cols = consumer_columns(layer.out_channels, factor, f)
-        expected = np.zeros(nxt.in_channels, bool)
-        expected[cols] = True
-        direction = rng.standard_normal(layer.kernel_shape[:-1])
-        changed = np.zeros(nxt.in_channels, bool)
-        for sign in (1.0, -1.0):
-            perturbed = _with_filter(params, layer, int(f), sign * big * direction, sign * big)
-            a1 = np.asarray(capture(perturbed, x)[nxt.name], np.float64).reshape(a0.shape)
-            changed |= np.any(np.abs(a1 - a0) > 1e-4 * (1.0 + np.abs(a0)), axis=(0, 1))
-        if not np.array_equal(changed, expected):
-            return (
-                f"filter {int(f)} does not map to input columns {cols.tolist()[:4]}... of {nxt.name!r} "
-                f"(it changed {np.flatnonzero(changed).tolist()[:8]})"
-            )
-        only_cols = _without_columns(params, nxt, cols)
-        both = _with_filter(only_cols, layer, int(f), 0.0, 0.0)
-        if not _same(apply(only_cols, x), apply(both, x)):
-            return (
-                f"filter {int(f)} reaches the output other than through {nxt.name!r} "
-                "(e.g. a skip connection)"
-            )
-    return None
-
-
-def consumer_map(ctx: PruneContext) -> dict[str, Optional[tuple[str, int]]]:
-    """Layer name -> ``(consumer name, factor)``, or None when its filters are not prunable (cached).
-
-    The reasons for None (other than being the last layer) are in
-    ``ctx.cache['consumer_skipped']`` (see :func:`skipped_layers`).
-    """
-    if "consumer_map" in ctx.cache:
-        return ctx.cache["consumer_map"]
-    layers = ctx.layers
-    cmap: dict[str, Optional[tuple[str, int]]] = {}
-    skipped: dict[str, str] = {}
-    alive = filter_alive(ctx)
-    x = probe_points(ctx)
-    base_inputs = None
-    for i, layer in enumerate(layers):
-        cmap[layer.name] = None
-        if i + 1 == len(layers):
-            continue  # the model's outputs are never pruned
-        nxt = layers[i + 1]
-        if nxt.in_channels % layer.out_channels:
-            skipped[layer.name] = (
-                f"next layer {nxt.name!r} has {nxt.in_channels} input channels, "
-                f"not a multiple of {layer.out_channels}"
-            )
-            continue
-        factor = nxt.in_channels // layer.out_channels
-        if base_inputs is None:
-            base_inputs = capture_fn(ctx)(ctx.params, x)
-        reason = _check_layer(ctx, layer, nxt, factor, x, base_inputs, alive[layer.name])
-        if reason is None:
-            cmap[layer.name] = (nxt.name, factor)
-        else:
-            skipped[layer.name] = reason
-    ctx.cache["consumer_map"] = cmap
-    ctx.cache["consumer_skipped"] = skipped
-    return cmap
-
-
-def skipped_layers(ctx: PruneContext) -> dict[str, str]:
-    """Layer name -> why its filters are left dense (last layer excluded)."""
-    consumer_map(ctx)
-    return dict(ctx.cache["consumer_skipped"])
-
-
 # --------------------------------------------------------------------------- out-mode selection
+
+
+def _alive_counts(ctx: PruneContext) -> dict[str, np.ndarray]:
+    return {
+        layer.name: ctx.alive()[layer.name].reshape(-1, layer.in_channels, layer.out_channels).sum(0)
+        for layer in ctx.layers
+    }
 
 
 def alive_counts(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> ``[in, out]`` alive kernel entries per (input channel, filter) (cached)."""
-    if "out_mode_counts" not in ctx.cache:
-        ctx.cache["out_mode_counts"] = {
-            layer.name: ctx.alive()[layer.name].reshape(-1, layer.in_channels, layer.out_channels).sum(0)
-            for layer in ctx.layers
-        }
-    return ctx.cache["out_mode_counts"]
-
-
-def _input_keep(ctx: PruneContext, cmap, keep_out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Layer name -> bool ``[in]``: input columns whose producing filter is kept."""
-    keep_in = {layer.name: np.ones(layer.in_channels, bool) for layer in ctx.layers}
-    for layer in ctx.layers:
-        target = cmap.get(layer.name)
-        if target is not None:
-            consumer, factor = target
-            keep_in[consumer] = np.tile(keep_out[layer.name], factor)
-    return keep_in
+    return ctx.memo(_alive_counts)
 
 
 _JOINT = ("best", "mean")
@@ -318,7 +124,7 @@ def select_filters(
       reasons other than feeding the model output) and ``groups`` (removed /
       total).
     """
-    from sensprune import dependencies
+    from sensprune import dependencies, propagation
 
     if joint not in _JOINT:
         raise ValueError(f"joint must be one of {', '.join(map(repr, _JOINT))}, got {joint!r}")
@@ -354,10 +160,7 @@ def select_filters(
         return ~kept
 
     def size(removed: np.ndarray) -> int:
-        keep_in = dependencies.consumer_masks_for(deps, removed)
-        keep_out = dependencies.producer_masks_for(deps, removed)
-        as_int = lambda v: v.astype(np.int64)
-        return int(sum(as_int(keep_in[n]) @ counts[n] @ as_int(keep_out[n]) for n in counts))
+        return propagation.kept_entries(deps, removed, counts)
 
     lo, hi = 0.0, 1.0
     if size(removed_at(hi)) <= budget:
@@ -389,16 +192,17 @@ def select_filters(
 # --------------------------------------------------------------------------- FT / SoftNet
 
 
+def _filter_norms(ctx: PruneContext, order: int) -> dict[str, np.ndarray]:
+    out = {}
+    for layer in ctx.layers:
+        k = np.asarray(ctx.kernels()[layer.name], np.float64).reshape(-1, layer.out_channels)
+        out[layer.name] = np.abs(k).sum(0) if order == 1 else np.sqrt(np.square(k).sum(0))
+    return out
+
+
 def filter_norms(ctx: PruneContext, order: int) -> dict[str, np.ndarray]:
     """Layer name -> L1 (``order=1``) or L2 (``order=2``) norm of every output filter (cached)."""
-    key = ("filter_norms", order)
-    if key not in ctx.cache:
-        out = {}
-        for layer in ctx.layers:
-            k = np.asarray(ctx.kernels()[layer.name], np.float64).reshape(-1, layer.out_channels)
-            out[layer.name] = np.abs(k).sum(0) if order == 1 else np.sqrt(np.square(k).sum(0))
-        ctx.cache[key] = out
-    return ctx.cache[key]
+    return ctx.memo(_filter_norms, order)
 
 
 def select_ft(

@@ -18,11 +18,13 @@ from sensprune import registry, selection
 from sensprune.context import PruneContext
 
 
+def _magnitudes(ctx: PruneContext) -> dict[str, np.ndarray]:
+    return {name: np.abs(k) for name, k in ctx.kernels().items()}
+
+
 def scores(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> ``|kernel|`` (cached)."""
-    if "wt_scores" not in ctx.cache:
-        ctx.cache["wt_scores"] = {name: np.abs(k) for name, k in ctx.kernels().items()}
-    return ctx.cache["wt_scores"]
+    return ctx.memo(_magnitudes)
 
 
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:

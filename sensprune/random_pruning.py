@@ -32,15 +32,15 @@ def random_scores(ctx: PruneContext, key: jax.Array, per_filter: bool) -> dict[s
     Drawn with numpy streams seeded by the key's bits and the layer index (no
     XLA compilation per kernel shape).
     """
-    words = norm_sampling.key_words(key)
-    cache_key = ("random_scores", per_filter, words)
-    if cache_key not in ctx.cache:
-        out = {}
-        for i, layer in enumerate(ctx.layers):
-            shape = (layer.out_channels,) if per_filter else layer.kernel_shape
-            out[layer.name] = np.random.default_rng([*words, i, int(per_filter)]).random(shape)
-        ctx.cache[cache_key] = out
-    return ctx.cache[cache_key]
+    return ctx.memo(_draw_scores, norm_sampling.key_words(key), per_filter)
+
+
+def _draw_scores(ctx: PruneContext, words: tuple[int, ...], per_filter: bool) -> dict[str, np.ndarray]:
+    out = {}
+    for i, layer in enumerate(ctx.layers):
+        shape = (layer.out_channels,) if per_filter else layer.kernel_shape
+        out[layer.name] = np.random.default_rng([*words, i, int(per_filter)]).random(shape)
+    return out
 
 
 def select_random(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:

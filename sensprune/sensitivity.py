@@ -70,8 +70,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sensprune import layers as layers_lib
 from sensprune import paths, sharding
+from sensprune.adapter import ModelAdapter, as_adapter
 from sensprune.patches import input_patches, kernel_matrix, matrix_to_kernel
 from sensprune.types import Layer, LayerSensitivity
 
@@ -384,18 +384,18 @@ def compute_sensitivities(
     contraction = resolve_contraction(contraction)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    adapter = as_adapter(model, method, apply_kwargs)
     chunks = _chunks(data, int(chunk_size))
     first = _first(chunks)
     if layers is None:
-        layers = layers_lib.find_layers(model, variables, first, method=method, **apply_kwargs)
+        layers = adapter.find_layers(variables, first)
     layers = tuple(layers)
     if not layers:
         raise ValueError("layers is empty; pass None to use every prunable layer")
     if fused:
         stacked = np.stack([np.asarray(c) for c in itertools.chain([first], chunks)])
-        return fused_pass(model, variables, stacked, layers, reduction=reduction, method=method, mesh=mesh,
-                          contraction=contraction, **apply_kwargs)
-    capture = _capture_function(model, layers, method, apply_kwargs)
+        return fused_pass(adapter, variables, stacked, layers, reduction=reduction, mesh=mesh, contraction=contraction)
+    capture = capture_function(adapter, layers)
     geometry = {layer.name: _geometry(layer) for layer in layers}
     layer_step = _layer_step
     if mesh is not None:
@@ -436,15 +436,13 @@ def _chunk_sensitivities(
     chunk: jax.Array,
     running: dict[str, LayerSensitivity],
     *,
-    model: Any,
+    adapter: ModelAdapter,
     layers: tuple[Layer, ...],
-    method: Any,
-    apply_items: tuple[tuple[str, Any], ...],
     reduction: str,
     contraction: str,
 ) -> dict[str, LayerSensitivity]:
     """``running`` maxed with every layer's sensitivities over one chunk (traced)."""
-    inputs = _capture(variables, chunk, model, layers, method, apply_items)
+    inputs = adapter.capture_inputs(variables, chunk, layers)
     out = {}
     for layer in layers:
         mine = layer_sensitivity(layer, paths.get_kernel(variables["params"], layer), inputs[layer.name],
@@ -457,10 +455,8 @@ def _fused_impl(
     variables: Mapping[str, Any],
     chunks: jax.Array,
     *,
-    model: Any,
+    adapter: ModelAdapter,
     layers: tuple[Layer, ...],
-    method: Any,
-    apply_items: tuple[tuple[str, Any], ...],
     reduction: str,
     contraction: str,
     mesh: Any,
@@ -468,8 +464,7 @@ def _fused_impl(
     """The whole pass over ``chunks [C, n, ...]``: a scan over chunks; with
     ``mesh``, every chunk split over all its devices and one ``pmax`` at the end."""
     step = functools.partial(
-        _chunk_sensitivities, model=model, layers=layers, method=method, apply_items=apply_items, reduction=reduction,
-        contraction=contraction,
+        _chunk_sensitivities, adapter=adapter, layers=layers, reduction=reduction, contraction=contraction
     )
 
     def scan(variables, chunks):
@@ -491,7 +486,7 @@ def _fused_impl(
     )
 
 
-_FUSED_STATIC = ("model", "layers", "method", "apply_items", "reduction", "contraction", "mesh")
+_FUSED_STATIC = ("adapter", "layers", "reduction", "contraction", "mesh")
 _fused_program = jax.jit(_fused_impl, static_argnames=_FUSED_STATIC)
 
 
@@ -520,8 +515,8 @@ def fused_pass(
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
         chunks = sharding.shard_points(chunks, mesh, axis=1)[0]
-    static = dict(model=model, layers=tuple(layers), method=method, apply_items=tuple(sorted(apply_kwargs.items())),
-                  reduction=reduction, contraction=contraction, mesh=mesh)
+    adapter = as_adapter(model, method, apply_kwargs)
+    static = dict(adapter=adapter, layers=tuple(layers), reduction=reduction, contraction=contraction, mesh=mesh)
     try:
         hash(tuple(static.values()))
         program = functools.partial(_fused_program, **static)
@@ -578,39 +573,33 @@ def _sharded_layer_step(
     return sharded(kernel, inputs, previous)
 
 
-def _capture(
-    variables: Mapping[str, Any],
-    x: jax.Array,
-    model: Any,
-    layers: tuple[Layer, ...],
-    method: Any,
-    apply_items: tuple[tuple[str, Any], ...],
-) -> dict[str, jax.Array]:
+def _capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, layers: tuple[Layer, ...]):
     """Inputs of every layer for one chunk ``x`` (traced under jit)."""
-    return layers_lib.capture_inputs(model, variables, x, method=method, layers=layers, **dict(apply_items))
+    return adapter.capture_inputs(variables, x, layers)
 
 
-_STATIC = ("model", "layers", "method", "apply_items")
-_cached_capture = jax.jit(_capture, static_argnames=_STATIC)
+_cached_capture = jax.jit(_capture, static_argnames=("adapter", "layers"))
 
 
-def _capture_function(
-    model: Any,
-    layers: tuple[Layer, ...],
-    method: Any,
-    apply_kwargs: Mapping[str, Any],
-) -> Callable[..., Any]:
+def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
     """Jitted ``(variables, chunk) -> layer inputs``; compiled once per model/shape.
 
     The capture (a forward pass) is compiled once per model; the sensitivity
     kernels are compiled once per distinct layer geometry (:func:`_layer_step`),
     so deep networks with repeated blocks compile a handful of kernels instead
-    of one program per layer. Falls back to a fresh jit when an option is
-    unhashable (e.g. an ``rngs`` dict in ``apply_kwargs``).
+    of one program per layer. Falls back to a fresh jit when the adapter is not
+    hashable (e.g. an ``rngs`` dict in the apply keywords).
     """
-    static = dict(model=model, layers=layers, method=method, apply_items=tuple(sorted(apply_kwargs.items())))
+    static = dict(adapter=adapter, layers=tuple(layers))
     try:
         hash(tuple(static.values()))
     except TypeError:
         return jax.jit(functools.partial(_capture, **static))
     return functools.partial(_cached_capture, **static)
+
+
+def _capture_function(
+    model: Any, layers: tuple[Layer, ...], method: Any, apply_kwargs: Mapping[str, Any]
+) -> Callable[..., Any]:
+    """:func:`capture_function` of a Linen module called with ``method`` and ``apply_kwargs``."""
+    return capture_function(as_adapter(model, method, apply_kwargs), layers)

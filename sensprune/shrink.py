@@ -46,8 +46,9 @@ from jax import lax
 
 from sensprune import dependencies as deps_lib
 from sensprune import masking, paths
-from sensprune.layers import _resolve_padding
-from sensprune.types import Layer, Path
+from sensprune.adapter import LayerCall, LinenAdapter, ModelAdapter, as_adapter
+from sensprune.geometry import resolve_padding
+from sensprune.types import Path
 
 __all__ = [
     "Shrunk",
@@ -94,7 +95,7 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     strides = _as_tuple(module.strides, rank)
     input_dilation = _as_tuple(module.input_dilation, rank)
     kernel_dilation = _as_tuple(module.kernel_dilation, rank)
-    padding = _resolve_padding(
+    padding = resolve_padding(
         tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
     )
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
@@ -109,12 +110,13 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     return y.reshape(batch_shape + y.shape[1:])
 
 
-def _direct_interceptor(next_fun, args, kwargs, context):
-    """Computes Dense/Conv calls from their stored (possibly narrower) kernels."""
-    module = context.module
-    if context.method_name != "__call__" or type(module) not in (nn.Dense, nn.Conv):
-        return next_fun(*args, **kwargs)
-    if not module.has_variable("params", "kernel"):
+def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
+    """Computes Linen Dense/Conv calls from their stored (possibly narrower) kernels.
+
+    Other layers (nnx layers compute from their kernels anyway) run as they are.
+    """
+    module = call.module
+    if type(module) not in (nn.Dense, nn.Conv) or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     kernel = module.get_variable("params", "kernel")
@@ -125,13 +127,16 @@ def _direct_interceptor(next_fun, args, kwargs, context):
 
 @dataclasses.dataclass(frozen=True)
 class ShrunkModel:
-    """The original module, run on shrunk variables (``apply`` as for Linen)."""
+    """The original module (or model adapter), run on shrunk variables (``apply`` as for Linen)."""
 
-    module: nn.Module
+    module: nn.Module | ModelAdapter
 
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-        with nn.intercept_methods(_direct_interceptor):
-            return self.module.apply(variables, *args, **kwargs)
+        if isinstance(self.module, nn.Module):
+            return LinenAdapter(self.module).raw_apply(variables, *args, interceptor=_direct_interceptor, **kwargs)
+        if len(args) != 1 or kwargs:
+            raise ValueError("a shrunk adapter model is applied as apply(variables, x)")
+        return self.module.intercept(variables, args[0], _direct_interceptor)
 
 
 @dataclasses.dataclass
@@ -308,7 +313,7 @@ def _module_meta(model: nn.Module) -> dict:
 
 
 def shrink(
-    model: nn.Module,
+    model: nn.Module | ModelAdapter,
     variables: Mapping[str, Any],
     masks_or_params: Any,
     *,
@@ -325,7 +330,7 @@ def shrink(
     """Physically removes the fully masked channel groups of a filter-pruned model.
 
     Args:
-      model: the Linen module.
+      model: the Linen module (or a model adapter, e.g. of an nnx model).
       variables: its (dense-shaped) variables; ``params`` may be dense or pruned.
       masks_or_params: bool masks (``PruneResult.masks``) or pruned params
         (``PruneResult.params``; zeros = pruned), with the structure of params.
@@ -343,11 +348,12 @@ def shrink(
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
+    adapter = as_adapter(model, method, apply_kwargs)
     if deps is None:
         if x is None:
             raise ValueError("shrink needs x (an example input) or deps (a DependencyMap)")
         first = jax.tree_util.tree_map(lambda a: a[:1], x)
-        deps = deps_lib.analyze(model, variables, first, method=method, **apply_kwargs)
+        deps = deps_lib.analyze(adapter, variables, first)
     leaves = jax.tree_util.tree_leaves(masks_or_params)
     if all(np.asarray(leaf).dtype == bool for leaf in leaves):
         masking.check_same_structure(variables["params"], masks_or_params, what="masks_or_params")
@@ -367,15 +373,16 @@ def shrink(
         for layer in deps.layers
     }
     widths = {name: (int(k["in"].size), int(k["out"].size)) for name, k in kept.items()}
-    meta = {"module": _module_meta(model), "apply_kwargs": _jsonable(apply_kwargs)}
+    linen = isinstance(adapter, LinenAdapter)
+    meta = {"module": _module_meta(adapter.model), "apply_kwargs": _jsonable(apply_kwargs)} if linen else {}
     if info is not None:
         try:
             meta["info"] = json.loads(json.dumps(dict(info)))
         except TypeError as err:
             raise ValueError(f"info must be JSON-serialisable: {err}") from None
-    shrunk = Shrunk(ShrunkModel(model), small, widths, kept, small_opt, meta)
+    shrunk = Shrunk(ShrunkModel(adapter.model if linen else adapter), small, widths, kept, small_opt, meta)
     if check and x is not None:
-        _check(model, masked_vars, shrunk, x, atol, method, apply_kwargs)
+        _check(adapter, masked_vars, small, x, atol)
     return shrunk
 
 
@@ -399,30 +406,26 @@ def _jsonable(kwargs: Mapping[str, Any]) -> dict:
     return out
 
 
-def _check(model, masked_vars, shrunk: Shrunk, x, atol, method, apply_kwargs) -> None:
-    kwargs = dict(apply_kwargs)
-    if method is not None:
-        kwargs["method"] = method
+def _check(adapter: ModelAdapter, masked_vars: Mapping[str, Any], small: Mapping[str, Any], x: Any,
+           atol: float) -> None:
+    """Raises ``ValueError`` unless the shrunk variables give the masked model's outputs on ``x``."""
+    name = type(getattr(adapter, "model", adapter)).__name__
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32 (~1e-3 relative)
-        _compare(model, masked_vars, shrunk, x, atol, kwargs)
-
-
-def _compare(model, masked_vars, shrunk: Shrunk, x, atol, kwargs) -> None:
-    try:
-        got = jax.jit(lambda v, x: shrunk.model.apply(v, x, **kwargs))(shrunk.variables, x)
-    except Exception as err:  # flax / shape errors of many kinds
-        raise ValueError(
-            f"the shrunk {type(model).__name__} does not run ({type(err).__name__}: {err}); the model must "
-            "follow the shrink protocol (see sensprune.shrink: no hard-coded channel counts, no control "
-            "flow on channel counts)"
-        ) from err
-    want = jax.jit(lambda v, x: model.apply(v, x, **kwargs))(masked_vars, x)
+        try:
+            got = jax.jit(lambda v, x: adapter.intercept(v, x, _direct_interceptor))(small, x)
+        except Exception as err:  # flax / shape errors of many kinds
+            raise ValueError(
+                f"the shrunk {name} does not run ({type(err).__name__}: {err}); the model must "
+                "follow the shrink protocol (see sensprune.shrink: no hard-coded channel counts, no control "
+                "flow on channel counts)"
+            ) from err
+        want = jax.jit(adapter.apply)(masked_vars, x)
     for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         scale = 1.0 + float(np.max(np.abs(a))) if a.size else 1.0
         if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=atol * scale):
             raise ValueError(
-                f"the shrunk {type(model).__name__} disagrees with the masked model on x "
+                f"the shrunk {name} disagrees with the masked model on x "
                 f"(max abs diff {float(np.max(np.abs(a - b))) if a.shape == b.shape else 'shape mismatch'}); "
                 "the model must follow the shrink protocol (see sensprune.shrink)"
             )

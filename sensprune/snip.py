@@ -26,33 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensprune import paths, registry, selection
+from sensprune.adapter import with_params
 from sensprune.context import PruneContext
 
 
 def _kernel_grad_fn(ctx: PruneContext):
-    """Jitted ``(params, x, y) -> [dL/dkernel per layer]`` (built once per context)."""
-    if "snip_grad_fn" in ctx.cache:
-        return ctx.cache["snip_grad_fn"]
-    kwargs = dict(ctx.apply_kwargs)
-    if ctx.apply_method is not None:
-        kwargs["method"] = ctx.apply_method
-    returns_state = kwargs.get("mutable", False) not in (False, None)
+    """Jitted ``(params, x, y) -> [dL/dkernel per layer]``."""
+    adapter, variables, loss_fn = ctx.adapter, ctx.variables, ctx.loss_fn
     layers = list(ctx.layers)
-    loss_fn = ctx.loss_fn
 
     def loss(params, x, y):
-        out = ctx.model.apply({**ctx.variables, "params": params}, x, **kwargs)
-        if returns_state:
-            out = out[0]
-        return loss_fn(out, y)
+        return loss_fn(adapter.apply(with_params(variables, params), x), y)
 
     def kernel_grads(params, x, y):
         g = jax.grad(loss)(params, x, y)
         return [paths.get_kernel(g, layer) for layer in layers]
 
-    fn = jax.jit(kernel_grads)
-    ctx.cache["snip_grad_fn"] = fn
-    return fn
+    return jax.jit(kernel_grads)
 
 
 def loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
@@ -60,8 +50,10 @@ def loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
 
     Full chunks share one compiled shape; a shorter last chunk compiles once more.
     """
-    if "snip_gradients" in ctx.cache:
-        return ctx.cache["snip_gradients"]
+    return ctx.memo(_loss_gradients)
+
+
+def _loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
     if ctx.labels is None:
         raise ValueError("method 'snip' needs labels of the points of S (labels=...)")
     if ctx.loss_fn is None:
@@ -72,7 +64,7 @@ def loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
             f"labels must have one entry per point of data: got {labels.shape[0]} labels "
             f"for {data.shape[0]} points"
         )
-    fn = _kernel_grad_fn(ctx)
+    fn = ctx.memo(_kernel_grad_fn)
     n, chunk = data.shape[0], max(int(ctx.chunk_size), 1)
     total = [np.zeros(layer.kernel_shape, np.float64) for layer in ctx.layers]
     for start in range(0, n, chunk):
@@ -80,17 +72,17 @@ def loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
         grads = fn(ctx.params, jnp.asarray(x), jnp.asarray(y))
         for acc, g in zip(total, grads):
             acc += (x.shape[0] / n) * np.asarray(g, np.float64)
-    out = {layer.name: g for layer, g in zip(ctx.layers, total)}
-    ctx.cache["snip_gradients"] = out
-    return out
+    return {layer.name: g for layer, g in zip(ctx.layers, total)}
+
+
+def _scores(ctx: PruneContext) -> dict[str, np.ndarray]:
+    grads, kernels = loss_gradients(ctx), ctx.kernels()
+    return {name: np.abs(grads[name] * kernels[name]) for name in kernels}
 
 
 def scores(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> ``|mean_S(dL/dw) * w|`` (cached)."""
-    if "snip_scores" not in ctx.cache:
-        grads, kernels = loss_gradients(ctx), ctx.kernels()
-        ctx.cache["snip_scores"] = {name: np.abs(grads[name] * kernels[name]) for name in kernels}
-    return ctx.cache["snip_scores"]
+    return ctx.memo(_scores)
 
 
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:

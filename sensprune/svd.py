@@ -62,10 +62,13 @@ def low_rank(kernel: np.ndarray, rank: int, factors=None) -> np.ndarray:
     return approx.reshape(kernel.shape).astype(kernel.dtype)
 
 
+def _all_factors(ctx: PruneContext) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return {name: factorize(k) for name, k in ctx.kernels().items()}
+
+
 def _factors(ctx: PruneContext) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    if "svd_factors" not in ctx.cache:
-        ctx.cache["svd_factors"] = {name: factorize(k) for name, k in ctx.kernels().items()}
-    return ctx.cache["svd_factors"]
+    """Layer name -> SVD factors of its kernel matrix (cached)."""
+    return ctx.memo(_all_factors)
 
 
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:

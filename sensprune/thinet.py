@@ -22,8 +22,10 @@ Every layer keeps the same fraction of its alive input channels (at least
 one); the fraction is found by bisection on a size model that accounts for the
 producing filters that die with their channels. Input channels of layers that
 read the model input are protected when ``ctx.protect_input_channels``. Dropped
-channels are then propagated to their producers
-(:func:`sensprune.propagation.propagate`). The reference's per-architecture
+channels are propagated to their producers by channel group
+(:func:`sensprune.propagation.propagate`, on the jaxpr analysis of
+:mod:`sensprune.dependencies`), and the size model counts exactly what that
+propagation keeps. The reference's per-architecture
 keep-ratio hacks (x0.75 for ResNets, x2 for DenseNets) are not reproduced.
 
 Triples are drawn with a fixed numpy seed per layer: ``SAMPLES`` triples from
@@ -38,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensprune import filter_norm, patches, propagation, registry
+from sensprune import dependencies, filter_norm, patches, propagation, registry
 from sensprune.context import PruneContext
+from sensprune.sensitivity import capture_function
 from sensprune.types import Layer
 
 SAMPLES = 400
@@ -90,9 +93,10 @@ def contributions(
     ctx: PruneContext, samples: int = SAMPLES, max_points: int = MAX_POINTS
 ) -> dict[str, np.ndarray]:
     """Layer name -> sampled per-channel contributions ``X [samples, in_channels]`` (cached)."""
-    key = ("thinet_contributions", samples, max_points)
-    if key in ctx.cache:
-        return ctx.cache[key]
+    return ctx.memo(_contributions, samples, max_points)
+
+
+def _contributions(ctx: PruneContext, samples: int, max_points: int) -> dict[str, np.ndarray]:
     data = np.asarray(ctx.data[:max_points])
     n_points = data.shape[0]
     chunk = max(1, min(int(ctx.chunk_size), n_points))
@@ -111,13 +115,13 @@ def contributions(
         w = np.moveaxis(kernels[layer.name], -2, 0).reshape(layer.in_channels, layer.window_size, -1)
         w_sel = jnp.asarray(np.moveaxis(w[:, :, o_idx], -1, 0), jnp.float32)
         plans[layer.name] = (n_idx, jnp.asarray(p_idx), w_sel, _contribution_fn(layer))
-    capture = filter_norm.capture_fn(ctx)
+    capture = capture_function(ctx.adapter, ctx.layers)
     totals = {layer.name: np.zeros((samples, layer.in_channels)) for layer in ctx.layers}
     for start in range(0, n_points, chunk):
         x = data[start : start + chunk]
         if x.shape[0] < chunk:  # pad to keep one compiled shape
             x = np.concatenate([x, np.repeat(x[-1:], chunk - x.shape[0], axis=0)])
-        inputs = capture(ctx.params, jnp.asarray(x))
+        inputs = capture(ctx.variables, jnp.asarray(x))
         for layer in ctx.layers:
             n_idx, p_idx, w_sel, fn = plans[layer.name]
             local = n_idx - start
@@ -125,7 +129,6 @@ def contributions(
             rows = jnp.asarray(np.clip(local, 0, chunk - 1))
             out = fn(inputs[layer.name], rows, p_idx, w_sel, jnp.asarray(valid))
             totals[layer.name] += np.asarray(out, np.float64)
-    ctx.cache[key] = totals
     return totals
 
 
@@ -137,13 +140,15 @@ def channel_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     }
 
 
+def _removal_orders(ctx: PruneContext) -> dict[str, np.ndarray]:
+    x = contributions(ctx)
+    live = channel_alive(ctx)
+    return {name: greedy_removal_order(x[name], live[name]) for name in x}
+
+
 def removal_orders(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> alive input channels in ThiNet's removal order (cached)."""
-    if "thinet_orders" not in ctx.cache:
-        x = contributions(ctx)
-        live = channel_alive(ctx)
-        ctx.cache["thinet_orders"] = {name: greedy_removal_order(x[name], live[name]) for name in x}
-    return ctx.cache["thinet_orders"]
+    return ctx.memo(_removal_orders)
 
 
 def channel_ranks(ctx: PruneContext) -> dict[str, np.ndarray]:
@@ -172,31 +177,22 @@ def _keep_channels(ctx: PruneContext, fraction: float, orders, live, protected) 
     return keep
 
 
-def _model_size(ctx: PruneContext, keep_in, cmap, counts, alive_f) -> int:
-    """Kernel entries kept, with producers' filters dropped when their consumer drops all their columns."""
-    size = 0
-    for layer in ctx.layers:
-        name = layer.name
-        keep_out = alive_f[name]
-        target = cmap.get(name)
-        if target is not None:
-            consumer, factor = target
-            keep_out = keep_out & keep_in[consumer].reshape(factor, layer.out_channels).any(0)
-        size += int(keep_in[name].astype(np.int64) @ counts[name] @ keep_out.astype(np.int64))
-    return size
-
-
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None, iters: int = 50) -> registry.Selection:
     """ThiNet: same fraction of input channels per layer, greedy reconstruction order."""
     orders = removal_orders(ctx)
     live = channel_alive(ctx)
     protected = ctx.input_layers() if ctx.protect_input_channels else set()
-    cmap = filter_norm.consumer_map(ctx)
+    deps = ctx.dependencies()
+    allow = propagation.column_only_groups(ctx)
     counts = filter_norm.alive_counts(ctx)
-    alive_f = filter_norm.filter_alive(ctx)
+
+    def removed_at(fraction: float) -> np.ndarray:
+        keep = _keep_channels(ctx, fraction, orders, live, protected)
+        return dependencies.joint_removal(deps, keep, allow=allow)
 
     def size(fraction: float) -> int:
-        return _model_size(ctx, _keep_channels(ctx, fraction, orders, live, protected), cmap, counts, alive_f)
+        """Kernel entries the group-wise propagation keeps for this fraction."""
+        return propagation.kept_entries(deps, removed_at(fraction), counts)
 
     lo, hi = 0.0, 1.0
     if size(hi) <= budget:

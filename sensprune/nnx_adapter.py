@@ -1,0 +1,340 @@
+"""The model adapter of ``flax.nnx`` models (:class:`NNXAdapter`).
+
+An nnx model is split once, ``nnx.split(model, nnx.Param, ...)``, into a graph
+definition, the ``nnx.Param`` arrays and the rest of the state (batch
+statistics, RNG counters, ...). The adapter merges them back into a *private
+copy* of the model per call, so every function is pure in the variables
+``{'params': params_dict(model), 'nnx_state': rest}``. The params are a plain
+nested dict with string keys (``{'layers': {'0': {'kernel': ...}}}``), so
+``Layer.path``, masks, counting and every registered method work unchanged.
+
+Layer calls are intercepted on that copy: its ``nnx.Linear`` / ``nnx.Conv``
+instances are switched to an intercepting subclass (the nnx counterpart of
+Linen's ``nn.intercept_methods``), so the user's model is never touched,
+nothing global is patched, and the capture works under ``jax.jit`` /
+``nnx.jit``. The public nnx workflow is :mod:`sensprune.nnx`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import types
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import jax
+from flax import nnx, traverse_util
+
+from sensprune import geometry, paths
+from sensprune.adapter import Interceptor, LayerCall, check_captured
+from sensprune.types import Layer, Path
+
+__all__ = ["NNXAdapter", "REST", "nnx_adapter", "params_dict", "state_like"]
+
+REST = "nnx_state"
+"""Collection of :class:`NNXAdapter` variables holding the non-``Param`` state."""
+
+PRUNABLE = (nnx.Linear, nnx.Conv)
+_UNSUPPORTED = (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)
+_SUPPORTED_TEXT = (
+    "sensprune prunes nnx.Linear and nnx.Conv (feature_group_count=1, no mask, zero "
+    "padding: 'SAME', 'VALID', ints or (low, high) pairs)"
+)
+
+Forward = Optional[Any]  # None (model(x)), a method name, or fn(model, x, **kw)
+
+
+def _name(path: Path) -> str:
+    return "/".join(path) or "<root>"
+
+
+def _str_path(path: Sequence[Any]) -> Path:
+    return tuple(str(k) for k in path)
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _flat_values(state: Any) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(key path, array)`` of every leaf of an ``nnx.State`` (Variables unwrapped)."""
+    out = []
+    for path, value in nnx.to_flat_state(state):
+        if isinstance(value, nnx.Variable):
+            value = value.get_value()
+        out.append((tuple(path), value))
+    return out
+
+
+def params_dict(model_or_state: Any) -> dict:
+    """The ``nnx.Param`` arrays as a nested dict with string keys.
+
+    ``model_or_state``: an ``nnx.Module`` or an ``nnx.State`` (e.g.
+    ``nnx.state(model, nnx.Param)``). List indices become strings, so a layer
+    at ``model.layers[0]`` has ``Layer.path == ('layers', '0')``.
+    """
+    state = model_or_state
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    values = _flat_values(state)
+    flat = {_str_path(p): v for p, v in values}
+    if len(flat) != len(values):
+        raise ValueError("two Param paths of the model coincide once their keys are strings")
+    return traverse_util.unflatten_dict(flat)
+
+
+def state_like(template: Any, tree: Mapping[str, Any]) -> nnx.State:
+    """``tree`` (string-keyed, like :func:`params_dict`) in the structure of ``template``.
+
+    ``template`` is ``nnx.state(model, nnx.Param)``; each leaf keeps its
+    Variable type and metadata and takes the value at the same path of ``tree``.
+    """
+    flat = []
+    for path, var in nnx.to_flat_state(template):
+        value = paths.get_path(tree, _str_path(path))
+        if isinstance(var, nnx.Variable):
+            value = jax.tree.map(lambda _, v=value: v, var)
+        flat.append((tuple(path), value))
+    return nnx.from_flat_state(flat)
+
+
+# --------------------------------------------------------------------------- recording
+
+
+_ACTIVE: contextvars.ContextVar[Optional[tuple[Mapping[int, Path], Interceptor]]] = (
+    contextvars.ContextVar("sensprune_nnx_interceptor", default=None)
+)
+_INTERCEPTED_CLASSES: dict[type, type] = {}
+
+
+def _kind(module: Any) -> str:
+    return next(c.__name__ for c in PRUNABLE + _UNSUPPORTED if isinstance(module, c))
+
+
+def _intercepted_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` goes through the active interceptor."""
+    if cls not in _INTERCEPTED_CLASSES:
+
+        def __call__(self, *args, **kwargs):  # noqa: N807
+            active = _ACTIVE.get()
+            path = None if active is None else active[0].get(id(self))
+            if path is None:
+                return cls.__call__(self, *args, **kwargs)
+            if isinstance(self, _UNSUPPORTED):
+                raise ValueError(
+                    f"layer {_name(path)!r} is an nnx.{_kind(self)}, which cannot be pruned; "
+                    + _SUPPORTED_TEXT
+                )
+            next_fun = functools.partial(cls.__call__, self)
+            return active[1](next_fun, args, kwargs, LayerCall(path, self))
+
+        _INTERCEPTED_CLASSES[cls] = type(cls)(
+            cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__}
+        )
+    return _INTERCEPTED_CLASSES[cls]
+
+
+@contextlib.contextmanager
+def _intercepting(module: nnx.Module, interceptor: Interceptor) -> Iterator[None]:
+    """Runs ``interceptor`` around the layer calls of ``module``, which must be a private copy.
+
+    The copy's Linear/Conv (and unsupported linear) instances are switched to
+    intercepting subclasses; nothing outside the copy changes. Calls of
+    unsupported layers raise ``ValueError`` naming the layer.
+    """
+    modules: dict[int, Path] = {}
+    for path, sub in nnx.iter_modules(module):
+        if isinstance(sub, PRUNABLE + _UNSUPPORTED):
+            modules[id(sub)] = _str_path(path)
+            object.__setattr__(sub, "__class__", _intercepted_class(type(sub)))
+    token = _ACTIVE.set((modules, interceptor))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+@dataclasses.dataclass
+class _Call:
+    module: Any
+    inputs: Any
+    outputs: Any
+
+
+class _Recorder:
+    """An interceptor that records the calls of the wanted layers (default: all)."""
+
+    def __init__(self, wanted: Optional[set[Path]] = None):
+        self.wanted = wanted
+        self.calls: dict[Path, list[_Call]] = {}
+
+    def __call__(self, next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
+        outputs = next_fun(*args, **kwargs)
+        if self.wanted is None or call.path in self.wanted:
+            inputs = geometry.layer_input(args, kwargs)
+            self.calls.setdefault(call.path, []).append(_Call(call.module, inputs, outputs))
+        return outputs
+
+    def single_calls(self) -> list[tuple[Path, _Call]]:
+        """``(path, call)`` in call order; a layer called twice raises ``ValueError``."""
+        out = []
+        for path, calls in self.calls.items():
+            if len(calls) != 1:
+                raise ValueError(
+                    f"layer {_name(path)!r} is called {len(calls)} times in one forward pass "
+                    "(shared weights are not supported)"
+                )
+            out.append((path, calls[0]))
+        return out
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _layer(call: _Call, path: Path, order: int) -> Layer:
+    """The :class:`Layer` record of one nnx.Linear / nnx.Conv call."""
+    module, name = call.module, _name(path)
+    if isinstance(module, nnx.Linear):
+        shim = types.SimpleNamespace(features=module.out_features, use_bias=module.use_bias)
+        return geometry.dense_layer(shim, path, call.inputs, call.outputs, order)
+    if module.feature_group_count != 1:
+        raise ValueError(
+            f"layer {name!r}: nnx.Conv with feature_group_count={module.feature_group_count} "
+            "is not supported; " + _SUPPORTED_TEXT
+        )
+    if module.mask is not None:
+        raise ValueError(f"layer {name!r}: nnx.Conv with a `mask` is not supported; " + _SUPPORTED_TEXT)
+    if isinstance(module.padding, str) and module.padding.upper() in ("CIRCULAR", "CAUSAL", "REFLECT"):
+        raise ValueError(
+            f"layer {name!r}: nnx.Conv with padding {module.padding!r} is not supported; " + _SUPPORTED_TEXT
+        )
+    shim = types.SimpleNamespace(
+        kernel_size=tuple(module.kernel_size),
+        features=module.out_features,
+        feature_group_count=1,
+        mask=None,
+        strides=module.strides,
+        padding=module.padding,
+        input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation,
+        use_bias=module.use_bias,
+    )
+    return geometry.conv_layer(shim, path, call.inputs, call.outputs, order)
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def _run(module: nnx.Module, forward: Forward, x: Any, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    if forward is None:
+        return module(x, *args, **kwargs)
+    if isinstance(forward, str):
+        fn = getattr(module, forward, None)
+        if not callable(fn):
+            raise ValueError(f"forward={forward!r}: {type(module).__name__} has no such method")
+        return fn(x, *args, **kwargs)
+    if callable(forward):
+        return forward(module, x, *args, **kwargs)
+    raise ValueError(
+        f"forward must be None (model(x)), a method name or a function fn(model, x), got {forward!r}"
+    )
+
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXAdapter:
+    """An nnx model as a pure function of its variables (a :class:`~sensprune.adapter.ModelAdapter`).
+
+    Attributes:
+      graphdef: ``nnx.split(model, nnx.Param, ...)[0]``.
+      param_paths: key paths of the Params in ``nnx.state(model, nnx.Param)``
+        (ints stay ints), in flattening order.
+      forward: how to run the model: ``None`` (``model(x)``), a method name, or
+        ``fn(model, x, **kwargs)``.
+      kwargs: extra keyword arguments of the forward call, as sorted pairs.
+      plain_rest: the ``'nnx_state'`` collection is a string-keyed dict like
+        :func:`params_dict` (``rest_template`` turns it back into the State);
+        :mod:`sensprune.dependencies` and :mod:`sensprune.shrink` address
+        variable leaves by string key paths.
+      rest_template: the model's non-Param ``nnx.State`` (with ``plain_rest``).
+
+    Calls never modify the original model; state updates of the forward pass
+    (e.g. BatchNorm statistics in train mode) are discarded.
+    """
+
+    graphdef: Any
+    param_paths: tuple[tuple[Any, ...], ...]
+    forward: Forward = None
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    plain_rest: bool = False
+    rest_template: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def module(self, variables: Mapping[str, Any]) -> nnx.Module:
+        """A fresh model copy holding ``variables`` (pure; usable under jit)."""
+        if not isinstance(variables, Mapping) or "params" not in variables or REST not in variables:
+            raise KeyError(f"variables must have the collections 'params' and {REST!r}")
+        params = variables["params"]
+        flat = [(p, nnx.Param(paths.get_path(params, _str_path(p)))) for p in self.param_paths]
+        rest = state_like(self.rest_template, variables[REST]) if self.plain_rest else variables[REST]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat), rest)
+
+    def apply(self, variables: Mapping[str, Any], x: Any) -> Any:
+        """Runs a model copy on ``x``."""
+        return _run(self.module(variables), self.forward, x, (), dict(self.kwargs))
+
+    def intercept(self, variables: Mapping[str, Any], x: Any, interceptor: Interceptor) -> Any:
+        """:meth:`apply` with ``interceptor(next_fun, args, kwargs, call)`` around every layer call."""
+        module = self.module(variables)
+        with _intercepting(module, interceptor):
+            return _run(module, self.forward, x, (), dict(self.kwargs))
+
+    def find_layers(self, variables: Mapping[str, Any], x: Any) -> list[Layer]:
+        """Every nnx.Linear / nnx.Conv the model calls on ``x``, in call order (no FLOPs)."""
+        found: list[Layer] = []
+
+        def trace(variables, x):
+            recorder = _Recorder()
+            self.intercept(variables, x, recorder)
+            found.extend(_layer(call, path, i) for i, (path, call) in enumerate(recorder.single_calls()))
+
+        jax.eval_shape(trace, variables, x)
+        if not found:
+            raise ValueError("no prunable layer (nnx.Linear / nnx.Conv) is called by the model")
+        geometry.check_kernels(found, variables)
+        return found
+
+    def capture_inputs(
+        self, variables: Mapping[str, Any], x: Any, layers: Optional[Sequence[Layer]] = None
+    ) -> dict[str, jax.Array]:
+        """Layer name -> the input the layer received, ``[B, *input_shape]`` (pure, jittable)."""
+        recorder = _Recorder(None if layers is None else {tuple(layer.path) for layer in layers})
+        self.intercept(variables, x, recorder)
+        return check_captured({_name(path): call.inputs for path, call in recorder.single_calls()}, layers)
+
+
+def nnx_adapter(
+    model: nnx.Module,
+    *,
+    forward: Forward = None,
+    call_kwargs: Optional[Mapping[str, Any]] = None,
+    eval_mode: bool = True,
+    plain_rest: bool = False,
+) -> tuple[NNXAdapter, dict]:
+    """``(adapter, variables)``: ``adapter.apply(variables, x)`` equals ``model(x)`` (forward, call_kwargs).
+
+    With ``eval_mode`` the adapter runs the model with ``deterministic=True``
+    and ``use_running_average=True`` (``nnx.view``; the model itself is
+    unchanged). With ``plain_rest`` the non-Param state in ``variables`` is a
+    string-keyed dict too (see :class:`NNXAdapter`).
+    """
+    if not isinstance(model, nnx.Module):
+        raise ValueError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+    if eval_mode:
+        model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_paths = tuple(p for p, _ in _flat_values(params))
+    kwargs = tuple(sorted(dict(call_kwargs or {}).items()))
+    adapter = NNXAdapter(graphdef, param_paths, forward, kwargs, plain_rest, rest if plain_rest else None)
+    variables = {"params": params_dict(params), REST: params_dict(rest) if plain_rest else rest}
+    return adapter, variables
