@@ -7,9 +7,13 @@ Typical use::
     tx = sp.masked(optax.sgd(0.01, momentum=0.9), result.masks)
 
 Everything works on plain pytrees: params, masks (bool, True = kept) and
-sensitivities keyed by layer name.
+sensitivities keyed by layer name. The algorithms live in
+:mod:`sensprune.methods` (one module per method family); models are run only
+through :mod:`sensprune.adapter` (Linen) and :mod:`sensprune.nnx_adapter` (nnx).
 """
 
+from sensprune import sharding  # noqa: F401  (data-parallel meshes: sensprune.sharding)
+from sensprune.adapter import LinenAdapter, ModelAdapter, as_adapter
 from sensprune.budget import search_budget, validate_keep_ratio
 from sensprune.context import PruneContext
 from sensprune.counting import (
@@ -33,37 +37,52 @@ from sensprune.masking import (
 )
 from sensprune.registry import Method, Selection, available_methods, get_method, method_options, register_method
 from sensprune.sensitivity import compute_sensitivities, layer_sensitivity
-from sensprune import sharding  # noqa: E402  (data-parallel meshes: sensprune.sharding)
 from sensprune.sharding import data_mesh
-
-# Importing the method modules registers them.
-from sensprune import filter_norm, magnitude, norm_sampling, pfp, random_pruning, sipp, snip, svd, thinet  # noqa: F401  isort: skip
-from sensprune.prune import prune, search_selection  # isort: skip
-from sensprune import nnx  # noqa: F401,E402  isort: skip  (sensprune.nnx: Flax NNX models)
 from sensprune.types import Layer, LayerSensitivity, PruneResult
+
+# Importing the method package registers the methods; the family modules stay reachable as
+# sensprune.<family> (e.g. ``from sensprune import thinet``) as well as sensprune.methods.<family>.
+from sensprune import methods  # noqa: E402  isort: skip
+from sensprune.methods import (  # noqa: E402,F401  isort: skip
+    filter_norm,
+    magnitude,
+    norm_sampling,
+    pfp,
+    random_pruning,
+    sipp,
+    snip,
+    svd,
+    thinet,
+)
+from sensprune.prune import prune, search_selection  # noqa: E402  isort: skip
+from sensprune import nnx  # noqa: E402,F401  isort: skip  (sensprune.nnx: Flax NNX models)
 from sensprune.dependencies import DependencyMap, analyze as analyze_dependencies  # noqa: E402  isort: skip
-from sensprune.shrink import Shrunk, load_shrunk, predict_param_count, read_shrunk_meta, save_shrunk, shrink  # noqa: E402  isort: skip
+from sensprune.shrink import (  # noqa: E402  isort: skip
+    Shrunk,
+    load_shrunk,
+    predict_param_count,
+    read_shrunk_meta,
+    save_shrunk,
+    shrink,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DependencyMap",
-    "Shrunk",
-    "analyze_dependencies",
-    "load_shrunk",
-    "predict_param_count",
-    "read_shrunk_meta",
-    "save_shrunk",
-    "shrink",
     "Layer",
     "LayerSensitivity",
+    "LinenAdapter",
     "Method",
+    "ModelAdapter",
     "PruneContext",
     "PruneResult",
     "Selection",
+    "Shrunk",
+    "analyze_dependencies",
     "apply_masks",
+    "as_adapter",
     "available_methods",
-    "method_options",
     "capture_inputs",
     "check_same_structure",
     "compute_sensitivities",
@@ -78,14 +97,21 @@ __all__ = [
     "intersect_masks",
     "layer_nonzero",
     "layer_sensitivity",
+    "load_shrunk",
     "masked",
+    "method_options",
+    "methods",
     "nonzero_masks",
     "ones_like_masks",
+    "predict_param_count",
     "prune",
+    "read_shrunk_meta",
     "register_method",
     "sample_size",
+    "save_shrunk",
     "search_budget",
     "search_selection",
     "set_masks",
+    "shrink",
     "validate_keep_ratio",
 ]

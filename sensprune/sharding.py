@@ -108,7 +108,9 @@ def data_mesh(
 def data_axis(mesh: Mesh) -> str:
     """The mesh axis batches are split over: ``'data'``, or the only axis of a 1-D mesh."""
     if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh (e.g. sensprune.sharding.data_mesh()), got {type(mesh).__name__}")
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh (e.g. sensprune.sharding.data_mesh()), got {type(mesh).__name__}"
+        )
     names = tuple(mesh.axis_names)
     if DATA_AXIS in names:
         return DATA_AXIS

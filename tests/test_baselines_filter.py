@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import sensprune as sp
-from sensprune import filter_norm, random_pruning, thinet  # noqa: F401  (importing registers the methods)
 from sensprune.context import PruneContext
 from sensprune.layers import find_layers
+from sensprune.methods import filter_norm, random_pruning, thinet  # noqa: F401  (importing registers the methods)
 from tests.fixtures import CNN, MLP, digits, mlp, np_init
 
 FILTER_METHODS = ["ft", "softnet", "uniform_filters", "thinet"]

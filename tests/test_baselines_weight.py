@@ -7,9 +7,9 @@ import optax
 import pytest
 
 import sensprune as sp
-from sensprune import magnitude, norm_sampling, random_pruning, snip
 from sensprune.context import PruneContext
 from sensprune.layers import find_layers
+from sensprune.methods import magnitude, norm_sampling, random_pruning, snip
 from sensprune.types import Layer
 from tests.fixtures import digits, mlp
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sensprune as sp
-from sensprune import sipp
+from sensprune.methods import sipp
 from tests.fixtures import digits, trained_mlp
 
 DELTA = 0.05

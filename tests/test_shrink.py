@@ -169,7 +169,7 @@ def test_ft_joint_mean_narrows_the_residual_streams_in_aligned_counts():
 
 def test_joint_scores_against_a_loop_over_groups():
     """joint_scores = mean of per-layer-normalised producer scores over each group (NumPy loop over Group objects)."""
-    from sensprune import filter_norm
+    from sensprune.methods import filter_norm
 
     model, variables, data = _setup("catres")
     layers = sp.find_layers(model, variables, data[:1])

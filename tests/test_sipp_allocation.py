@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from sensprune import sipp
+from sensprune.methods import sipp
 
 
 def _objective(x, a, w):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import sensprune as sp
-from sensprune import svd
 from sensprune.context import PruneContext
+from sensprune.methods import svd
 from sensprune.types import Layer
 from tests.fixtures import CNN, digits, mlp, np_init
 

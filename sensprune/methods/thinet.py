@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensprune import dependencies, filter_norm, patches, propagation, registry
+from sensprune import dependencies, patches, propagation, registry
 from sensprune.context import PruneContext
+from sensprune.methods import filter_norm
 from sensprune.sensitivity import capture_function
 from sensprune.types import Layer
 

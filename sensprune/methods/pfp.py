@@ -38,7 +38,7 @@ import numpy as np
 
 from sensprune import propagation, registry, sampling
 from sensprune.context import PruneContext
-from sensprune.sipp import alpha
+from sensprune.methods.sipp import alpha
 
 _EPS = float(np.finfo(np.float32).eps)
 

@@ -16,8 +16,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from sensprune import filter_norm, norm_sampling, registry, selection
+from sensprune import registry, selection
 from sensprune.context import PruneContext
+from sensprune.methods import filter_norm, norm_sampling
 
 
 def _need_key(name: str, key: Optional[jax.Array]) -> jax.Array:

@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from sensprune import registry
+from sensprune import dependencies, propagation, registry
 from sensprune.context import PruneContext
 
 # --------------------------------------------------------------------------- helpers
@@ -124,8 +124,6 @@ def select_filters(
       reasons other than feeding the model output) and ``groups`` (removed /
       total).
     """
-    from sensprune import dependencies, propagation
-
     if joint not in _JOINT:
         raise ValueError(f"joint must be one of {', '.join(map(repr, _JOINT))}, got {joint!r}")
     round_to = dependencies.check_round_to(round_to)
