@@ -113,7 +113,8 @@ def prune(
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
     Args:
-      model: a ``flax.linen.Module``.
+      model: a ``flax.linen.Module``, or a model adapter (:mod:`sensprune.adapter`;
+        e.g. ``sensprune.nnx.adapter(nnx_model)``), which already says how to call it.
       variables: its variables, with a ``'params'`` collection (and e.g.
         ``'batch_stats'``, used as is).
       data: the points of S, ``[N, *input_shape]`` (or a list of batches).

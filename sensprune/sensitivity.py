@@ -351,7 +351,7 @@ def compute_sensitivities(
     """Empirical sensitivities of every prunable layer over the points in ``data``.
 
     Args:
-      model, variables: a Flax Linen model and its variables.
+      model, variables: a Flax Linen model (or a model adapter) and its variables.
       data: an array ``[N, ...]`` or an iterable of arrays ``[n, ...]`` (S).
       reduction: ``'mean'`` (SiPP det) or ``'max'`` (SiPP rand / hybrid, PFP)
         over output positions.
