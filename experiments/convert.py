@@ -187,9 +187,9 @@ def _head_key(model: Any) -> str:
     return "fc.weight"
 
 
-def abstract_variables(model: Any, name: str) -> dict:
-    """Shapes/dtypes of ``model``'s variables (no compute)."""
-    x0 = np.zeros((1, *models_lib.input_shape(name)), np.float32)
+def abstract_variables(model: Any, name: str, input_shape: Optional[tuple[int, ...]] = None) -> dict:
+    """Shapes/dtypes of ``model``'s variables on inputs of ``input_shape`` (default: the zoo's; no compute)."""
+    x0 = np.zeros((1, *(input_shape or models_lib.input_shape(name))), np.float32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0, train=False))
 
 
