@@ -30,6 +30,7 @@ Needs ``torch`` (``pip install torch``; the ``[convert]`` extra) only to read
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -223,6 +224,11 @@ def expected_state_dict(name: str, num_classes: int, **model_kwargs: Any) -> dic
     return {leaf.torch_key: leaf.torch_shape for leaf in _leaves(model, name)}
 
 
+@functools.lru_cache(maxsize=None)
+def _expected_cached(name: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    return expected_state_dict(name, num_classes)
+
+
 # ----------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------
@@ -309,9 +315,13 @@ def from_state_dict(
     model = models_lib.get_model(name, num_classes, **model_kwargs)
     leaves = _leaves(model, name)
     expected = {leaf.torch_key: leaf.torch_shape for leaf in leaves}
-    msg = mismatch_message(source, f"{name} ({num_classes} classes)", expected,
-                           {k: v.shape for k, v in arrays.items()})
+    found = {k: tuple(v.shape) for k, v in arrays.items()}
+    msg = mismatch_message(source, f"{name} ({num_classes} classes)", expected, found)
     if msg:
+        if not model_kwargs:
+            matches = [n for n in supported() if n != name and _expected_cached(n, num_classes) == found]
+            if matches:
+                msg += f" The file matches {' / '.join(repr(n) for n in matches)}: use that network."
         raise ConversionError(msg)
     variables: dict = {}
     for leaf in leaves:
