@@ -247,9 +247,9 @@ def load_net(exp: Any, net: int, tb: Any) -> Any:
     the train stage runs ``config.training.num_epochs`` starting from them (its checkpoints
     resume as usual). Returns a ``train.TrainState``.
     """
+    import sensprune as sp
     from experiments import pipeline
     from experiments import train as train_lib
-    import sensprune as sp
 
     config = exp.config
     path = init_from(config)

@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import convert
+from experiments import convert, pretrained
 from experiments import models as models_lib
-from experiments import pretrained
 
 
 def _torch_net(name, num_classes=10, seed=0, **kwargs):

@@ -10,8 +10,7 @@ from configs import default as default_config
 from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
-from experiments import pipeline
-from experiments import pretrained
+from experiments import pipeline, pretrained
 from experiments import train as train_lib
 
 NETWORK = "lenet300_100"
