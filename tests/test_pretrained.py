@@ -168,3 +168,16 @@ def test_config_fields_are_not_schedule_fields():
     config = tiny_config("x.npz", finetune=True)
     pipeline.validate_config(config)  # init_from / init_finetune do not reach TrainConfig
     assert "init_from" not in config.retraining
+
+
+def test_cascade_rewind_rewinds_to_the_loaded_net(tmp_path, trained):
+    _, variables, acc = trained
+    src = tmp_path / "net.npz"
+    pretrained.save_npz(src, variables)
+    workdir = tmp_path / "run"
+    results = pipeline.run(tiny_config(src, mode="cascade-rewind"), workdir)
+    assert results.dense["error"][0] == pytest.approx(acc["error"], abs=1e-6)
+    rewind = ckpt_lib.Checkpointer(workdir / "checkpoints" / "net0" / "rewind")
+    items = rewind.restore(like={"params": None})
+    _same_tree(items["params"], variables["params"])
+    assert np.isfinite(results.error).any()
