@@ -83,6 +83,10 @@ def experiment(
         dict(name=dataset, data_dir=data_dir or "", valid_fraction=0.1, max_train=-1, max_test=-1)
     )
     config.training = train
+    # Start from a trained network instead of training it (experiments/pretrained.py, docs/pretrained.md): a
+    # checkpoint dir, .npz or PyTorch .pth; init_finetune=True trains num_epochs from it instead of skipping.
+    config.training.init_from = ""
+    config.training.init_finetune = False
     config.retraining = retrain
     config.experiments = ml_collections.ConfigDict(
         dict(

@@ -34,6 +34,7 @@ from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import plot as plot_lib
+from experiments import pretrained as pretrained_lib
 from experiments import results as results_lib
 from experiments import spacing as spacing_lib
 from experiments import train as train_lib
@@ -52,6 +53,7 @@ def _optional(value: Any) -> Any:
 def train_config(cfg: Any) -> train_lib.TrainConfig:
     """The validated TrainConfig of a config's training/retraining block."""
     fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    fields = {k: v for k, v in fields.items() if k not in pretrained_lib.CONFIG_FIELDS}  # not schedule fields
     fields["max_steps_per_epoch"] = _optional(fields.get("max_steps_per_epoch"))
     return train_lib.as_train_config(fields)
 
@@ -521,7 +523,8 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
         total = int(exp_cfg.num_nets) * int(exp_cfg.num_repetitions) * len(exp.methods) * len(steps)
         with tqdm(total=total, desc="prune/retrain", unit="ratio", disable=total == 0 or not is_main) as bar:
             for net in range(int(exp_cfg.num_nets)):
-                state = train_net(exp, net, tb)
+                state = pretrained_lib.load_net(exp, net, tb) if pretrained_lib.init_from(exp.config) else \
+                    train_net(exp, net, tb)
                 dense = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
                                            int(exp.config.eval_batch_size), mesh=exp.mesh)
                 results.record_dense(net, **dense)
