@@ -10,7 +10,18 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench import common, first_call, memory, mesh, passes, prune_e2e, report, shrink, timing, train_step
+from experiments.bench import (
+    common,
+    first_call,
+    memory,
+    mesh,
+    passes,
+    prune_e2e,
+    report,
+    shrink,
+    timing,
+    train_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = timing.Budget(repeats=2, min_repeats=1, budget_s=2.0)
@@ -26,13 +37,15 @@ def _positive_times(entry):
 
 def _payload(kind, results):
     return {"benchmark": kind, "command": f"python -m experiments.bench --benchmarks={kind}",
-            "date": "2026-01-01 00:00 UTC", "env": ENV, "config": {}, "results": results}
+            "date": "2026-01-01 00:00 UTC", "env": ENV, "config": {}, "results": results, "note": f"note {kind}"}
 
 
-@pytest.fixture(scope="module")
-def payloads():
-    """Results of the tests below, for the report test (filled as they run)."""
-    return {}
+def _rendered(kind, results):
+    """The report section of ``results``; checks it names every model."""
+    text = report.render_payload(_payload(kind, results))
+    assert text.startswith(f"### {report.SECTIONS[kind][0]}")
+    assert "| lenet300_100 |" in text or "| resnet20 |" in text
+    return text
 
 
 def test_timing_measure_medians_interleaved_and_compile_events():
@@ -60,7 +73,7 @@ def test_run_fresh_reports_worker_errors():
     assert "no_such_worker" in out["error"]
 
 
-def test_passes_ratios_from_one_run(payloads):
+def test_passes_ratios_from_one_run():
     cfg = passes.PassConfig(chunk_size=8, fused=True, scaling_fractions=(1.0, 2.0))
     m = passes.run("lenet300_100", cfg, TINY, num_points=16)
     assert m["sample_size"] == 16 and m["sample_size_formula"] == 128 and m["num_chunks"] == 2  # delta 1e-12
@@ -72,10 +85,10 @@ def test_passes_ratios_from_one_run(payloads):
     assert max(m["fused_max_rel_diff"].values()) < 1e-5
     assert [s["points"] for s in m["scaling"]] == [16, 32] and [s["chunks"] for s in m["scaling"]] == [2, 4]
     assert m["scaling"][0]["per_point_over_1x"] == 1.0
-    payloads["passes"] = {"lenet300_100": m}
+    _rendered("passes", {"lenet300_100": m})
 
 
-def test_prune_search_is_prune_minus_pass(payloads):
+def test_prune_search_is_prune_minus_pass():
     cfg = prune_e2e.PruneConfig(methods=("sipp",), chunk_size=16)
     m = prune_e2e.run("lenet300_100", cfg, TINY, num_points=16)
     e = m["methods"]["sipp"]
@@ -85,10 +98,10 @@ def test_prune_search_is_prune_minus_pass(payloads):
     assert e["select_calls"] >= 1 and abs(e["achieved_keep_ratio"] - 0.1) < 0.01
     with pytest.raises(ValueError):
         prune_e2e.PruneConfig(methods=("magnitude",))
-    payloads["prune"] = {"lenet300_100": m}
+    _rendered("prune", {"lenet300_100": m})
 
 
-def test_first_call_breakdown_in_fresh_process(payloads):
+def test_first_call_breakdown_in_fresh_process():
     cfg = first_call.FirstCallConfig(chunk_size=16, num_points=16, repeats=1, timeout_s=300)
     m = first_call.run("lenet300_100", cfg)
     assert "error" not in m, m.get("error")
@@ -100,10 +113,10 @@ def test_first_call_breakdown_in_fresh_process(payloads):
     assert ev["num_compiles"] >= 4 and ev["programs"] and all(p["compile_s"] > 0 for p in ev["programs"])
     assert m["steady"]["pass"]["compile_s"] < 0.5 * b["compile_s"]  # the pass's programs were cache hits
     assert m["env"]["device"].startswith("cpu")
-    payloads["first_call"] = {"lenet300_100": m}
+    _rendered("first_call", {"lenet300_100": m})
 
 
-def test_train_step_masked_vs_unmasked(payloads):
+def test_train_step_masked_vs_unmasked():
     m = train_step.run("lenet300_100", train_step.StepConfig(batch_size=16, chunk_size=16), TINY, num_points=16)
     for kind in ("unmasked", "masked", "unmasked_donated", "masked_donated"):
         _positive_times(m[kind])
@@ -111,10 +124,10 @@ def test_train_step_masked_vs_unmasked(payloads):
     assert m["batch_size"] == 16 and 0.05 < m["mask_keep_ratio"] < 0.2
     ratio = m["cost_ratio_masked_over_unmasked"]
     assert ratio is None or (ratio["flops"] >= 1.0 and ratio["bytes_accessed"] > 0)
-    payloads["train_step"] = {"lenet300_100": m}
+    _rendered("train_step", {"lenet300_100": m})
 
 
-def test_memory_compiled_from_public_pieces(payloads):
+def test_memory_compiled_from_public_pieces():
     m = memory.run("lenet300_100", memory.MemoryConfig(chunk_size=16, num_points=16, rss_fractions=()))
     c = m["compiled"]
     for red in ("mean", "max"):
@@ -123,11 +136,11 @@ def test_memory_compiled_from_public_pieces(payloads):
     f = c["forward"]
     assert f["double"]["temp_plus_output_bytes"] > f["full"]["temp_plus_output_bytes"] > 0
     assert c["running_max_bytes"] == 4 * (784 * 300 + 300 * 100 + 100 * 10)
-    payloads["memory"] = {"lenet300_100": m}
+    _rendered("memory", {"lenet300_100": m})
 
 
 @pytest.mark.slow
-def test_mesh_two_forced_devices(payloads):
+def test_mesh_two_forced_devices():
     cfg = mesh.MeshConfig(device_counts=(2,), chunk_size=16, num_points=16, repeats=1, budget_s=1.0, timeout_s=300)
     res = mesh.run(("lenet300_100",), cfg)
     assert list(res) == ["2"] and "error" not in res["2"], res["2"].get("error")
@@ -137,10 +150,10 @@ def test_mesh_two_forced_devices(payloads):
         _positive_times(lenet[name])
     state = lenet["state_bytes_per_device"]  # the 'model' axis of 2 halves every kernel (784, 300, 100: even)
     assert 0.45 * state["replicated"] < state["model2"] < 0.55 * state["replicated"]
-    payloads["mesh"] = res
+    _rendered("mesh", res)
 
 
-def test_shrink_rows_and_width_control(payloads):
+def test_shrink_rows_and_width_control():
     res = shrink.run(("resnet20",), shrink.ShrinkConfig(batch=8), TINY, quick=True)
     assert len(res["rows"]) == 1 and res["controls"] == []
     r = res["rows"][0]
@@ -153,20 +166,27 @@ def test_shrink_rows_and_width_control(payloads):
     assert [c["fraction"] for c in control] == [0.5, 0.25]  # of the default width 16: 8 and 4
     assert control[0]["flop_ratio"] == 1.0 and 3.0 < control[1]["flop_ratio"] < 4.5  # ~quadratic in width
     assert rows[0]["method_options"] == {"joint": "mean", "round_to": 4} and rows[0]["flop_ratio"] > 1.2
-    payloads["shrink"] = {"rows": res["rows"], "controls": control}
+    _rendered("shrink", {"rows": res["rows"], "controls": control})
 
 
-def test_report_renders_every_section_and_keeps_recorded_text(payloads, tmp_path):
-    for kind, results in payloads.items():
-        common.write_json(tmp_path / "in" / f"{kind}.json", _payload(kind, results))
+def test_report_splices_generated_part_in_order_with_notes(tmp_path):
+    timing_dict = timing.summarize([0.2, 0.1], 0.5, 1.0, 1)
+    prune_results = {"lenet300_100": {"methods": {"sipp": {
+        "pass": timing_dict, "prune": timing_dict, "search_s": 0.01, "search_over_pass": 0.1, "select_calls": 1,
+        "achieved_keep_ratio": 0.1}}}}
+    results = {"prune": prune_results, "first_call": {"resnet20": {"error": "boom"}}, "mesh": {"2": {"error": "x"}}}
+    for kind, res in results.items():
+        common.write_json(tmp_path / "in" / f"{kind}.json", _payload(kind, res))
     (tmp_path / "in" / "other.json").write_text("[1, 2]")  # not a benchmark: skipped
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nintro\n\n{report.GENERATED_BEGIN}\nold\n{report.GENERATED_END}\n\n## Recorded\nkept\n")
     text = report.write_report(tmp_path / "in", doc)
     assert "old" not in text and "intro" in text and text.rstrip().endswith("kept")
-    for kind in payloads:
+    for kind in results:
         assert f"### {report.SECTIONS[kind][0]}" in text and f"--benchmarks={kind}`" in text
-    assert text.index("First sp.prune") < text.index("Sensitivity pass vs")  # section order
+        assert f"**note {kind}**" in text  # a run's note stays next to its tables
+    assert text.index("First sp.prune") < text.index("sp.prune end to end") < text.index("Data-parallel")
+    assert "| resnet20 | failed (see JSON) |" in text and "| lenet300_100 | sipp | 150.0 ms |" in text
     assert report.write_report(tmp_path / "in", doc) == text  # idempotent
     fresh = report.write_report(tmp_path / "in", tmp_path / "new.md")
     assert fresh.startswith("# Benchmarks") and report.GENERATED_END in fresh
@@ -174,12 +194,12 @@ def test_report_renders_every_section_and_keeps_recorded_text(payloads, tmp_path
 
 def test_cli_writes_json_under_out_only(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=120, check=False)
     assert missing.returncode != 0 and "--out" in missing.stderr
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench", "--quick", "--benchmarks=prune", f"--out={out}", "--tag=t"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((out / "prune_t.json").read_text())
@@ -187,6 +207,7 @@ def test_cli_writes_json_under_out_only(tmp_path):
     assert res["benchmark"] == "prune" and list(res["results"]) == ["lenet300_100"]
     assert res["env"]["device"].startswith("cpu:0") and "sp.prune end to end" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "experiments.bench.report", f"--input={out}",
-                           f"--output={tmp_path / 'doc.md'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           f"--output={tmp_path / 'doc.md'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| lenet300_100 | sipp |" in (tmp_path / "doc.md").read_text()

@@ -21,14 +21,24 @@ from typing import Any, Callable, Mapping, Sequence
 
 from absl import app, flags, logging
 
+from experiments.bench import (
+    common,
+    first_call,
+    memory,
+    mesh,
+    passes,
+    prune_e2e,
+    report,
+    shrink,
+    timing,
+    train_step,
+)
 from sensprune.sensitivity import CONTRACTIONS
-
-from experiments.bench import common, first_call, memory, mesh, passes, prune_e2e, report, shrink, timing, train_step
 
 BENCHMARKS = ("passes", "prune", "train_step", "memory", "first_call", "mesh", "shrink")
 DEFAULT_BENCHMARKS = ("passes", "prune", "train_step", "memory", "first_call", "mesh")
 FLAG_NAMES = frozenset({
-    "out", "tag", "benchmarks", "models", "repeats", "min_repeats", "budget_s", "chunk_size", "num_points",
+    "out", "note", "tag", "benchmarks", "models", "repeats", "min_repeats", "budget_s", "chunk_size", "num_points",
     "keep_ratio", "contraction", "methods", "pfp_models", "fused_models", "scaling_models", "scaling_fractions",
     "device_counts", "device_models", "memory_models", "rss_fractions", "first_call_models",
     "first_call_method", "first_call_repeats", "shrink_models", "shrink_method", "shrink_batch",
@@ -45,6 +55,8 @@ def define_flags() -> None:
     """The absl flags of ``python -m experiments.bench``."""
     f = flags
     f.DEFINE_string("out", None, "Directory of the JSON results (required; outside the source tree).")
+    f.DEFINE_string("note", "", "Free text stored with the results and shown next to their tables "
+                    "(e.g. 'smoke run on a shared, busy CPU').")
     f.DEFINE_string("tag", "", "Suffix of the JSON file names (e.g. the model when one process runs per model).")
     f.DEFINE_list("benchmarks", list(DEFAULT_BENCHMARKS), f"Which to run, of {', '.join(BENCHMARKS)}.")
     f.DEFINE_list("models", ["lenet300_100", "resnet20", "resnet56"], "Networks (experiments.models names).")
@@ -193,16 +205,23 @@ def output_path(out: str, kind: str, tag: str) -> Path:
     return Path(out) / (f"{kind}_{tag}.json" if tag else f"{kind}.json")
 
 
+def models_of(kind: str, opts: Options) -> list[str]:
+    """The models benchmark ``kind`` runs on."""
+    per_kind = {"memory": opts.memory_models, "first_call": opts.first_call_models, "mesh": opts.device_models,
+                "shrink": opts.shrink_models}
+    return list(per_kind.get(kind, opts.models))
+
+
 def run_all(opts: Options, argv: Sequence[str]) -> list[Path]:
     """Runs every selected benchmark; writes and returns their JSON paths."""
     written = []
     command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in argv[1:])
     for kind in opts.benchmarks:
-        logging.info("[%s] %s", kind, ", ".join(opts.models))
+        logging.info("[%s] %s", kind, ", ".join(models_of(kind, opts)))
         start = time.perf_counter()
         config, results = run_benchmark(kind, opts)
         payload = {
-            "benchmark": kind, "command": command,
+            "benchmark": kind, "command": command, "note": opts.note,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "env": common.environment(), "config": dict(config, budget=dataclasses.asdict(opts.budget)),
             "results": results, "runtime_s": time.perf_counter() - start,

@@ -51,7 +51,7 @@ def max_rel_diff(a: Any, b: Any) -> float:
     """Largest elementwise relative difference between two sensitivity trees."""
     return float(max(
         np.max(np.abs(np.asarray(x) - np.asarray(y)) / (np.abs(np.asarray(y)) + 1e-6))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     ))
 
 
@@ -110,7 +110,7 @@ def scaling(setup: common.ModelSetup, cfg: PassConfig, budget: timing.Budget) ->
         {"fraction": f, "points": s, "chunks": -(-s // min(chunk, s)), "median_s": times[str(s)]["median_s"],
          "repeats": times[str(s)]["repeats"], "per_point_s": times[str(s)]["median_s"] / s,
          "per_point_over_1x": times[str(s)]["median_s"] / s / per_point_ref}
-        for f, s in zip(fractions, sizes)
+        for f, s in zip(fractions, sizes, strict=True)
     ]
 
 

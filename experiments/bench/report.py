@@ -45,9 +45,13 @@ def fmt_b(n: Optional[int]) -> str:
     return f"{n} B"
 
 
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|")
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A markdown table."""
-    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    esc = _cell
     lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -57,8 +61,9 @@ def provenance(payload: Mapping[str, Any]) -> str:
     """Where and how the numbers were measured."""
     env = payload["env"]
     load = "/".join(f"{x:.2f}" for x in env.get("load_avg", []))
+    note = f" **{payload['note']}**" if payload.get("note") else ""
     return (f"`{payload['command']}` — {payload['date']}, {env['device']} ({env['backend']}, "
-            f"{env['num_devices']} device(s)), jax {env['jax']}, {env['cpu_count']} CPUs, load avg {load}.")
+            f"{env['num_devices']} device(s)), jax {env['jax']}, {env['cpu_count']} CPUs, load avg {load}.{note}")
 
 
 def _passes(results: Mapping[str, Any]) -> list[str]:
@@ -128,8 +133,9 @@ def _memory(results: Mapping[str, Any]) -> list[str]:
         rss += [[name, row["points"], fmt_b(row["rss_after_pass_bytes"] - start),
                  fmt_b(row["rss_after_forward_bytes"] - start), fmt_b(row.get("device_peak_after_pass_bytes")),
                  fmt_b(row.get("device_peak_after_forward_bytes"))] for row in r.get("rows", [])]
-    out = [table(["model", "function", "batch", "capture temp", "largest kernel temp", "working set per chunk "
-                  "(forward: temp+output)", "running max"], rows)]
+    header = ["model", "function", "batch", "capture temp", "largest kernel temp",
+              "working set per chunk (forward: temp+output)", "running max"]
+    out = [table(header, rows)]
     if rss:
         out += ["", "Peak RSS growth of a fresh process (passes first, ascending \\|S\\|, then one-batch forwards):",
                 "", table(["model", "|S|", "after pass", "after forward", "device peak after pass",

@@ -153,7 +153,7 @@ class CompileEvents:
         jax.monitoring.register_event_duration_secs_listener(self._listener)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
     def total(self, event: str) -> float:
@@ -208,7 +208,7 @@ def run_fresh(
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _WORKER_CODE, target, json.dumps(dict(args))],
-            env=full_env, capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=timeout_s,
+            env=full_env, capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=timeout_s, check=False,
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s}s"}
