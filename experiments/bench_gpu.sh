@@ -35,7 +35,7 @@ for spec in ${BENCH_MODELS-lenet300_100:60 resnet20:170 resnet56:150}; do
     model=${spec%%:*}
     step "${FIRST_S:-120}" experiments.bench --benchmarks=first_call --first_call_models="$model" --out="$OUT" --tag="$model"
     step "${BENCH_S:-${spec##*:}}" experiments.bench --benchmarks=passes,prune,train_step,memory,mesh --models="$model" \
-        --device_models="$model" --memory_models="$model" --fused_models="$model" --pfp_models="$model" \
+        --device_models="$model" --memory_models="$model" --fused_models="$model" \
         --device_counts="${DEVICE_COUNTS-1}" --repeats=7 --budget_s=5 --out="$OUT" --tag="$model"
 done
 # The pass with all of S in one chunk (a GPU has memory to spare; chunk 32 leaves it mostly idle), per-layer and fused.
