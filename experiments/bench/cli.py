@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
@@ -37,13 +37,6 @@ from sensprune.sensitivity import CONTRACTIONS
 
 BENCHMARKS = ("passes", "prune", "train_step", "memory", "first_call", "mesh", "shrink")
 DEFAULT_BENCHMARKS = ("passes", "prune", "train_step", "memory", "first_call", "mesh")
-FLAG_NAMES = frozenset({
-    "out", "note", "tag", "benchmarks", "models", "repeats", "min_repeats", "budget_s", "chunk_size", "num_points",
-    "keep_ratio", "contraction", "methods", "pfp_models", "fused_models", "scaling_models", "scaling_fractions",
-    "device_counts", "device_models", "memory_models", "rss_fractions", "first_call_models",
-    "first_call_method", "first_call_repeats", "shrink_models", "shrink_method", "shrink_batch",
-    "shrink_round_to", "shrink_method_options", "shrink_control", "quick",
-})
 QUICK = {  # smoke run: LeNet only, |S| = 16 in one chunk, 2 rounds
     "models": ["lenet300_100"], "repeats": 2, "min_repeats": 1, "budget_s": 5.0, "num_points": 16, "chunk_size": 16,
     "scaling_fractions": ["1", "2"], "methods": ["sipp"], "device_counts": ["2"], "rss_fractions": ["1", "2"],
@@ -92,27 +85,52 @@ def define_flags() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Every option of one run (the flags, validated, with --quick applied)."""
+    """Every option of one run: the flags (same names), with ``--quick`` presets applied."""
 
-    values: Mapping[str, Any]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    out: str
+    note: str
+    tag: str
+    benchmarks: list[str]
+    models: list[str]
+    repeats: int
+    min_repeats: int
+    budget_s: float
+    chunk_size: int
+    num_points: int
+    keep_ratio: float
+    contraction: str
+    methods: list[str]
+    pfp_models: list[str]
+    fused_models: list[str]
+    scaling_models: list[str]
+    scaling_fractions: list[str]
+    device_counts: list[str]
+    device_models: list[str]
+    memory_models: list[str]
+    rss_fractions: list[str]
+    first_call_models: list[str]
+    first_call_method: str
+    first_call_repeats: int
+    shrink_models: list[str]
+    shrink_method: str
+    shrink_batch: int
+    shrink_round_to: int
+    shrink_method_options: str
+    shrink_control: bool
+    quick: bool
 
     @property
     def budget(self) -> timing.Budget:
         return timing.Budget(self.repeats, self.min_repeats, self.budget_s)
 
     def floats(self, name: str) -> tuple[float, ...]:
-        return tuple(float(x) for x in self.values[name] if str(x))
+        """A list flag of numbers as floats ('' entries dropped)."""
+        return tuple(float(x) for x in getattr(self, name) if str(x))
 
 
 def options_from_flags(fv: flags.FlagValues) -> Options:
     """Flag values as :class:`Options` (``--quick`` presets where a flag was not given)."""
-    values = {name: fv[name].value for name in fv if name in FLAG_NAMES}
+    values = {f.name: fv[f.name].value for f in dataclasses.fields(Options)}
     if values["quick"]:
         values |= {k: v for k, v in QUICK.items() if not fv[k].present}
         if not fv["shrink_batch"].present:
@@ -121,7 +139,7 @@ def options_from_flags(fv: flags.FlagValues) -> Options:
                     "first_call_models"):
             if not fv[key].present:
                 values[key] = list(values["models"])
-    return validate(Options(values))
+    return validate(Options(**values))
 
 
 def validate(opts: Options) -> Options:
