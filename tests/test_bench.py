@@ -74,8 +74,9 @@ def test_run_fresh_reports_worker_errors():
 
 
 def test_passes_ratios_from_one_run():
-    cfg = passes.PassConfig(chunk_size=8, fused=True, scaling_fractions=(1.0, 2.0))
+    cfg = passes.PassConfig(chunk_size=8, fused=True, scaling_fractions=(1.0, 2.0), contraction="carry")
     m = passes.run("lenet300_100", cfg, TINY, num_points=16)
+    assert m["contraction"] == "carry"  # the keyword reaches sp.compute_sensitivities (no module global)
     assert m["sample_size"] == 16 and m["sample_size_formula"] == 128 and m["num_chunks"] == 2  # delta 1e-12
     for name in ("sipp_pass", "pfp_pass", "forward_full", "forward_chunked", "sipp_pass_fused", "pfp_pass_fused"):
         _positive_times(m["passes"][name])

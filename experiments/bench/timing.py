@@ -160,7 +160,7 @@ class CompileEvents:
         """Sum of the durations of ``event``."""
         return float(sum(d for e, _, d in self.events if e == event))
 
-    def summary(self, top: int = 12) -> dict[str, Any]:
+    def summary(self, top: int = 50) -> dict[str, Any]:
         """Totals, the number of XLA compiles, and the ``top`` programs by compile time
         (programs of the same name are merged: ``count`` compiles)."""
         programs: dict[str, dict[str, float]] = {}
