@@ -40,6 +40,8 @@ class PruneContext:
         data-parallel over its devices (:mod:`sensprune.sharding`).
       fused_pass: run the sensitivity pass as one compiled program
         (``compute_sensitivities(..., fused=True)``).
+      contraction: strategy of the pass's (max, x) contraction
+        (``compute_sensitivities(..., contraction=...)``).
     """
 
     model: Any
@@ -57,6 +59,7 @@ class PruneContext:
     cache: dict = dataclasses.field(default_factory=dict)
     mesh: Any = None
     fused_pass: bool = False
+    contraction: str = "auto"
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -101,6 +104,7 @@ class PruneContext:
                 method=self.apply_method,
                 mesh=self.mesh,
                 fused=self.fused_pass,
+                contraction=self.contraction,
                 **kwargs,
             )
         return self.cache[key]

@@ -107,6 +107,7 @@ def prune(
     mesh: Any = None,
     method_options: Optional[Mapping[str, Any]] = None,
     fused_pass: bool = False,
+    contraction: str = "auto",
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -139,6 +140,8 @@ def prune(
         (``sensprune.method_options(method)`` lists them).
       fused_pass: run the sensitivity pass as one compiled program (one
         dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
+      contraction: strategy of the sensitivity pass's (max, x) contraction
+        (``compute_sensitivities(contraction=...)``).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -181,6 +184,7 @@ def prune(
         protect_input_channels=protect_input_channels,
         mesh=mesh,
         fused_pass=bool(fused_pass),
+        contraction=contraction,
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
     sel, chosen, size, ok, searches = search_selection(

@@ -37,7 +37,7 @@ every reduction (it is constant per ``(j, i)``):
   not two (measured 1.5-2x faster than two contractions and a final select).
   It is a ``lax.scan`` over blocks of rows:
 
-  - on CPU (``MAX_CONTRACTION='unrolled'``) the carry is the ``[O, J]``
+  - on CPU (``contraction='unrolled'``) the carry is the ``[O, J]``
     running max itself and each step applies ``_UNROLL_ROWS`` (16) rank-1
     updates ``carry = max(carry, a[n] * q_sel[n])`` as a Python-unrolled chain
     of elementwise ops, which XLA fuses into one vectorised loop that reads
@@ -84,11 +84,9 @@ _GROUP_ELEMENTS = 2**18  # patch entries per group of points
 _CARRY_ELEMENTS = 2**15  # running-max carry of the (max, x) contraction on CPU
 _BLOCK_ELEMENTS = 2**24  # products per fused reduce on accelerators
 _UNROLL_ROWS = 16  # rank-1 updates per scan step of the unrolled CPU contraction
-# (max, x) contraction strategy: "auto" (unrolled on CPU, reduce elsewhere), "unrolled",
-# "carry" (the previous CPU strategy), "reduce". Read at trace time: call jax.clear_caches()
-# after changing it.
+# (max, x) contraction strategy, the ``contraction`` keyword: "auto" (unrolled on CPU, reduce
+# elsewhere), "unrolled", "carry" (the previous CPU strategy), "reduce".
 CONTRACTIONS = ("auto", "unrolled", "carry", "reduce")
-MAX_CONTRACTION = "auto"
 
 
 def _ensure_pytree() -> None:
@@ -137,18 +135,17 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def _contraction() -> str:
-    """The (max, x) strategy in use: ``MAX_CONTRACTION``, with ``'auto'`` resolved."""
-    if MAX_CONTRACTION not in CONTRACTIONS:
-        raise ValueError(f"MAX_CONTRACTION must be one of {CONTRACTIONS}, got {MAX_CONTRACTION!r}")
-    if MAX_CONTRACTION == "auto":
+def _check_contraction(contraction: str) -> None:
+    if contraction not in CONTRACTIONS:
+        raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}")
+
+
+def _contraction(contraction: str) -> str:
+    """The (max, x) strategy ``contraction``, with ``'auto'`` resolved."""
+    _check_contraction(contraction)
+    if contraction == "auto":
         return "unrolled" if jax.default_backend() == "cpu" else "reduce"
-    return MAX_CONTRACTION
-
-
-def _use_carry() -> bool:
-    """Whether the (max, x) contraction runs as elementwise max-updates (CPU)."""
-    return _contraction() in ("carry", "unrolled")
+    return contraction
 
 
 def _unrolled_max_contract(a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, positive_t: jax.Array) -> jax.Array:
@@ -177,18 +174,19 @@ def _unrolled_max_contract(a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, 
 
 
 def _max_contract(
-    a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, positive: jax.Array
+    a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, positive: jax.Array, contraction: str = "auto"
 ) -> jax.Array:
     """``max_n a[n, j] * (q+[n, i] if W_ji > 0 else q-[n, i])`` -> ``[J, O]``.
 
     ``a [N, J]`` and ``q+/- [N, O]`` are nonnegative; ``positive [J, O]``.
     Works in ``[O, J]`` layout (the longer fan-in axis is minor).
     """
-    if _contraction() == "unrolled":
+    strategy = _contraction(contraction)
+    if strategy == "unrolled":
         return _unrolled_max_contract(a, q_plus, q_minus, positive.T).T
     n, fan_in = a.shape
     out = q_plus.shape[1]
-    budget = _CARRY_ELEMENTS if _use_carry() else _BLOCK_ELEMENTS
+    budget = _CARRY_ELEMENTS if strategy == "carry" else _BLOCK_ELEMENTS
     rows = min(_pow2_floor(budget // (fan_in * out)), _pow2_floor(n))
     pad = -n % rows
     if pad:  # zero rows add zero products, which never raise a max of values >= 0
@@ -202,7 +200,7 @@ def _max_contract(
         q_sel = jnp.where(positive, qp_rows[:, :, None], qn_rows[:, :, None])
         return a_rows[:, None, :] * q_sel
 
-    if _use_carry():
+    if strategy == "carry":
         # XLA:CPU runs reductions slowly but elementwise updates fast: keep a
         # [rows, O, J] running max and reduce it once at the end.
         carry = _scan_max(products, (a, q_plus, q_minus), (rows, out, fan_in))
@@ -211,7 +209,7 @@ def _max_contract(
     return _scan_max(block_max, (a, q_plus, q_minus), (out, fan_in)).T
 
 
-def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str):
+def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str, contraction: str = "auto"):
     """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``."""
     _, num_patches, fan_in = a.shape
     out = positive.shape[1]
@@ -220,7 +218,7 @@ def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reducti
         sums = jnp.einsum("gpj,gpo->gjo", a, q, precision=_HIGHEST) / num_patches
         return jnp.max(jnp.where(positive, sums[..., :out], sums[..., out:]), axis=0)
     q = q.reshape(-1, 2 * out)
-    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive)
+    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive, contraction)
 
 
 def _group_size(layer: Layer, batch: int) -> int:
@@ -232,11 +230,15 @@ def _group_size(layer: Layer, batch: int) -> int:
     return -(-batch // groups)
 
 
-def _weight_ratio(layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: str) -> jax.Array:
+def _weight_ratio(
+    layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: str, contraction: str = "auto"
+) -> jax.Array:
     """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``."""
     w_split = jnp.concatenate([jnp.maximum(wmat, 0.0), jnp.minimum(wmat, 0.0)], axis=1)
     positive = wmat > 0
-    ratios = functools.partial(_group_ratios, w_split=w_split, positive=positive, reduction=reduction)
+    ratios = functools.partial(
+        _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
+    )
 
     def split(a):
         return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
@@ -261,7 +263,7 @@ def channel_from_weight(weight: jax.Array) -> jax.Array:
 
 
 def layer_sensitivity(
-    layer: Layer, kernel: jax.Array, inputs: jax.Array, *, reduction: str
+    layer: Layer, kernel: jax.Array, inputs: jax.Array, *, reduction: str, contraction: str = "auto"
 ) -> LayerSensitivity:
     """Sensitivities of one layer over one chunk of points (pure, jittable).
 
@@ -270,10 +272,12 @@ def layer_sensitivity(
       kernel: the layer's kernel (``layer.kernel_shape``).
       inputs: what the layer received, ``[B, *layer.input_shape]``.
       reduction: ``'mean'`` or ``'max'`` over output positions.
+      contraction: strategy of the (max, x) contraction, one of ``CONTRACTIONS``.
     """
     _check_reduction(reduction)
+    _check_contraction(contraction)
     wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
-    ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction)
+    ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction)
     weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")
     return LayerSensitivity(weight=weight, channel=channel_from_weight(weight))
 
@@ -345,6 +349,7 @@ def compute_sensitivities(
     method: Callable[..., Any] | str | None = None,
     mesh: Any = None,
     fused: bool = False,
+    contraction: str = "auto",
     **apply_kwargs: Any,
 ) -> dict[str, LayerSensitivity]:
     """Empirical sensitivities of every prunable layer over the points in ``data``.
@@ -372,11 +377,14 @@ def compute_sensitivities(
         the end. One dispatch instead of ``chunks x (layers + 1)``, which is
         what a small net on a GPU waits on; it compiles the whole net at once
         (longer) and holds all of S on the device. Same results.
+      contraction: strategy of the (max, x) contraction, one of
+        ``CONTRACTIONS`` (``'auto'``: unrolled on CPU, reduce elsewhere).
 
     Returns:
       layer name -> :class:`LayerSensitivity`, maxima over all of ``data``.
     """
     _check_reduction(reduction)
+    _check_contraction(contraction)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     chunks = _chunks(data, int(chunk_size))
@@ -389,13 +397,15 @@ def compute_sensitivities(
     if fused:
         stacked = np.stack([np.asarray(c) for c in itertools.chain([first], chunks)])
         return fused_pass(model, variables, stacked, layers, reduction=reduction, method=method, mesh=mesh,
-                          **apply_kwargs)
+                          contraction=contraction, **apply_kwargs)
     capture = _capture_function(model, layers, method, apply_kwargs)
     geometry = {layer.name: _geometry(layer) for layer in layers}
-    layer_step = _layer_step
+    layer_step = functools.partial(_layer_step, contraction=contraction)
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
-        layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names))
+        layer_step = functools.partial(
+            _sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names), contraction=contraction
+        )
     result = _zero_sensitivities(variables, layers)
     if mesh is not None:
         result = sharding.replicate(result, mesh)
@@ -435,13 +445,14 @@ def _chunk_sensitivities(
     method: Any,
     apply_items: tuple[tuple[str, Any], ...],
     reduction: str,
+    contraction: str = "auto",
 ) -> dict[str, LayerSensitivity]:
     """``running`` maxed with every layer's sensitivities over one chunk (traced)."""
     inputs = _capture(variables, chunk, model, layers, method, apply_items)
     out = {}
     for layer in layers:
         mine = layer_sensitivity(layer, paths.get_kernel(variables["params"], layer), inputs[layer.name],
-                                 reduction=_layer_reduction(layer, reduction))
+                                 reduction=_layer_reduction(layer, reduction), contraction=contraction)
         out[layer.name] = max_sensitivity(running[layer.name], mine)
     return out
 
@@ -456,11 +467,13 @@ def _fused_impl(
     apply_items: tuple[tuple[str, Any], ...],
     reduction: str,
     mesh: Any,
+    contraction: str = "auto",
 ) -> dict[str, LayerSensitivity]:
     """The whole pass over ``chunks [C, n, ...]``: a scan over chunks; with
     ``mesh``, every chunk split over all its devices and one ``pmax`` at the end."""
     step = functools.partial(
-        _chunk_sensitivities, model=model, layers=layers, method=method, apply_items=apply_items, reduction=reduction
+        _chunk_sensitivities, model=model, layers=layers, method=method, apply_items=apply_items, reduction=reduction,
+        contraction=contraction,
     )
 
     def scan(variables, chunks):
@@ -482,7 +495,7 @@ def _fused_impl(
     )
 
 
-_FUSED_STATIC = ("model", "layers", "method", "apply_items", "reduction", "mesh")
+_FUSED_STATIC = ("model", "layers", "method", "apply_items", "reduction", "mesh", "contraction")
 _fused_program = jax.jit(_fused_impl, static_argnames=_FUSED_STATIC)
 
 
@@ -495,6 +508,7 @@ def fused_pass(
     reduction: str = "mean",
     method: Any = None,
     mesh: Any = None,
+    contraction: str = "auto",
     **apply_kwargs: Any,
 ) -> dict[str, LayerSensitivity]:
     """Sensitivities of ``layers`` over ``chunks [C, n, ...]`` (S in ``C`` equal
@@ -510,7 +524,7 @@ def fused_pass(
         variables = sharding.shard_params(variables, mesh)
         chunks = sharding.shard_points(chunks, mesh, axis=1)[0]
     static = dict(model=model, layers=tuple(layers), method=method, apply_items=tuple(sorted(apply_kwargs.items())),
-                  reduction=reduction, mesh=mesh)
+                  reduction=reduction, mesh=mesh, contraction=contraction)
     try:
         hash(tuple(static.values()))
         program = functools.partial(_fused_program, **static)
@@ -524,19 +538,22 @@ def _geometry(layer: Layer) -> Layer:
     return dataclasses.replace(layer, path=(), order=0)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction"))
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction"))
 def _layer_step(
     layer: Layer,
     reduction: str,
     kernel: jax.Array,
     inputs: jax.Array,
     previous: LayerSensitivity,
+    *,
+    contraction: str = "auto",
 ) -> LayerSensitivity:
     """One chunk's sensitivities of one layer, maxed with the running value."""
-    return max_sensitivity(previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction))
+    mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
+    return max_sensitivity(previous, mine)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "mesh", "axis"))
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "mesh", "axis", "contraction"))
 def _sharded_layer_step(
     layer: Layer,
     reduction: str,
@@ -546,6 +563,7 @@ def _sharded_layer_step(
     *,
     mesh: Any,
     axis: tuple[str, ...],
+    contraction: str = "auto",
 ) -> LayerSensitivity:
     """:func:`_layer_step` with ``inputs`` split over mesh axes ``axis`` (all of
     them): each device reduces its own points, then ``pmax`` over the axes (an
@@ -554,7 +572,7 @@ def _sharded_layer_step(
     from jax.sharding import PartitionSpec as P
 
     def local(kernel, inputs, previous):
-        mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction)
+        mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
         return max_sensitivity(previous, jax.tree.map(lambda v: lax.pmax(v, axis), mine))
 
     # check_vma=False: the kernels' scans start from replicated zeros; the pmax makes the result replicated.
