@@ -87,7 +87,9 @@ def test_imagenet_is_streamed_and_missing_data_message(tmp_path, no_network):
 
 def test_imagenet_config_trains_prunes_and_evaluates_streamed(tmp_path, monkeypatch, no_network):
     """configs/imagenet/resnet18.py on the tiny variable-size ImageNet: streamed (the in-memory
-    loader is never called), trained, pruned, retrained and evaluated."""
+    loader is never called), trained, pruned, retrained and evaluated. XLA:CPU compiles
+    ResNet18's steps in minutes, so CI swaps in resnet20 (same data path);
+    SENSPRUNE_SLOW_TESTS=1 keeps resnet18."""
     from configs import common  # pylint: disable=import-outside-toplevel
     from configs.imagenet import resnet18  # pylint: disable=import-outside-toplevel
     from experiments import pipeline  # pylint: disable=import-outside-toplevel
@@ -101,6 +103,8 @@ def test_imagenet_config_trains_prunes_and_evaluates_streamed(tmp_path, monkeypa
     monkeypatch.setattr(sources, 'load_dataset', in_memory)
 
     config = resnet18.get_config()
+    if os.environ.get('SENSPRUNE_SLOW_TESTS') != '1':
+        config.network = 'resnet20'
     config.dataset.data_dir = data_dir
     config.dataset.image_size = 32
     for block in (config.training, config.retraining):
@@ -113,12 +117,8 @@ def test_imagenet_config_trains_prunes_and_evaluates_streamed(tmp_path, monkeypa
     exp = pipeline.build(config, tmp_path / 'run')
     assert exp.dataset.streamed and exp.input_shape == (32, 32, 3)
     assert (exp.dataset.num_train, exp.dataset.num_valid, exp.dataset.num_test) == (36, 4, 12)
-    arrays = results.to_arrays() if hasattr(results, 'to_arrays') else None
-    del arrays
-    assert os.path.exists(tmp_path / 'run' / 'results.npz')
-    stored = np.load(tmp_path / 'run' / 'results.npz', allow_pickle=True)
-    errors = [stored[k] for k in stored.files if 'error' in k]
-    assert errors and all(np.all(np.isfinite(np.asarray(e, np.float64))) for e in errors)
+    assert results.done.all() and np.isfinite(results.error).all()
+    assert (tmp_path / 'run' / 'results.npz').exists()
 
 
 def _peak_bytes_of_one_epoch(data_dir: str, batch_size: int = 8) -> tuple[int, int]:
