@@ -464,8 +464,8 @@ def test_streamed_examples_local_rows_split_each_batch():
     example, not on who decodes it."""
     from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
 
-    for channels, augment in itertools.product((3, 1), (True, False)):
-        examples = _streamed(_variable_records(channels=channels), augment=augment, workers=0,
+    for channels, host_augment in itertools.product((3, 1), (True, False)):
+        examples = _streamed(_variable_records(channels=channels), augment=host_augment, workers=0,
                              channels=channels)
         order = train_lib.epoch_order(0, 0, 6, 2, 4)
         full = list(examples.batches(order, seed=0, epoch=0))

@@ -71,7 +71,7 @@ def _tfds_module():
 
 def _tensorflow_available() -> bool:
     try:
-        import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+        import tensorflow  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
         return False
     return True
