@@ -45,6 +45,7 @@ DATASET_PREFIXES = ('tfds:<name>', 'synthetic:<H>x<W>x<C>:<classes>')
 _SYNTHETIC_NAME = re.compile(r'^synthetic:(\d+)x(\d+)x(\d+):(\d+)$')
 _MAX_IN_MEMORY_BYTES = 16 * 2**30
 
+
 # ----------------------------------------------------------------------------- containers
 
 
