@@ -164,7 +164,7 @@ def trained_net(network: str, opts: Options, nets: Path):
 
 
 def _accuracy(exp, variables) -> float:
-    m = train_lib.evaluate(variables, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+    m = train_lib.evaluate(variables, exp.model, exp.dataset.test, None,
                            int(exp.config.eval_batch_size))
     return 100.0 * (1.0 - m["error"])
 
@@ -180,9 +180,9 @@ def run_network(network: str, opts: Options, nets: Path) -> list[dict[str, Any]]
     exp, variables = trained_net(network, opts, nets)
     dense_acc = _accuracy(exp, variables)
     rng = np.random.default_rng(0)
-    valid = exp.dataset.valid_x
+    valid = exp.dataset.valid.x  # small (in-memory) datasets only
     formula = sp.sample_size(exp.layers, opts.delta, float(exp.config.coresets.c_constant))
-    held = exp.dataset.test_x[: opts.held_out]
+    held = exp.dataset.test.x[: opts.held_out]
     inputs = {k: np.asarray(v) for k, v in sp.capture_inputs(exp.model, variables, held, train=False).items()}
     jobs = [("ratio", m, k, formula) for m in opts.methods for k in opts.keep_ratios]
     jobs += [("s_size", m, opts.s_keep_ratio, n) for m in opts.s_methods for n in sorted({*opts.s_sizes, formula})]
@@ -356,7 +356,7 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     d = Options()
     flags.DEFINE_list("networks", list(d.networks), f"any of {', '.join(CONFIGS)}")
-    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data.py), e.g. mnist_embedded")
+    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data/sources.py), e.g. mnist_embedded")
     flags.DEFINE_list("methods", list(d.methods), "sampling methods with a promised epsilon")
     flags.DEFINE_list("keep_ratios", [str(k) for k in d.keep_ratios], "keep ratios of the main sweep")
     flags.DEFINE_float("delta", d.delta, "failure probability")

@@ -103,7 +103,7 @@ def ablation(exp: Any, variables: Mapping[str, Any], opts: Options) -> dict[str,
         raise ValueError("sipp_ablation: the NumPy shares cover Dense layers only (use lenet300_100)")
     params = variables["params"]
     rng = np.random.default_rng(opts.seed)
-    s_x = exp.dataset.valid_x[rng.choice(len(exp.dataset.valid_x), opts.num_points, replace=False)]
+    s_x = exp.dataset.valid.x[rng.choice(len(exp.dataset.valid), opts.num_points, replace=False)]
 
     def accuracy(p: Any) -> float:
         return guarantees._accuracy(exp, {**variables, "params": p})
@@ -217,7 +217,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     d = Options()
-    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data.py), e.g. mnist_embedded")
+    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data/sources.py), e.g. mnist_embedded")
     flags.DEFINE_float("keep_ratio", d.keep_ratio, "keep ratio, in (0, 1)")
     flags.DEFINE_integer("num_points", d.num_points, "|S|")
     flags.DEFINE_bool("fast", False, "a briefly trained net (CI)")
