@@ -70,6 +70,7 @@ def experiment(
     plot_min: float = 0.02,
     plot_max: float = 0.85,
     data_dir: Optional[str] = None,
+    image_size: int = -1,
     eval_batch_size: int = 500,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
 ) -> ml_collections.ConfigDict:
@@ -80,9 +81,16 @@ def experiment(
     config.network = network
     config.seed = 0
     config.dataset = ml_collections.ConfigDict(
-        dict(name=dataset, data_dir=data_dir or "", valid_fraction=0.1, max_train=-1, max_test=-1)
+        # image_size: square input size; -1 = native (in memory) or 224 (streamed, e.g. ImageNet:
+        # resized and cropped while decoding).
+        dict(name=dataset, data_dir=data_dir or "", valid_fraction=0.1, max_train=-1, max_test=-1,
+             image_size=image_size)
     )
     config.training = train
+    # Start from a trained network instead of training it (experiments/pretrained.py, docs/pretrained.md): a
+    # checkpoint dir, .npz or PyTorch .pth; init_finetune=True trains num_epochs from it instead of skipping.
+    config.training.init_from = ""
+    config.training.init_finetune = False
     config.retraining = retrain
     config.experiments = ml_collections.ConfigDict(
         dict(

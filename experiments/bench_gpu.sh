@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The accelerator benchmarks in one go, each step under its own time limit:
 #   1. shrunk vs dense inference (ResNet20, VGG16; batch 256), plain ft and ft with stream-aware counts aligned to 8;
-#   2. the benchmark suite (experiments/bench.py), one process per network so each writes its JSON.
+#   2. per network: the first sp.prune call of a fresh process (tracing / compiles / pass / search), then the
+#      pass vs forward, prune end to end, masked train step, memory and a 1-device mesh (one JSON per benchmark);
+#   3. the pass with all of S in one chunk (ResNet20), per-layer and fused;
+#   4. $OUT/benchmarks.md from all the JSON (python -m experiments.bench.report).
 # Usage (from the repository root, on the machine with the accelerator):
-#   OUT=bench_gpu bash experiments/bench_gpu.sh
-# Limits: SHRINK_S, SHRINK8_S, CHUNK_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g. "resnet56:400" alone; "" for none).
-# Writes $OUT/log.txt and one JSON per step. Needs nothing beyond requirements.txt (the CUDA jax build on a GPU).
+#   OUT=/tmp/bench_gpu bash experiments/bench_gpu.sh
+# Limits: SHRINK_S, SHRINK8_S, CHUNK_S, FIRST_S (0 skips a step), BENCH_MODELS="model:seconds ..." (e.g.
+# "resnet56:400" alone; "" for none). Writes $OUT/log.txt and $OUT/<benchmark>_<tag>.json (each benchmark's JSON
+# is written as soon as it finishes, so a step cut by its limit keeps what it completed). Needs nothing beyond
+# requirements.txt (the CUDA jax build on a GPU). Copy the results into the docs with
+#   python -m experiments.bench.report --input="$OUT" --output=docs/benchmarks.md
 set -u
-OUT=${OUT:-bench_gpu}
+OUT=${OUT:-/tmp/bench_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
@@ -16,20 +22,24 @@ step() {  # step SECONDS ARGS...: one python -m call under a time limit (0: skip
     local limit=$1; shift
     if [ "$limit" = 0 ]; then log "skipped: $*"; return; fi
     log "$* (limit ${limit}s)"
+    # timeout signals its whole process group: fresh-process workers of a timed-out step end with it.
     timeout "$limit" "$PY" -m "$@" >>"$OUT/log.txt" 2>&1 || log "exit $? for: $*"
-    pkill -f "experiments.bench import _device_worker" 2>/dev/null || true  # a timed-out step's worker
 }
 log "environment"
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" >>"$OUT/log.txt" 2>&1
 nvidia-smi -L >>"$OUT/log.txt" 2>&1 || true
-step "${SHRINK_S:-90}" experiments.bench_shrink --repeats=20 --json="$OUT/shrink.json"
-step "${SHRINK8_S:-60}" experiments.bench_shrink --repeats=20 --round_to=8 --method_options='{"joint": "mean", "round_to": 8}' --json="$OUT/shrink_joint8.json"
+step "${SHRINK_S:-90}" experiments.bench --benchmarks=shrink --repeats=20 --budget_s=20 --out="$OUT" --tag=ft
+step "${SHRINK8_S:-60}" experiments.bench --benchmarks=shrink --repeats=20 --budget_s=20 --shrink_round_to=8 \
+    --shrink_method_options='{"joint": "mean", "round_to": 8}' --out="$OUT" --tag=joint8
 for spec in ${BENCH_MODELS-lenet300_100:60 resnet20:170 resnet56:150}; do
     model=${spec%%:*}
-    step "${BENCH_S:-${spec##*:}}" experiments.bench --models="$model" --device_models="$model" --memory_models="$model" --fused_models="$model" \
-        --device_counts="${DEVICE_COUNTS-1}" --repeats=7 --budget_s=5 --json="$OUT/bench_$model.json"
+    step "${FIRST_S:-120}" experiments.bench --benchmarks=first_call --first_call_models="$model" --out="$OUT" --tag="$model"
+    step "${BENCH_S:-${spec##*:}}" experiments.bench --benchmarks=passes,prune,train_step,memory,mesh --models="$model" \
+        --device_models="$model" --memory_models="$model" --fused_models="$model" \
+        --device_counts="${DEVICE_COUNTS-1}" --repeats=7 --budget_s=5 --out="$OUT" --tag="$model"
 done
 # The pass with all of S in one chunk (a GPU has memory to spare; chunk 32 leaves it mostly idle), per-layer and fused.
-step "${CHUNK_S:-100}" experiments.bench --models=resnet20 --chunk_size=256 --fused_models=resnet20 --device_counts= \
-    --scaling_models= --prune_models= --methods=sipp --pfp_models= --repeats=7 --budget_s=5 --json="$OUT/bench_resnet20_chunk256.json"
+step "${CHUNK_S:-100}" experiments.bench --benchmarks=passes --models=resnet20 --chunk_size=256 --fused_models=resnet20 \
+    --scaling_models= --repeats=7 --budget_s=5 --out="$OUT" --tag=resnet20_chunk256
+step 60 experiments.bench.report --input="$OUT" --output="$OUT/benchmarks.md"
 log "done"

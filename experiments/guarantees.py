@@ -1,7 +1,7 @@
 """Empirical check of the sampling guarantees of SiPP-rand, SiPP-hybrid and PFP-rand.
 
   python -m experiments.guarantees [--networks=lenet300_100,lenet5] [--dataset=fashion_mnist]
-      [--out=experiments/results/guarantees] [--runs=runs/guarantees]
+      [--workdir=runs/studies]
   python -m experiments.guarantees --fast --dataset=mnist_embedded   # a minute (what CI checks)
 
 For a trained net (trained here with ``configs/fashion/<net>.py``, resumable) and each method, keep
@@ -19,8 +19,10 @@ A second sweep varies |S|, the number of points the empirical sensitivities are 
 reference's sample-size study): with too few points the sensitivities of held-out points exceed the
 empirical ones and the bound fails more often; the |S| formula (``sensprune.sample_size``) is marked.
 
-Writes ``OUT/summary.md`` (tables and the acceptance verdict), ``OUT/guarantees.json`` (every row)
-and ``OUT/{bound_vs_observed,fraction_within,s_sweep}.{pdf,png}``.
+Trains (or restores) the nets in ``WORKDIR/nets/<net>`` (shared with ``experiments.sipp_ablation``)
+and writes ``WORKDIR/guarantees/summary.md`` (tables and the acceptance verdict),
+``WORKDIR/guarantees/guarantees.json`` (every row) and
+``WORKDIR/guarantees/{bound_vs_observed,fraction_within,s_sweep}.{pdf,png}``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ from sensprune import patches  # noqa: E402
 METHODS = ("sipp_rand", "sipp_hybrid", "pfp_rand")
 CONFIGS = {"lenet300_100": "configs.fashion.lenet300_100", "lenet5": "configs.fashion.lenet5"}
 _TOL = 1e-6  # |z| below this is not a relative-error check; slack on the bound
+PRNG_IMPL = "rbg"  # the studies' keys (explicit, no global config): quick to compile, as the main job
+
+
+def make_key(seed: int) -> jax.Array:
+    """A typed ``jax.random`` key of the studies' implementation."""
+    return jax.random.key(seed, impl=PRNG_IMPL)
+
+
+def nets_dir(workdir: Path) -> Path:
+    """Where the studies' trained nets are checkpointed (shared by guarantees and sipp_ablation)."""
+    return Path(workdir) / "nets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +144,7 @@ def check_pruned(layers: Sequence[sp.Layer], variables: Mapping[str, Any], resul
 # ----------------------------------------------------------------------------
 # Sweeps
 # ----------------------------------------------------------------------------
-def trained_net(network: str, opts: Options, runs: Path):
+def trained_net(network: str, opts: Options, nets: Path):
     """(exp, variables) of a net trained with the study's config (resumable, checkpointed)."""
     import importlib
 
@@ -143,7 +156,7 @@ def trained_net(network: str, opts: Options, runs: Path):
         config.training.num_epochs = 2
         config.training.lr_milestones = ()
         config.training.max_steps_per_epoch = 40
-    exp = pipeline.build(config, runs / network)
+    exp = pipeline.build(config, Path(nets) / network)
     exp.workdir.mkdir(parents=True, exist_ok=True)
     with results_lib.TensorBoardLogger(exp.workdir / "tensorboard", enabled=False) as tb:
         state = pipeline.train_net(exp, 0, tb)
@@ -151,7 +164,7 @@ def trained_net(network: str, opts: Options, runs: Path):
 
 
 def _accuracy(exp, variables) -> float:
-    m = train_lib.evaluate(variables, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+    m = train_lib.evaluate(variables, exp.model, exp.dataset.test, None,
                            int(exp.config.eval_batch_size))
     return 100.0 * (1.0 - m["error"])
 
@@ -162,14 +175,14 @@ def _prune(exp, variables, s_x, method, keep, key, delta):
                     apply_kwargs={"train": False})
 
 
-def run_network(network: str, opts: Options, runs: Path) -> list[dict[str, Any]]:
+def run_network(network: str, opts: Options, nets: Path) -> list[dict[str, Any]]:
     """Both sweeps on one network; one row per (sweep, method, keep, |S|, draw, layer)."""
-    exp, variables = trained_net(network, opts, runs)
+    exp, variables = trained_net(network, opts, nets)
     dense_acc = _accuracy(exp, variables)
     rng = np.random.default_rng(0)
-    valid = exp.dataset.valid_x
+    valid = exp.dataset.valid.x  # small (in-memory) datasets only
     formula = sp.sample_size(exp.layers, opts.delta, float(exp.config.coresets.c_constant))
-    held = exp.dataset.test_x[: opts.held_out]
+    held = exp.dataset.test.x[: opts.held_out]
     inputs = {k: np.asarray(v) for k, v in sp.capture_inputs(exp.model, variables, held, train=False).items()}
     jobs = [("ratio", m, k, formula) for m in opts.methods for k in opts.keep_ratios]
     jobs += [("s_size", m, opts.s_keep_ratio, n) for m in opts.s_methods for n in sorted({*opts.s_sizes, formula})]
@@ -177,7 +190,7 @@ def run_network(network: str, opts: Options, runs: Path) -> list[dict[str, Any]]
     for sweep, method, keep, size in tqdm(jobs, desc=f"guarantees {network}", unit="setting"):
         for draw in range(opts.draws):
             s_x = valid[rng.choice(len(valid), size=min(size, len(valid)), replace=False)]
-            res = _prune(exp, variables, s_x, method, keep, jax.random.PRNGKey(1000 * draw + size), opts.delta)
+            res = _prune(exp, variables, s_x, method, keep, make_key(1000 * draw + size), opts.delta)
             acc = _accuracy(exp, {**variables, "params": res.params})
             for row in check_pruned(exp.layers, variables, res, inputs):
                 rows.append({"network": network, "sweep": sweep, "method": method, "keep_ratio": keep,
@@ -316,18 +329,20 @@ def _save(fig, stem: Path) -> None:
     plt.close(fig)
 
 
-def run(opts: Options, runs: Path, out: Path) -> tuple[Path, bool]:
-    """Runs every network's sweeps and writes the report; returns (summary path, verdict)."""
+def run(opts: Options, workdir: Path) -> tuple[Path, bool]:
+    """Runs every network's sweeps and writes the report into ``workdir/guarantees/``; returns
+    (summary path, verdict)."""
     if opts.fast:
         opts = dataclasses.replace(opts, **FAST)
     unknown = [n for n in opts.networks if n not in CONFIGS]
     if unknown:
         raise ValueError(f"--networks has {unknown}; allowed: {', '.join(CONFIGS)}")
+    out = Path(workdir) / "guarantees"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for network in opts.networks:
         logging.info("guarantee sweeps on %s", network)
-        rows += run_network(network, opts, runs)
+        rows += run_network(network, opts, nets_dir(workdir))
     (out / "guarantees.json").write_text(json.dumps(rows, indent=1))
     text, passed = summary(rows, opts)
     (out / "summary.md").write_text(text)
@@ -341,7 +356,7 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     d = Options()
     flags.DEFINE_list("networks", list(d.networks), f"any of {', '.join(CONFIGS)}")
-    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data.py), e.g. mnist_embedded")
+    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data/sources.py), e.g. mnist_embedded")
     flags.DEFINE_list("methods", list(d.methods), "sampling methods with a promised epsilon")
     flags.DEFINE_list("keep_ratios", [str(k) for k in d.keep_ratios], "keep ratios of the main sweep")
     flags.DEFINE_float("delta", d.delta, "failure probability")
@@ -349,20 +364,19 @@ def _define_flags() -> None:
     flags.DEFINE_integer("held_out", d.held_out, "held-out test points checked")
     flags.DEFINE_list("s_sizes", [str(s) for s in d.s_sizes], "|S| values of the sample-size sweep")
     flags.DEFINE_bool("fast", False, "tiny sweep (CI)")
-    flags.DEFINE_string("runs", "runs/guarantees", "where trained nets are checkpointed")
-    flags.DEFINE_string("out", "experiments/results/guarantees", "where the report goes")
+    flags.DEFINE_string("workdir", "runs/studies", "trained nets go to WORKDIR/nets (resumable), the report "
+                        "to WORKDIR/guarantees")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    jax.config.update("jax_default_prng_impl", "rbg")
     opts = Options(
         networks=tuple(FLAGS.networks), dataset=FLAGS.dataset, methods=tuple(FLAGS.methods),
         keep_ratios=tuple(float(k) for k in FLAGS.keep_ratios), delta=FLAGS.delta, draws=FLAGS.draws,
         held_out=FLAGS.held_out, s_sizes=tuple(int(s) for s in FLAGS.s_sizes), fast=FLAGS.fast,
     )
-    path, passed = run(opts, Path(FLAGS.runs), Path(FLAGS.out))
+    path, passed = run(opts, Path(FLAGS.workdir))
     print(path.read_text())
     print(f"written: {path.parent} ({'all within 1 - delta' if passed else 'some settings below 1 - delta'})")
 

@@ -34,6 +34,7 @@ from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import plot as plot_lib
+from experiments import pretrained as pretrained_lib
 from experiments import results as results_lib
 from experiments import spacing as spacing_lib
 from experiments import train as train_lib
@@ -52,6 +53,7 @@ def _optional(value: Any) -> Any:
 def train_config(cfg: Any) -> train_lib.TrainConfig:
     """The validated TrainConfig of a config's training/retraining block."""
     fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    fields = {k: v for k, v in fields.items() if k not in pretrained_lib.CONFIG_FIELDS}  # not schedule fields
     fields["max_steps_per_epoch"] = _optional(fields.get("max_steps_per_epoch"))
     return train_lib.as_train_config(fields)
 
@@ -120,7 +122,7 @@ class Experiment:
 
     config: Any
     workdir: Path
-    dataset: data_lib.Dataset
+    dataset: data_lib.Data
     model: Any
     layers: list[sp.Layer]
     steps: list[spacing_lib.Step]
@@ -147,14 +149,7 @@ def build(config: Any, workdir: str | Path) -> Experiment:
     """Validates the config, loads data and builds the model (no training)."""
     steps = validate_config(config)
     ds_cfg = config.dataset
-    dataset = data_lib.load_dataset(
-        ds_cfg.name,
-        data_dir=_optional(ds_cfg.data_dir),
-        valid_fraction=float(ds_cfg.valid_fraction),
-        seed=int(config.seed),
-        max_train=_optional(ds_cfg.max_train),
-        max_test=_optional(ds_cfg.max_test),
-    )
+    dataset = data_lib.load_data(data_lib.DataSpec.from_config(ds_cfg), seed=int(config.seed))
     model = models_lib.get_model(config.network, dataset.num_classes)
     x0 = np.zeros((1, *dataset.input_shape), np.float32)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0, train=False))
@@ -259,8 +254,9 @@ def _train_with_checkpoints(
         if on_epoch is not None:
             on_epoch(epoch + 1, st)
 
+    examples, augment_fn = exp.dataset.training(cfg.augment)
     state = train_lib.train(
-        exp.model, state, exp.dataset.train_x, exp.dataset.train_y, cfg, seed=seed,
+        exp.model, state, examples, None, cfg, seed=seed, augment_fn=augment_fn,
         on_epoch_end=on_epoch_end, desc=desc, progress=jax.process_index() == 0, mesh=exp.mesh,
     )
     # Pruning and checkpointing downstream work on host-local arrays (as without a mesh).
@@ -331,9 +327,7 @@ def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> t
 
 def _sensitivity_set(exp: Experiment, net: int) -> tuple[np.ndarray, np.ndarray]:
     """S: a seeded random subset of the validation split (with labels, for SNIP)."""
-    rng = np.random.default_rng(_seed(exp.config.seed, "S", net))
-    idx = rng.choice(exp.dataset.num_valid, size=exp.s_size, replace=False)
-    return exp.dataset.valid_x[idx], exp.dataset.valid_y[idx]
+    return data_lib.sample_set(exp.dataset.valid, exp.s_size, _seed(exp.config.seed, "S", net))
 
 
 def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
@@ -435,7 +429,7 @@ def run_chain(
             exp, retrain_ckpt, state, cfg, seed=seed, masks=masks, meta=meta,
             desc=f"retrain {method} r={step.keep_ratio:.3f}", tb=tb, tb_tag=method,
         )
-        metrics = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+        metrics = train_lib.evaluate(state, exp.model, exp.dataset.test, None,
                                      int(exp.config.eval_batch_size), mesh=exp.mesh)
         meta = {**{k: meta[k] for k in ("keep_ratio", "flops", "layer_kept")}, **metrics}
         current = _variables(state)
@@ -451,7 +445,7 @@ def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, r
     step = exp.steps[i]
     result = _prune(exp, current, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
     variables = {**current, "params": result.params}
-    metrics = train_lib.evaluate(variables, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+    metrics = train_lib.evaluate(variables, exp.model, exp.dataset.test, None,
                                  int(exp.config.eval_batch_size), mesh=exp.mesh)
     meta = {**_prune_meta(exp, result), **metrics}
     chain.save(i + 1, params=result.params, batch_stats=current.get("batch_stats", {}), masks=result.masks,
@@ -521,8 +515,9 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
         total = int(exp_cfg.num_nets) * int(exp_cfg.num_repetitions) * len(exp.methods) * len(steps)
         with tqdm(total=total, desc="prune/retrain", unit="ratio", disable=total == 0 or not is_main) as bar:
             for net in range(int(exp_cfg.num_nets)):
-                state = train_net(exp, net, tb)
-                dense = train_lib.evaluate(state, exp.model, exp.dataset.test_x, exp.dataset.test_y,
+                state = pretrained_lib.load_net(exp, net, tb) if pretrained_lib.init_from(exp.config) else \
+                    train_net(exp, net, tb)
+                dense = train_lib.evaluate(state, exp.model, exp.dataset.test, None,
                                            int(exp.config.eval_batch_size), mesh=exp.mesh)
                 results.record_dense(net, **dense)
                 save()

@@ -1,12 +1,12 @@
 """Reproduction runs of the fidelity study: configs -> pipeline -> tables, plots and acceptance checks.
 
-  python -m experiments.reproduce --study=fashion_lenet300_100 [--runs=runs/reproduce] [--out=experiments/results]
+  python -m experiments.reproduce --study=fashion_lenet300_100 [--workdir=runs/studies]
   python -m experiments.reproduce --study=all
   python -m experiments.reproduce --study=embedded_lenet300_100 --fast   # a couple of minutes (what CI checks)
 
 Each study runs its config in two modes, ``cascade`` (prune, retrain, prune further) and ``prune-only``
-(every ratio pruned from the trained nets, no retraining), in ``RUNS/<study>/<mode>`` (resumable: run
-the same command again after an interruption), then writes ``OUT/<study>/``:
+(every ratio pruned from the trained nets, no retraining), in ``WORKDIR/<study>/runs/<mode>`` (resumable:
+run the same command again after an interruption), then writes into ``WORKDIR/<study>/``:
 
 - ``summary.md``: accuracy (mean ± std over nets) per method and keep ratio with the achieved pruned
   parameters and FLOPs, for both modes, and the acceptance checks of the study;
@@ -14,6 +14,9 @@ the same command again after an interruption), then writes ``OUT/<study>/``:
 - ``<mode>_acc_param.{pdf,png}``, ``<mode>_acc_flops.{pdf,png}``: accuracy vs. pruned parameters / FLOPs
   with the spread (min-max) over nets;
 - ``<mode>_results.npz``: the raw results.
+
+Nothing is written into the source tree; ``python -m experiments.docs_results --workdir=WORKDIR``
+turns a workdir of studies into ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -241,19 +244,20 @@ def write_plots(res: results_lib.Results, out: Path, mode: str, title: str) -> l
 # ----------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------
-def run_study(name: str, runs: Path, out: Path, *, fast: bool = False, modes: Sequence[str] | None = None,
+def run_study(name: str, workdir: Path, *, fast: bool = False, modes: Sequence[str] | None = None,
               extra: Mapping[str, Any] | None = None,
               run_fn: Callable[[Any, Path], results_lib.Results] = pipeline.run) -> Path:
-    """Runs (or resumes) both modes of a study and writes its outputs; returns the summary path."""
-    out = Path(out) / name
+    """Runs (or resumes) the modes of a study in ``workdir/<name>/runs/<mode>`` and writes its tables
+    and plots into ``workdir/<name>/``; returns the summary path."""
+    out = Path(workdir) / name
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for mode in modes or STUDIES[name].modes:
         config = study_config(name, mode, fast=fast, extra=extra)
-        workdir = Path(runs) / name / mode
-        logging.info("study %s, mode %s -> %s", name, mode, workdir)
-        results[mode] = run_fn(config, workdir)
-        shutil.copyfile(workdir / "results.npz", out / f"{mode}_results.npz")
+        run_dir = out / "runs" / mode
+        logging.info("study %s, mode %s -> %s", name, mode, run_dir)
+        results[mode] = run_fn(config, run_dir)
+        shutil.copyfile(run_dir / "results.npz", out / f"{mode}_results.npz")
         (out / f"{mode}_report.md").write_text(plot_lib.make_report(results[mode]))
         write_plots(results[mode], out, mode, f"{name} ({mode})")
     path = out / "summary.md"
@@ -266,8 +270,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     flags.DEFINE_string("study", "fashion_lenet300_100", f"one of {', '.join(STUDIES)}, or 'all'")
-    flags.DEFINE_string("runs", "runs/reproduce", "where the pipeline work directories go (resumable)")
-    flags.DEFINE_string("out", "experiments/results", "where tables and plots are written")
+    flags.DEFINE_string("workdir", "runs/studies", "study outputs and the pipeline work directories "
+                        "(resumable); WORKDIR/<study>/ gets the tables and plots")
     flags.DEFINE_bool("fast", False, "one net, two ratios, a few steps (CI's smoke version)")
     flags.DEFINE_list("modes", None, "modes to run (default: the study's)")
     flags.DEFINE_integer("num_nets", -1, "override the study's number of trained nets (-1: keep)")
@@ -276,13 +280,10 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
-    jax.config.update("jax_default_prng_impl", "rbg")  # as experiments.main: same nets as its runs
     names = list(STUDIES) if FLAGS.study == "all" else [FLAGS.study]
     for name in names:
         extra = {"experiments.num_nets": FLAGS.num_nets} if FLAGS.num_nets > 0 else None
-        path = run_study(name, Path(FLAGS.runs), Path(FLAGS.out), fast=FLAGS.fast, modes=FLAGS.modes, extra=extra)
+        path = run_study(name, Path(FLAGS.workdir), fast=FLAGS.fast, modes=FLAGS.modes, extra=extra)
         print(path.read_text())
         print(f"written: {path.parent}")
 

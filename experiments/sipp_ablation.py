@@ -1,7 +1,7 @@
 """Why prune-only SiPP loses to weight magnitude on LeNet300-100: an ablation.
 
   python -m experiments.sipp_ablation [--dataset=fashion_mnist] [--keep_ratio=0.1]
-      [--out=experiments/results/sipp_ablation] [--runs=runs/guarantees]
+      [--workdir=runs/studies]
   python -m experiments.sipp_ablation --fast --dataset=mnist_embedded   # CI
 
 Deterministic SiPP differs from WT (|w|) in two ways, and this separates them on a trained net,
@@ -22,7 +22,8 @@ against ``sensprune.compute_sensitivities``. A second check replaces the first l
 normalised pixels by raw, nonnegative ones (the normalisation is affine, so the sign split
 of background pixels is the only difference).
 
-Writes ``OUT/summary.md`` and ``OUT/ablation.json``.
+Trains (or restores) the net in ``WORKDIR/nets/lenet300_100`` (shared with ``experiments.guarantees``)
+and writes ``WORKDIR/sipp_ablation/summary.md`` and ``WORKDIR/sipp_ablation/ablation.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
@@ -103,14 +103,14 @@ def ablation(exp: Any, variables: Mapping[str, Any], opts: Options) -> dict[str,
         raise ValueError("sipp_ablation: the NumPy shares cover Dense layers only (use lenet300_100)")
     params = variables["params"]
     rng = np.random.default_rng(opts.seed)
-    s_x = exp.dataset.valid_x[rng.choice(len(exp.dataset.valid_x), opts.num_points, replace=False)]
+    s_x = exp.dataset.valid.x[rng.choice(len(exp.dataset.valid), opts.num_points, replace=False)]
 
     def accuracy(p: Any) -> float:
         return guarantees._accuracy(exp, {**variables, "params": p})
 
     def prune(method: str) -> sp.PruneResult:
         return sp.prune(exp.model, variables, s_x, method=method, keep_ratio=opts.keep_ratio,
-                        key=jax.random.PRNGKey(opts.seed), layers=exp.layers, apply_kwargs={"train": False})
+                        key=guarantees.make_key(opts.seed), layers=exp.layers, apply_kwargs={"train": False})
 
     own = {m: prune(m) for m in ("sipp", "wt")}
     kernels = {layer.name: np.asarray(paths.get_kernel(params, layer)) for layer in layers}
@@ -198,11 +198,13 @@ def summary(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(opts: Options, runs: Path, out: Path) -> Path:
-    """Trains (or restores) the net, runs the ablation, writes the report; returns its path."""
+def run(opts: Options, workdir: Path) -> Path:
+    """Trains (or restores) the net, runs the ablation, writes the report into ``workdir/sipp_ablation/``;
+    returns its path."""
     exp, variables = guarantees.trained_net(
-        "lenet300_100", guarantees.Options(dataset=opts.dataset, fast=opts.fast), runs)
+        "lenet300_100", guarantees.Options(dataset=opts.dataset, fast=opts.fast), guarantees.nets_dir(workdir))
     result = ablation(exp, variables, opts)
+    out = Path(workdir) / "sipp_ablation"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     path = out / "summary.md"
@@ -215,12 +217,12 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     d = Options()
-    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data.py), e.g. mnist_embedded")
+    flags.DEFINE_string("dataset", d.dataset, "data source (see experiments/data/sources.py), e.g. mnist_embedded")
     flags.DEFINE_float("keep_ratio", d.keep_ratio, "keep ratio, in (0, 1)")
     flags.DEFINE_integer("num_points", d.num_points, "|S|")
     flags.DEFINE_bool("fast", False, "a briefly trained net (CI)")
-    flags.DEFINE_string("runs", "runs/guarantees", "where the trained net is checkpointed (shared with guarantees)")
-    flags.DEFINE_string("out", "experiments/results/sipp_ablation", "where the report goes")
+    flags.DEFINE_string("workdir", "runs/studies", "the trained net goes to WORKDIR/nets (shared with "
+                        "guarantees, resumable), the report to WORKDIR/sipp_ablation")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -228,9 +230,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not 0.0 < FLAGS.keep_ratio < 1.0:
         raise app.UsageError(f"--keep_ratio={FLAGS.keep_ratio}: expected a value in (0, 1)")
-    jax.config.update("jax_default_prng_impl", "rbg")
     opts = Options(dataset=FLAGS.dataset, keep_ratio=FLAGS.keep_ratio, num_points=FLAGS.num_points, fast=FLAGS.fast)
-    path = run(opts, Path(FLAGS.runs), Path(FLAGS.out))
+    path = run(opts, Path(FLAGS.workdir))
     logging.info("wrote %s", path)
     print(path.read_text())
 

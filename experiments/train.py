@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from experiments import data as data_lib
 from sensprune import masking
 from sensprune import sharding as sharding_lib
 from sensprune.types import PyTree
@@ -724,17 +725,20 @@ def local_state(tree: PyTree) -> PyTree:
     return _committed(jax.device_get(sharding_lib.gather(tree)))
 
 
-def _device_batch(mesh: Any, x: np.ndarray, y: np.ndarray, idx: np.ndarray, *extra: np.ndarray):
-    """Batch ``idx`` of ``(x, y)`` (plus ``extra`` per-row arrays of the batch) for
-    a step: host arrays without a mesh; else global arrays split over the data
-    axis, each process gathering only the rows its devices hold."""
+def _place_batch(mesh: Any, size: int, *local: np.ndarray):
+    """Host arrays of one batch (``size`` rows in all) ready for a step: as they
+    are without a mesh; else global arrays split over the data axis, built from
+    the rows this process holds (``sharding.process_rows``)."""
     if mesh is None:
-        return (x[idx], y[idx], *extra)
-    rows = sharding_lib.process_rows(mesh, len(idx))
-    local = (x[idx[rows]], y[idx[rows]], *(e[rows] for e in extra))
+        return local
     if jax.process_count() == 1:
         return sharding_lib.shard_batch(local, mesh)
-    return sharding_lib.global_batch_from_local(local, mesh, len(idx))
+    return sharding_lib.global_batch_from_local(local, mesh, size)
+
+
+def _local_rows(mesh: Any, batch_size: int) -> Any:
+    """Positions in every batch that this process reads (all without a mesh)."""
+    return slice(None) if mesh is None else sharding_lib.process_rows(mesh, batch_size)
 
 
 def _split_variables(state_or_params: Any) -> tuple[PyTree, PyTree]:
@@ -756,8 +760,11 @@ def evaluate(
     mesh: Any = None,
 ) -> dict[str, float]:
     """Mean ``loss``, top-1 ``error`` and top-5 ``error5`` (fractions in [0, 1])
-    over all of ``x``; batches have a fixed size (the last one is zero-padded
-    and weighted out), so this compiles once per shape.
+    over all of ``x``; batches have a fixed size (the last one is padded and
+    weighted out), so this compiles once per shape.
+
+    ``x, y``: host arrays, or ``x`` an ``experiments.data.Examples`` (in memory
+    or streamed) and ``y`` None.
 
     ``state_or_params``: a :class:`TrainState`, a variables dict
     (``{'params': ..., 'batch_stats': ...}``) or a bare params tree.
@@ -768,21 +775,21 @@ def evaluate(
     batch_size = _int("argument batch_size", batch_size, 1)
     _choice("argument dtype", dtype, DTYPES)
     params, batch_stats = _split_variables(state_or_params)
-    x, y = np.asarray(x), np.asarray(y)
-    n = len(x)
-    if n == 0 or len(y) != n:
-        raise ValueError(f"evaluate: x has {n} examples and y has {len(y)}; expected equal, > 0")
+    examples = data_lib.as_examples(x, y)
+    n = len(examples)
+    if n == 0:
+        raise ValueError("evaluate: no examples; expected > 0")
     step = functools.partial(eval_step, model=model, compute_dtype=dtype)
     if mesh is not None:
         batch_size = -(-batch_size // sharding_lib.mesh_size(mesh)) * sharding_lib.mesh_size(mesh)
         params, batch_stats = shard_state((params, batch_stats), mesh)
         step = _sharded_eval_step(mesh, model, dtype)
+    rows = _local_rows(mesh, batch_size)
+    plan = list(data_lib.padded_index_batches(n, batch_size))  # (indices, weights); padding: example 0
+    batches = examples.batches(idx[rows] for idx, _ in plan)
     totals = None
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        w = (idx < n).astype(np.float32)
-        idx = np.where(idx < n, idx, 0)  # padding rows: example 0, weighted out
-        bx, by, bw = _device_batch(mesh, x, y, idx, w)
+    for (_, w), (bx, by) in zip(plan, batches):
+        bx, by, bw = _place_batch(mesh, batch_size, bx, by, w[rows])
         sums = step(params, batch_stats, bx, by, bw)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     t = {k: float(v) for k, v in jax.device_get(totals).items()}
@@ -861,7 +868,9 @@ def train(
       state: start state (not modified: the loop runs on a copy, whose
         buffers every step donates to the next).
       data_x, data_y: training examples ``[N, ...]`` and integer labels ``[N]``
-        (host arrays; batches are gathered on the host).
+        (host arrays; batches are gathered on the host), or ``data_x`` an
+        ``experiments.data.Examples`` (in memory or streamed: each batch is
+        decoded when the plan reaches it) and ``data_y`` None.
       cfg: training config (see :func:`as_train_config`).
       seed: seeds shuffling (per epoch) and the step keys (per global step).
       end_epoch: stop after this epoch (exclusive), e.g. to train in pieces.
@@ -883,10 +892,8 @@ def train(
         placed alike. Same numbers as one device, up to float reassociation.
     """
     cfg = as_train_config(cfg)
-    data_x, data_y = np.asarray(data_x), np.asarray(data_y)
-    n = len(data_x)
-    if len(data_y) != n:
-        raise ValueError(f"data_x has {n} examples but data_y has {len(data_y)}")
+    examples = data_lib.as_examples(data_x, data_y)
+    n = len(examples)
     run = _plan(state, cfg, n, end_epoch)
     if mesh is not None and cfg.batch_size % sharding_lib.mesh_size(mesh):
         raise ValueError(
@@ -903,11 +910,13 @@ def train(
     base_key = shard_state(jax.random.key(seed), mesh)
     total = (run.end_epoch - run.first_epoch) * run.spe
     with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+        rows = _local_rows(mesh, cfg.batch_size)
         for epoch in range(run.first_epoch, run.end_epoch):
             order = epoch_order(seed, epoch, n, run.spe, cfg.batch_size)
             history = []
-            for i in range(run.spe):
-                batch_x, batch_y = _device_batch(mesh, data_x, data_y, order[i])
+            batches = examples.batches((idx[rows] for idx in order), seed=seed, epoch=epoch)
+            for i, local in enumerate(batches):
+                batch_x, batch_y = _place_batch(mesh, cfg.batch_size, *local)
                 state, metrics = step_fn(state, batch_x, batch_y, base_key)
                 history.append(metrics)
                 global_step = epoch * run.spe + i

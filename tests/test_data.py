@@ -268,11 +268,12 @@ def test_tfds_prepared_array_record(tmp_path, no_network):
     np.testing.assert_allclose(ds.train_x.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
 
     source = data.open_source('tfds:sensprune_test_tiny', data_dir=str(tmp_path))
-    batches = list(
-        data.iterate_source(source, 4, split='test', train=False, image_size=4, num_workers=2)
-    )
+    assert not source.streamed  # small fixed-size images: in memory
+    test = data.StreamedExamples(source.test, np.arange(5), 4, source.mean, source.std, num_workers=2)
+    plan = list(data.padded_index_batches(len(test), 4))
+    batches = list(test.batches(idx for idx, _ in plan))
     assert [b[0].shape for b in batches] == [(4, 4, 4, 3)] * 2
-    np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), [1] * 5 + [0] * 3)
+    np.testing.assert_array_equal(np.concatenate([w for _, w in plan]), [1] * 5 + [0] * 3)
 
 
 # ----------------------------------------------------------------------------- embedded / synthetic
@@ -331,104 +332,150 @@ def test_image_size_resizes():
 # ----------------------------------------------------------------------------- batching
 
 
-def test_batch_iterator_deterministic_and_covering():
+def test_epoch_plan_and_array_examples_deterministic_and_covering():
+    """The one batching path: `train.epoch_order` plans, `Examples.batches` gathers."""
+    from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
+
     x = np.arange(103)
-    y = np.arange(103) * 2
-    first = [b[0] for b in data.batch_iterator(x, y, 10, seed=1, epoch=0, drop_remainder=False)]
-    again = [b[0] for b in data.batch_iterator(x, y, 10, seed=1, epoch=0, drop_remainder=False)]
-    other = [b[0] for b in data.batch_iterator(x, y, 10, seed=1, epoch=1, drop_remainder=False)]
-    assert all(np.array_equal(p, q) for p, q in zip(first, again))
-    assert not np.array_equal(np.concatenate(first), np.concatenate(other))
-    np.testing.assert_array_equal(np.sort(np.concatenate(first)), x)
-    np.testing.assert_array_equal(np.sort(np.concatenate(other)), x)
+    examples = data.ArrayExamples(x, 2 * x)
+    spe = train_lib.steps_per_epoch(103, {'num_epochs': 1, 'batch_size': 10, 'learning_rate': 0.1})
+    assert spe == 11  # the last batch wraps around to the start of the permutation
 
-    dropped = list(data.batch_iterator(x, y, 10, seed=1, epoch=0))
-    assert len(dropped) == data.steps_per_epoch(103, 10) == 10
-    assert all(bx.shape == (10,) and np.array_equal(by, 2 * bx) for bx, by in dropped)
-    assert len(np.unique(np.concatenate([b[0] for b in dropped]))) == 100
+    def epoch(seed, e):
+        return list(examples.batches(train_lib.epoch_order(seed, e, 103, spe, 10), seed=seed, epoch=e))
 
-    unshuffled = data.batch_iterator(x, y, 10, seed=1, epoch=0, shuffle=False, drop_remainder=False)
-    ordered = np.concatenate([b[0] for b in unshuffled])
-    np.testing.assert_array_equal(ordered, x)
-    with pytest.raises(ValueError, match='batch_size'):
-        list(data.batch_iterator(x[:5], y[:5], 10, seed=0, epoch=0))
+    first, again, other = epoch(1, 0), epoch(1, 0), epoch(1, 1)
+    assert all(np.array_equal(p[0], q[0]) for p, q in zip(first, again))
+    assert not np.array_equal(np.concatenate([b[0] for b in first]), np.concatenate([b[0] for b in other]))
+    for batches in (first, other):
+        assert all(bx.shape == (10,) and np.array_equal(by, 2 * bx) for bx, by in batches)
+        np.testing.assert_array_equal(np.unique(np.concatenate([b[0] for b in batches])), x)
+    with pytest.raises(ValueError, match='examples'):
+        data.ArrayExamples(x[:5], x)
 
 
-def test_eval_iterator_pads_with_mask():
+def test_padded_index_batches_weights():
     x = np.ones((7, 2, 2, 1), np.float32)
     y = np.arange(7, dtype=np.int32)
-    batches = list(data.eval_iterator(x, y, 3))
+    plan = list(data.padded_index_batches(7, 3))
+    batches = list(data.ArrayExamples(x, y).batches(idx for idx, _ in plan))
     assert [b[0].shape for b in batches] == [(3, 2, 2, 1)] * 3
-    np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), [1] * 7 + [0] * 2)
-    np.testing.assert_array_equal(batches[-1][0][1:], 0)
+    np.testing.assert_array_equal(np.concatenate([w for _, w in plan]), [1] * 7 + [0] * 2)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches])[:7], y)
+    np.testing.assert_array_equal(plan[-1][0][1:], 0)  # padding rows repeat example 0
+
+
+def test_as_examples():
+    x, y = np.zeros((4, 2)), np.arange(4)
+    examples = data.as_examples(x, y)
+    assert isinstance(examples, data.ArrayExamples) and len(examples) == 4
+    assert data.as_examples(examples) is examples
+    with pytest.raises(ValueError, match='labels'):
+        data.as_examples(x)
+    with pytest.raises(ValueError, match='holds its own'):
+        data.as_examples(examples, y)
+
+
+def test_prefetch_order_errors_and_early_stop():
+    assert list(data.prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError, match='boom'):
+        list(data.prefetch(failing()))
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    stream = data.prefetch(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # stops the producer
+    time.sleep(0.3)
+    assert len(produced) <= 5
 
 
 def test_sample_set(caplog):
-    ds = data.load_dataset('digits', valid_fraction=0.1)
-    s = data.sample_set(ds, 50, seed=0)
-    assert s.shape == (50, 8, 8, 1)
-    np.testing.assert_array_equal(s, data.sample_set(ds, 50, seed=0))
-    valid_rows = [row.tobytes() for row in ds.valid_x]
+    ds = data.from_dataset(data.load_dataset('digits', valid_fraction=0.1))
+    s, s_y = data.sample_set(ds.valid, 50, seed=0)
+    assert s.shape == (50, 8, 8, 1) and s_y.shape == (50,)
+    np.testing.assert_array_equal(s, data.sample_set(ds.valid, 50, seed=0)[0])
+    valid_rows = [row.tobytes() for row in ds.valid.x]
     positions = [valid_rows.index(row.tobytes()) for row in s]
     assert len(set(positions)) == 50  # without replacement, from the validation split
+    np.testing.assert_array_equal(s_y, ds.valid.y[positions])
     with caplog.at_level(logging.WARNING):
-        everything = data.sample_set(ds, 10_000, seed=0)
+        everything, _ = data.sample_set(ds.valid, 10_000, seed=0)
     assert len(everything) == ds.num_valid
     assert any('validation split' in r.getMessage() for r in caplog.records)
-    empty = data.load_dataset('digits', valid_fraction=0.0)
+    empty = data.from_dataset(data.load_dataset('digits', valid_fraction=0.0))
     with pytest.raises(ValueError, match='validation split is empty'):
-        data.sample_set(empty, 5, seed=0)
+        data.sample_set(empty.valid, 5, seed=0)
 
 
 # ----------------------------------------------------------------------------- streaming
 
 
-def _variable_source(n=6, channels=3):
+def _variable_records(n=6, channels=3):
     rng = np.random.default_rng(0)
     sizes = [(40, 60), (64, 48), (50, 50), (33, 80), (70, 45), (48, 48)]
-    records = [
+    return [
         {'image': rng.integers(0, 256, (*sizes[i % len(sizes)], channels), dtype=np.uint8), 'label': i % 4}
         for i in range(n)
     ]
-    return data.Source('toy', records, records[:5], 4, (0.5,) * channels, (0.25,) * channels)
 
 
-def test_iterate_source_train_and_eval():
-    source = _variable_source()
-    stream = lambda **kw: list(data.iterate_source(source, 4, image_size=16, **kw))  # noqa: E731
-    train = stream(train=True, seed=0, epoch=0, num_workers=2)
-    again = stream(train=True, seed=0, epoch=0, num_workers=0)
-    assert len(train) == 1 and train[0][0].shape == (4, 16, 16, 3)
-    assert train[0][0].dtype == np.float32 and train[0][1].dtype == np.int32
-    np.testing.assert_array_equal(train[0][0], again[0][0])
-    np.testing.assert_array_equal(train[0][1], again[0][1])
-    other_epoch = stream(train=True, seed=0, epoch=1, num_workers=2)
-    assert not np.array_equal(train[0][0], other_epoch[0][0])
-    test = stream(split='test', train=False, num_workers=2)
-    assert [len(b) for b in test] == [3, 3]
-    np.testing.assert_array_equal(np.concatenate([b[2] for b in test]), [1] * 5 + [0] * 3)
-    np.testing.assert_array_equal(np.concatenate([b[1] for b in test])[:5], [0, 1, 2, 3, 0])
+def _streamed(records, n=None, augment=False, workers=2, channels=3):
+    indices = np.arange(len(records) if n is None else n)
+    return data.StreamedExamples(records, indices, 16, (0.5,) * channels, (0.25,) * channels,
+                                 augment=augment, num_workers=workers)
 
 
-def test_iterate_source_local_rows_split_each_batch():
+def test_streamed_examples_train_and_eval():
+    from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    records = _variable_records()
+    train = lambda e, w: list(_streamed(records, augment=True, workers=w).batches(  # noqa: E731
+        train_lib.epoch_order(0, e, 6, 1, 4), seed=0, epoch=e))
+    first, again = train(0, 2), train(0, 0)
+    assert len(first) == 1 and first[0][0].shape == (4, 16, 16, 3)
+    assert first[0][0].dtype == np.float32 and first[0][1].dtype == np.int32
+    np.testing.assert_array_equal(first[0][0], again[0][0])  # threads do not change the result
+    np.testing.assert_array_equal(first[0][1], again[0][1])
+    assert not np.array_equal(first[0][0], train(1, 2)[0][0])
+    test = _streamed(records, n=5)
+    plan = list(data.padded_index_batches(len(test), 3))
+    batches = list(test.batches(idx for idx, _ in plan))
+    assert [len(b[0]) for b in batches] == [3, 3]
+    np.testing.assert_array_equal(np.concatenate([w for _, w in plan]), [1] * 5 + [0])
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches])[:5], [0, 1, 2, 3, 0])
+    # Eval transform: resize the shorter side to round(16 * 256 / 224) = 18, center-crop 16.
+    expected = data.eval_transform(records[1]['image'], 16)
+    np.testing.assert_allclose(batches[0][0][1], (expected / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_streamed_examples_local_rows_split_each_batch():
     """Two 'processes' holding rows [0, 1] and [2, 3] of every batch of 4 read disjoint examples
-    that together give the single-process batches, padding of the short last batch included (the
-    second process holds none of its 1 example: an all-padding share, grayscale too)."""
-    for source, kw in itertools.product(
-        (_variable_source(), _variable_source(channels=1)),
-        (dict(train=True, seed=0, epoch=0), dict(split='test', train=False)),
-    ):
-        full = list(data.iterate_source(source, 4, image_size=16, num_workers=0, **kw))
-        parts = [list(data.iterate_source(source, 4, image_size=16, num_workers=0, local_rows=r, **kw))
+    that together give the single-process batches (grayscale too); augmentation depends on the
+    example, not on who decodes it."""
+    from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    for channels, host_augment in itertools.product((3, 1), (True, False)):
+        examples = _streamed(_variable_records(channels=channels), augment=host_augment, workers=0,
+                             channels=channels)
+        order = train_lib.epoch_order(0, 0, 6, 2, 4)
+        full = list(examples.batches(order, seed=0, epoch=0))
+        parts = [list(examples.batches((idx[r] for idx in order), seed=0, epoch=0))
                  for r in ([0, 1], [2, 3])]
-        assert len(parts[0]) == len(parts[1]) == len(full)
+        assert len(parts[0]) == len(parts[1]) == len(full) == 2
         for whole, a, b in zip(full, *parts):
             assert len(a[0]) == len(b[0]) == 2
-            for k in range(len(whole)):
+            for k in range(2):
                 np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k])
-    with pytest.raises(ValueError, match='local_rows'):
-        next(data.iterate_source(source, 4, train=True, local_rows=[4]))
 
 
 def test_eval_transform_center_crop():

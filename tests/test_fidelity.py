@@ -1,6 +1,7 @@
 """The fidelity study's commands (experiments.reproduce, experiments.guarantees) in their fast versions."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,9 @@ def test_layer_check_conv_identity_is_exact():
 def test_reproduce_fast_writes_tables_plots_and_checks(tmp_path):
     extra = {"experiments.methods": ("sipp", "pfp", "wt", "ft"), "coresets.size": 32,
              "training.max_steps_per_epoch": 20, "retraining.max_steps_per_epoch": 5}
-    path = reproduce.run_study("embedded_lenet300_100", tmp_path / "runs", tmp_path / "out", fast=True, extra=extra)
+    path = reproduce.run_study("embedded_lenet300_100", tmp_path, fast=True, extra=extra)
+    assert path.parent == tmp_path / "embedded_lenet300_100"
+    assert (path.parent / "runs" / "cascade" / "results.npz").exists()  # the resumable pipeline workdir
     text = path.read_text()
     assert "## Acceptance checks" in text
     assert "SiPP with >= 90 % of parameters pruned" in text and "`sipp` at 90.0 % pruned" in text
@@ -72,7 +75,8 @@ def test_reproduce_fast_writes_tables_plots_and_checks(tmp_path):
 
 def test_guarantees_fast_sweep(tmp_path):
     opts = guarantees.Options(networks=("lenet300_100",), dataset="mnist_embedded", fast=True)
-    path, passed = guarantees.run(opts, tmp_path / "runs", tmp_path / "out")
+    path, passed = guarantees.run(opts, tmp_path)
+    assert path == tmp_path / "guarantees" / "summary.md" and (tmp_path / "nets" / "lenet300_100").is_dir()
     rows = json.loads((path.parent / "guarantees.json").read_text())
     assert {r["sweep"] for r in rows} == {"ratio", "s_size"}
     assert {r["method"] for r in rows if r["sweep"] == "ratio"} == set(guarantees.METHODS)
@@ -85,7 +89,7 @@ def test_guarantees_fast_sweep(tmp_path):
     for stem in ("bound_vs_observed", "fraction_within", "s_sweep"):
         assert (path.parent / f"{stem}.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="allowed: lenet300_100, lenet5"):
-        guarantees.run(guarantees.Options(networks=("vgg",)), tmp_path, tmp_path)
+        guarantees.run(guarantees.Options(networks=("vgg",)), tmp_path)
 
 
 def test_relative_shares_by_hand_and_keep_helpers():
@@ -105,14 +109,26 @@ def test_relative_shares_by_hand_and_keep_helpers():
                                   [[True, False], [False, True], [False, True]])
 
 
+def test_study_keys_are_explicit_rbg_keys():
+    import jax
+
+    key = guarantees.make_key(3)
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    assert "rbg" in str(jax.random.key_impl(key))
+    from experiments import sipp_ablation
+
+    for module in (reproduce, guarantees, sipp_ablation):  # no global PRNG setting changed at run time
+        assert "jax_default_prng_impl" not in Path(module.__file__).read_text()
+
+
 def test_sipp_ablation_fast_writes_the_table(tmp_path):
     from experiments import sipp_ablation as ab
 
     opts = ab.Options(dataset="mnist_embedded", num_points=32, fast=True)
-    path = ab.run(opts, tmp_path / "runs", tmp_path / "out")
+    path = ab.run(opts, tmp_path)
     text = path.read_text()
     assert "| SiPP: max share over S |" in text and "| WT: \\|w\\| |" in text
-    result = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    result = json.loads((tmp_path / "sipp_ablation" / "ablation.json").read_text())
     assert result["kernel_max_abs_diff"] < 1e-4  # the NumPy shares are SiPP's sensitivities
     wt_row = result["rows"][-1]
     # |w| ranked under WT's own allocation reproduces WT exactly, whichever way it is allocated.

@@ -5,7 +5,7 @@ Needs Debian's Fashion-MNIST (`apt-get install dataset-fashion-mnist`, read from
 /usr/share/datasets/fashion-mnist/; or --config.dataset.data_dir=DIR with the IDX files).
 About 40 minutes on 2 CPU cores. Prune-only curves (no retraining): add
 --config.experiments.mode=prune-only. `python -m experiments.reproduce` runs both and writes the
-tables and plots under experiments/results/.
+tables and plots under its --workdir (runs/studies by default; docs/results.md is built from it).
 
 Run:
   python -m experiments.main --config=configs/fashion/lenet300_100.py --workdir=runs/fashion_lenet300_100
