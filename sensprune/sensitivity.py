@@ -1,61 +1,12 @@
-"""Empirical sensitivities of weights (SiPP) and input channels (PFP).
+"""Empirical sensitivities over S: the streaming pass of the kernels of :mod:`sensprune.sensitivity_kernels`.
 
-Notation (spec §1.1). A layer is a matrix product per output position ``p``:
-patches ``a(x, p)`` of length ``J`` times the kernel matrix ``W [J, O]``
-(:mod:`sensprune.patches`); the bias is ignored. With ``W+ = max(W, 0)`` and
-``W- = min(W, 0)``::
-
-    z+_i(x, p) = sum_j W+_ji a_j(x, p)       z-_i(x, p) = sum_j W-_ji a_j(x, p)
-    g_ji(x, p) = W_ji a_j(x, p) / z^{sign W_ji}_i(x, p)        (0 if W_ji == 0)
-
-Denominators with ``|z| <= eps(float32)`` contribute 0. ``g`` is reduced over
-``p`` by ``mean`` (deterministic SiPP) or ``max`` (SiPP rand / hybrid, PFP),
-then maxed over every point of S.
-
-Input sign split. A point with a negative entry is replaced by the two
-nonnegative pseudo-points ``max(a, 0)`` and ``max(-a, 0)``. Splitting a
-nonnegative point yields ``(a, 0)`` and the zero point contributes nothing, so
-the split is decided per small group of points (``lax.cond`` on "any negative
-entry"): the result is exactly the reference's per-batch rule, independent of
-chunking, and post-ReLU inputs pay no 2x.
-
-Efficient formulation. Numerator and denominator share their sign, so::
-
-    g_ji(x, p) = |W_ji| * a_j(x, p) * q_{s(ji), i}(x, p),
-    q+ = 1 / z+,  q- = 1 / |z-|   (0 where guarded),  s(ji) = sign of W_ji.
-
-Both ``z`` come from one matmul against ``[W+, W-]`` and ``|W|`` factors out of
-every reduction (it is constant per ``(j, i)``):
-
-* ``mean`` over ``P > 1`` positions: ``sum_p a_j q_i`` is one batched matmul
-  (``'gpj,gpi->gji'``) against ``[q+, q-]``; the sign of each weight then
-  selects its half, followed by a max over points.
-* ``max`` (and Dense layers, where ``P == 1`` makes both reductions equal) is a
-  (max, x) contraction over all rows ``n = (point, p)``:
-  ``max_n a[n, j] * q_sel[n, j, i]``, where ``q_sel`` picks ``q+`` or ``q-``
-  by the sign of ``W_ji`` *before* the product, so there is one contraction,
-  not two (measured 1.5-2x faster than two contractions and a final select).
-  It is a ``lax.scan`` over blocks of rows:
-
-  - on CPU (``contraction='unrolled'``) the carry is the ``[O, J]``
-    running max itself and each step applies ``_UNROLL_ROWS`` (16) rank-1
-    updates ``carry = max(carry, a[n] * q_sel[n])`` as a Python-unrolled chain
-    of elementwise ops, which XLA fuses into one vectorised loop that reads
-    and writes the carry once per 16 products (2-4x faster on conv-sized and
-    ~10x on LeNet-sized dense contractions than ``'carry'``; with fewer than
-    16 rows per step XLA fuses the scan's dynamic slices into that loop and it
-    slows down several-fold). ``'carry'``, the previous strategy, keeps a
-    ``[rows, O, J]`` carry (about ``_CARRY_ELEMENTS``) updated with one
-    product per element and step and reduced over ``rows`` at the end.
-    XLA:CPU emits reductions as slow scalar loops (a fused multiply-max reduce
-    over ``N`` ran at ~0.3 G products/s) but vectorises elementwise updates;
-    ``[O, J]`` layout beat ``[J, O]`` by ~1.5x.
-  - elsewhere (``'reduce'``) each step is one fused broadcast-multiply-max
-    reduce over a block of about ``_BLOCK_ELEMENTS`` products, which keeps
-    GPU kernel launches few; nothing of size ``N * J * O`` is materialised.
-
-Points are processed in groups inside a ``lax.scan`` (patches are built per
-group), so memory is ``O(group * P * J + J * O)`` whatever the chunk size.
+:func:`compute_sensitivities` runs S in fixed-size chunks: one jitted capture
+of every layer's input per chunk (through the model adapter) and one jitted
+kernel per distinct layer geometry, maxed into a running result; or, with
+``fused=True``, the whole pass as one compiled program (:func:`fused_pass`).
+With a mesh, each chunk is split over every device and the maxima are reduced
+across devices inside the compiled kernels. The kernel names
+(``layer_sensitivity``, ``CONTRACTIONS``, ...) are re-exported here.
 """
 
 from __future__ import annotations
@@ -72,210 +23,30 @@ from jax import lax
 
 from sensprune import paths, sharding
 from sensprune.adapter import ModelAdapter, as_adapter
-from sensprune.patches import input_patches, kernel_matrix, matrix_to_kernel
+from sensprune.sensitivity_kernels import (
+    CONTRACTIONS,
+    EPS,
+    REDUCTIONS,
+    _check_reduction,
+    channel_from_weight,
+    layer_sensitivity,
+    max_sensitivity,
+    resolve_contraction,
+)
 from sensprune.types import Layer, LayerSensitivity
 
-EPS = float(np.finfo(np.float32).eps)
-REDUCTIONS = ("mean", "max")
-_HIGHEST = lax.Precision.HIGHEST
-
-# Sizes of per-step intermediates, in elements (tuned on CPU, see module doc).
-_GROUP_ELEMENTS = 2**18  # patch entries per group of points
-_CARRY_ELEMENTS = 2**15  # running-max carry of the (max, x) contraction on CPU
-_BLOCK_ELEMENTS = 2**24  # products per fused reduce on accelerators
-_UNROLL_ROWS = 16  # rank-1 updates per scan step of the unrolled CPU contraction
-# (max, x) contraction strategies (``contraction=`` of the kernels): "auto" (unrolled on CPU,
-# reduce elsewhere), "unrolled", "carry" (the previous CPU strategy), "reduce".
-CONTRACTIONS = ("auto", "unrolled", "carry", "reduce")
-
-
-def _ensure_pytree() -> None:
-    """Registers LayerSensitivity as a pytree (unless types.py already does)."""
-    probe = LayerSensitivity(weight=0, channel=1)  # type: ignore[arg-type]
-    if len(jax.tree_util.tree_leaves(probe)) != 2:
-        jax.tree_util.register_dataclass(
-            LayerSensitivity, data_fields=["weight", "channel"], meta_fields=[]
-        )
-
-
-_ensure_pytree()
-
-
-def max_sensitivity(a: LayerSensitivity, b: LayerSensitivity) -> LayerSensitivity:
-    """Elementwise maximum of two sensitivities of the same layer."""
-    return LayerSensitivity(
-        weight=jnp.maximum(a.weight, b.weight), channel=jnp.maximum(a.channel, b.channel)
-    )
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _guarded_inverse(z: jax.Array) -> jax.Array:
-    """``1 / |z|``, and 0 where ``|z| <= eps``."""
-    mag = jnp.abs(z)
-    ok = mag > EPS
-    return jnp.where(ok, 1.0 / jnp.where(ok, mag, 1.0), 0.0)
-
-
-def _scan_max(fn: Callable[..., jax.Array], xs: tuple, shape: tuple[int, ...]) -> jax.Array:
-    """``max_k fn(*[x[k] for x in xs])`` as a scan with a running-max carry."""
-    if xs[0].shape[0] == 1:
-        return fn(*(x[0] for x in xs))
-
-    def step(carry, x):
-        return jnp.maximum(carry, fn(*x)), None
-
-    return lax.scan(step, jnp.zeros(shape, jnp.float32), xs)[0]
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
-def resolve_contraction(contraction: str) -> str:
-    """The (max, x) strategy ``contraction`` names, with ``'auto'`` resolved for the default backend."""
-    if contraction not in CONTRACTIONS:
-        raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}")
-    if contraction == "auto":
-        return "unrolled" if jax.default_backend() == "cpu" else "reduce"
-    return contraction
-
-
-def _unrolled_max_contract(a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, positive_t: jax.Array) -> jax.Array:
-    """The CPU contraction: an ``[O, J]`` running max updated with ``_UNROLL_ROWS``
-    rank-1 products per scan step, written as a chain of elementwise maxima so
-    XLA fuses the step into one vectorised loop (the carry is read and written
-    once per ``_UNROLL_ROWS`` products). Returns ``[O, J]``."""
-    n, fan_in = a.shape
-    out = q_plus.shape[1]
-    rows = n if n <= _UNROLL_ROWS else _UNROLL_ROWS  # <= 16 rows: one step, no dynamic slicing
-    pad = -n % rows
-    if pad:  # zero rows add zero products, which never raise a max of values >= 0
-        a, q_plus, q_minus = (jnp.pad(v, ((0, pad), (0, 0))) for v in (a, q_plus, q_minus))
-    xs = (a.reshape(-1, rows, fan_in), q_plus.reshape(-1, rows, out), q_minus.reshape(-1, rows, out))
-
-    def step(carry, x):
-        a_rows, qp_rows, qn_rows = x
-        for r in range(rows):  # unrolled: one fused elementwise loop per step
-            q_sel = jnp.where(positive_t, qp_rows[r][:, None], qn_rows[r][:, None])
-            carry = jnp.maximum(carry, a_rows[r][None, :] * q_sel)
-        return carry, None
-
-    if xs[0].shape[0] == 1:
-        return step(jnp.zeros((out, fan_in), jnp.float32), tuple(x[0] for x in xs))[0]
-    return lax.scan(step, jnp.zeros((out, fan_in), jnp.float32), xs)[0]
-
-
-def _max_contract(
-    a: jax.Array, q_plus: jax.Array, q_minus: jax.Array, positive: jax.Array, contraction: str
-) -> jax.Array:
-    """``max_n a[n, j] * (q+[n, i] if W_ji > 0 else q-[n, i])`` -> ``[J, O]``.
-
-    ``a [N, J]`` and ``q+/- [N, O]`` are nonnegative; ``positive [J, O]``.
-    Works in ``[O, J]`` layout (the longer fan-in axis is minor). ``contraction``:
-    a resolved strategy (:func:`resolve_contraction`).
-    """
-    if contraction == "unrolled":
-        return _unrolled_max_contract(a, q_plus, q_minus, positive.T).T
-    n, fan_in = a.shape
-    out = q_plus.shape[1]
-    use_carry = contraction == "carry"
-    budget = _CARRY_ELEMENTS if use_carry else _BLOCK_ELEMENTS
-    rows = min(_pow2_floor(budget // (fan_in * out)), _pow2_floor(n))
-    pad = -n % rows
-    if pad:  # zero rows add zero products, which never raise a max of values >= 0
-        a, q_plus, q_minus = (jnp.pad(v, ((0, pad), (0, 0))) for v in (a, q_plus, q_minus))
-    a = a.reshape(-1, rows, fan_in)
-    q_plus = q_plus.reshape(-1, rows, out)
-    q_minus = q_minus.reshape(-1, rows, out)
-    positive = positive.T
-
-    def products(a_rows, qp_rows, qn_rows):  # [rows, O, J]
-        q_sel = jnp.where(positive, qp_rows[:, :, None], qn_rows[:, :, None])
-        return a_rows[:, None, :] * q_sel
-
-    if use_carry:
-        # XLA:CPU runs reductions slowly but elementwise updates fast: keep a
-        # [rows, O, J] running max and reduce it once at the end.
-        carry = _scan_max(products, (a, q_plus, q_minus), (rows, out, fan_in))
-        return jnp.max(carry, axis=0).T
-    block_max = lambda *x: jnp.max(products(*x), axis=0)  # noqa: E731  (one fused reduce)
-    return _scan_max(block_max, (a, q_plus, q_minus), (out, fan_in)).T
-
-
-def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str, contraction: str):
-    """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``."""
-    _, num_patches, fan_in = a.shape
-    out = positive.shape[1]
-    q = _guarded_inverse(jnp.einsum("gpj,jo->gpo", a, w_split, precision=_HIGHEST))
-    if reduction == "mean" and num_patches > 1:
-        sums = jnp.einsum("gpj,gpo->gjo", a, q, precision=_HIGHEST) / num_patches
-        return jnp.max(jnp.where(positive, sums[..., :out], sums[..., out:]), axis=0)
-    q = q.reshape(-1, 2 * out)
-    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive, contraction)
-
-
-def _group_size(layer: Layer, batch: int) -> int:
-    """Points per scan step: about ``_GROUP_ELEMENTS`` patch entries, balanced groups."""
-    per_point = layer.num_patches * max(
-        layer.in_channels * layer.window_size, 2 * layer.out_channels
-    )
-    groups = -(-batch // max(1, _GROUP_ELEMENTS // per_point))
-    return -(-batch // groups)
-
-
-def _weight_ratio(layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: str, contraction: str) -> jax.Array:
-    """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``."""
-    w_split = jnp.concatenate([jnp.maximum(wmat, 0.0), jnp.minimum(wmat, 0.0)], axis=1)
-    positive = wmat > 0
-    ratios = functools.partial(
-        _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
-    )
-
-    def split(a):
-        return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
-
-    def group_max(x):
-        patches = input_patches(layer, x, order="window")
-        return lax.cond(jnp.any(x < 0), split, ratios, patches)
-
-    batch = inputs.shape[0]
-    size = _group_size(layer, batch)
-    pad = -batch % size
-    if pad:  # repeated points do not change a max
-        inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
-    groups = inputs.reshape((-1, size) + inputs.shape[1:])
-    return _scan_max(group_max, (groups,), wmat.shape)
-
-
-def channel_from_weight(weight: jax.Array) -> jax.Array:
-    """Input-channel sensitivity: max over window positions and outputs -> ``(in,)``."""
-    axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
-    return jnp.max(weight, axis=axes)
-
-
-def layer_sensitivity(
-    layer: Layer, kernel: jax.Array, inputs: jax.Array, *, reduction: str, contraction: str = "auto"
-) -> LayerSensitivity:
-    """Sensitivities of one layer over one chunk of points (pure, jittable).
-
-    Args:
-      layer: static geometry.
-      kernel: the layer's kernel (``layer.kernel_shape``).
-      inputs: what the layer received, ``[B, *layer.input_shape]``.
-      reduction: ``'mean'`` or ``'max'`` over output positions.
-      contraction: strategy of the (max, x) contraction, one of ``CONTRACTIONS``
-        (same result, different speed per backend).
-    """
-    _check_reduction(reduction)
-    contraction = resolve_contraction(contraction)
-    wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
-    ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction)
-    weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")
-    return LayerSensitivity(weight=weight, channel=channel_from_weight(weight))
+__all__ = [
+    "CONTRACTIONS",
+    "EPS",
+    "REDUCTIONS",
+    "capture_function",
+    "channel_from_weight",
+    "compute_sensitivities",
+    "fused_pass",
+    "layer_sensitivity",
+    "max_sensitivity",
+    "resolve_contraction",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -597,9 +368,3 @@ def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable
         return jax.jit(functools.partial(_capture, **static))
     return functools.partial(_cached_capture, **static)
 
-
-def _capture_function(
-    model: Any, layers: tuple[Layer, ...], method: Any, apply_kwargs: Mapping[str, Any]
-) -> Callable[..., Any]:
-    """:func:`capture_function` of a Linen module called with ``method`` and ``apply_kwargs``."""
-    return capture_function(as_adapter(model, method, apply_kwargs), layers)

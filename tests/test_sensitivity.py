@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sensprune as sp
-from sensprune import paths, sensitivity
+from sensprune import paths, sensitivity, sensitivity_kernels
 from sensprune.layers import capture_inputs, find_layers
 from sensprune.sensitivity import (
     EPS,
@@ -219,9 +219,9 @@ def test_conv_matches_reference(case, reduction):
 @pytest.mark.parametrize("mode", ["carry", "reduce"])
 def test_contraction_modes_and_small_steps(monkeypatch, mode):
     """Both (max, x) strategies, with tiny step sizes: many groups, blocks and padding."""
-    monkeypatch.setattr(sensitivity, "_GROUP_ELEMENTS", 64)
-    monkeypatch.setattr(sensitivity, "_CARRY_ELEMENTS", 200)
-    monkeypatch.setattr(sensitivity, "_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(sensitivity_kernels, "_GROUP_ELEMENTS", 64)
+    monkeypatch.setattr(sensitivity_kernels, "_CARRY_ELEMENTS", 200)
+    monkeypatch.setattr(sensitivity_kernels, "_BLOCK_ELEMENTS", 200)
     conv = nn.Conv(3, (3, 3), strides=(2, 1), padding=((1, 0), (2, 1)))
     x = _inputs(15, (5, 5, 4, 2), True)
     x[1:3] = np.abs(x[1:3])  # groups with and without negative entries
