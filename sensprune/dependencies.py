@@ -187,48 +187,83 @@ def analyze(
     if layers is None:
         layers = adapter.find_layers(variables, x)
     layers = tuple(layers)
-    names = [layer.name for layer in layers]
     closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
+    sources = _sources(variables, x, markers, layers)
+    notes: set[str] = set()
+    consts = [zeros(n_rows(np.shape(c))) for c in closed.consts]
+    outputs, consumed = _split_outputs(shapes, propagate(closed.jaxpr, sources.rows, consts, notes))
+    joined = _join(layers, len(sources.kinds), consumed, outputs)
+    members = _members(sources, joined, layers)
+    var_rank = {_path_keys(p): len(np.shape(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    return _dependency_map(layers, members, joined.output_roots, var_rank, tuple(sorted(notes)))
 
-    # Sources: model input channels, layer output channels, per-channel variable entries.
-    kinds: list[tuple[str, Any, int]] = []
-    in_rows: list[np.ndarray] = []
 
-    def new_rows(kind: str, owner: Any, n: int) -> np.ndarray:
-        start = len(kinds)
-        kinds.extend((kind, owner, c) for c in range(n))
+@dataclasses.dataclass
+class _Sources:
+    """Source bits: ``kinds[b] = (kind, owner, channel)`` of bit ``b``; ``rows``: the jaxpr's input rows."""
+
+    kinds: list[tuple[str, Any, int]] = dataclasses.field(default_factory=list)
+    rows: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def add(self, kind: str, owner: Any, n: int) -> None:
+        """Appends the input rows of an array whose ``n`` last-axis entries are new sources."""
+        start = len(self.kinds)
+        self.kinds.extend((kind, owner, c) for c in range(n))
         rows = np.empty(n, object)
         rows[:] = [1 << (start + c) for c in range(n)]
-        return rows
+        self.rows.append(rows)
 
+    def add_none(self, shape: Sequence[int]) -> None:
+        """Appends the (empty) input rows of an array that is no source."""
+        self.rows.append(zeros(n_rows(shape)))
+
+
+def _sources(variables: Mapping[str, Any], x: Any, markers: Mapping[str, Any], layers: Sequence[Layer]) -> _Sources:
+    """Model input channels, layer output channels (markers) and per-channel variable entries.
+
+    In the flattening order of the traced function's arguments ``(variables, x, markers)``.
+    """
+    sources = _Sources()
     layer_paths = {tuple(layer.path) for layer in layers}
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         keys = _path_keys(path)
         shape = tuple(np.shape(leaf))
         owned = keys[1:-1] in layer_paths  # kernels / biases of prunable layers
         if owned or len(shape) == 0 or shape[-1] <= 1:
-            in_rows.append(zeros(n_rows(shape)))
+            sources.add_none(shape)
         else:
-            in_rows.append(new_rows("var", keys, shape[-1]))
+            sources.add("var", keys, shape[-1])
     for i, leaf in enumerate(jax.tree_util.tree_leaves(x)):
-        in_rows.append(new_rows("input", i, n_rows(np.shape(leaf))))
+        sources.add("input", i, n_rows(np.shape(leaf)))
     for name in sorted(markers):  # dict leaves flatten in sorted key order
-        in_rows.append(new_rows("producer", name, markers[name].shape[-1]))
+        sources.add("producer", name, markers[name].shape[-1])
+    return sources
 
-    notes: set[str] = set()
-    consts = [zeros(n_rows(np.shape(c))) for c in closed.consts]
-    out_rows = propagate(closed.jaxpr, in_rows, consts, notes)
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(shapes)[0]
+
+def _split_outputs(shapes: Any, out_rows: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The traced function's output rows as ``(model output rows, {layer name: input rows})``."""
     outputs, consumed = [], {}
-    for (path, _), rows in zip(leaves_with_path, out_rows):
+    for (path, _), rows in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], out_rows):
         if getattr(path[0], "idx", None) == 0:
             outputs.append(rows)
         else:
             consumed[_path_keys(path[1:])[0]] = rows
+    return outputs, consumed
 
-    # Union-find over sources and consumer features.
-    n_src = len(kinds)
-    feature_base, total = {}, n_src
+
+@dataclasses.dataclass
+class _Joined:
+    """Union-find over source bits and consumer features (feature ``j`` of a layer is node ``base + j``)."""
+
+    uf: _UnionFind
+    feature_base: dict[str, int]
+    output_roots: set[int]
+
+
+def _join(layers: Sequence[Layer], n_sources: int, consumed: Mapping[str, np.ndarray],
+          outputs: Sequence[np.ndarray]) -> _Joined:
+    """Joins every consumer feature with its sources, and the sources of each model output entry."""
+    feature_base, total = {}, n_sources
     for layer in layers:
         feature_base[layer.name] = total
         total += layer.in_channels
@@ -245,8 +280,7 @@ def analyze(
             if row in seen:
                 uf.union(node, seen[row])
                 continue
-            bits = _bits(row)
-            for b in bits:
+            for b in _bits(row):
                 uf.union(node, b)
             seen[row] = node
     output_bits: set[int] = set()
@@ -256,60 +290,73 @@ def analyze(
             for b in bits[1:]:
                 uf.union(bits[0], b)
             output_bits.update(bits)
-    output_roots = {uf.find(b) for b in output_bits}
+    return _Joined(uf, feature_base, {uf.find(b) for b in output_bits})
 
-    # Collect members per root.
-    members: dict[int, dict[str, dict]] = {}
 
-    def slot(root: int) -> dict:
-        if root not in members:
-            members[root] = {"producers": {}, "consumers": {}, "variables": {}, "inputs": []}
-        return members[root]
+@dataclasses.dataclass
+class _Members:
+    """What one union-find root holds (lists of channel indices per owner)."""
 
-    for b, (kind, owner, c) in enumerate(kinds):
-        root = uf.find(b)
+    producers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    consumers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    variables: dict[Path, list[int]] = dataclasses.field(default_factory=dict)
+    inputs: list[int] = dataclasses.field(default_factory=list)
+
+
+def _members(sources: _Sources, joined: _Joined, layers: Sequence[Layer]) -> dict[int, _Members]:
+    """Union-find root -> its members."""
+    members: dict[int, _Members] = {}
+    for b, (kind, owner, c) in enumerate(sources.kinds):
+        m = members.setdefault(joined.uf.find(b), _Members())
         if kind == "producer":
-            slot(root)["producers"].setdefault(owner, []).append(c)
+            m.producers.setdefault(owner, []).append(c)
         elif kind == "input":
-            slot(root)["inputs"].append(c)
+            m.inputs.append(c)
         else:
-            slot(root)["variables"].setdefault(owner, []).append(c)
+            m.variables.setdefault(owner, []).append(c)
     for layer in layers:
-        base = feature_base[layer.name]
+        base = joined.feature_base[layer.name]
         for j in range(layer.in_channels):
-            slot(uf.find(base + j))["consumers"].setdefault(layer.name, []).append(j)
+            members.setdefault(joined.uf.find(base + j), _Members()).consumers.setdefault(layer.name, []).append(j)
+    return members
 
-    var_rank = {
-        _path_keys(path): len(np.shape(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
-    }
+
+def _removal_reason(m: _Members, output: bool, var_rank: Mapping[Path, int]) -> tuple[str, bool]:
+    """``(reason, unsafe)``: why the group is not removable (``''``: it is), and whether that
+    reason is other than touching the model input or output."""
+    if m.inputs:
+        return "reads the model input", False
+    if output:
+        return "reaches the model output", False
+    if not m.producers:
+        return "fed by no prunable layer (a constant feature)", True
+    high = sorted("/".join(k) for k in m.variables if var_rank[k] != 1)
+    if high:
+        return f"variable leaves {high} of rank != 1 are indexed by these channels", True
+    return "", False
+
+
+def _dependency_map(layers: tuple[Layer, ...], members: Mapping[int, _Members], output_roots: set[int],
+                    var_rank: Mapping[Path, int], notes: tuple[str, ...]) -> DependencyMap:
+    """The groups (roots with a layer channel, in root order) and each layer channel's group id."""
     groups: list[Group] = []
     unsafe: dict[int, str] = {}
-    out_group = {name: np.full(layer.out_channels, -1, np.int64) for name, layer in zip(names, layers)}
-    in_group = {name: np.full(layer.in_channels, -1, np.int64) for name, layer in zip(names, layers)}
+    out_group = {layer.name: np.full(layer.out_channels, -1, np.int64) for layer in layers}
+    in_group = {layer.name: np.full(layer.in_channels, -1, np.int64) for layer in layers}
     for root in sorted(members):
         m = members[root]
-        if not m["producers"] and not m["consumers"]:
+        if not m.producers and not m.consumers:
             continue
         gid = len(groups)
         output = root in output_roots
-        reason = ""
-        if m["inputs"]:
-            reason = "reads the model input"
-        elif output:
-            reason = "reaches the model output"
-        elif not m["producers"]:
-            reason = "fed by no prunable layer (a constant feature)"
+        reason, is_unsafe = _removal_reason(m, output, var_rank)
+        if is_unsafe:
             unsafe[gid] = reason
-        else:
-            high = sorted("/".join(k) for k in m["variables"] if var_rank[k] != 1)
-            if high:
-                reason = f"variable leaves {high} of rank != 1 are indexed by these channels"
-                unsafe[gid] = reason
         group = Group(
-            producers=_sorted_arrays(m["producers"]),
-            consumers=_sorted_arrays(m["consumers"]),
-            variables=_sorted_arrays(m["variables"]),
-            inputs=np.asarray(sorted(m["inputs"]), np.int64),
+            producers=_sorted_arrays(m.producers),
+            consumers=_sorted_arrays(m.consumers),
+            variables=_sorted_arrays(m.variables),
+            inputs=np.asarray(sorted(m.inputs), np.int64),
             output=output,
             removable=not reason,
             reason=reason,
@@ -319,14 +366,7 @@ def analyze(
             out_group[name][ch] = gid
         for name, ch in group.consumers.items():
             in_group[name][ch] = gid
-    return DependencyMap(
-        layers=layers,
-        groups=tuple(groups),
-        out_group=out_group,
-        in_group=in_group,
-        unsafe=unsafe,
-        notes=tuple(sorted(notes)),
-    )
+    return DependencyMap(layers, tuple(groups), out_group, in_group, unsafe, notes)
 
 
 # --------------------------------------------------------------------------- helpers
