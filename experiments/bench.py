@@ -326,7 +326,7 @@ def _compile_breakdown(model, variables, layers, x_chunk, data, sens, forward, s
     for name, (step, state, args) in steps.items():
         try:
             out[name] = _lower_compile(step.func, state, *args, **step.keywords)
-        except Exception as err:  # pragma: no cover - train.py internals changed
+        except Exception as err:  # pragma: no cover - training internals changed
             logging.warning("compile time of %s unavailable: %s", name, err)
     jax.clear_caches()
     return out
@@ -345,7 +345,7 @@ def _step_cost(step: Any, state: Any, *args: Any) -> Optional[dict[str, float]]:
         if isinstance(cost, (list, tuple)):
             cost = cost[0]
         return {"flops": float(cost["flops"]), "bytes_accessed": float(cost["bytes accessed"])}
-    except Exception as err:  # pragma: no cover - depends on jax / train.py internals
+    except Exception as err:  # pragma: no cover - depends on jax / training internals
         logging.warning("cost_analysis of the train step unavailable: %s", err)
         return None
 
@@ -386,7 +386,7 @@ def _search(model, variables, layers, data, method, keep_ratio, key, sens, chunk
 
 
 def _train_config(family: str, batch_size: int):
-    from experiments.train import TrainConfig
+    from experiments.train_config import TrainConfig
 
     return TrainConfig(
         num_epochs=1,
@@ -404,7 +404,9 @@ def _train_config(family: str, batch_size: int):
 
 
 def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
-    from experiments import train as train_lib
+    from experiments import steps as steps_lib
+    from experiments import train_state as state_lib
+    from experiments.optim import Optimizer
     from experiments.models import MODEL_DATASET_FAMILY, get_model, input_shape
 
     family = MODEL_DATASET_FAMILY[name]
@@ -570,21 +572,20 @@ def bench_model(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
     # 3. masked vs unmasked train step -------------------------------------------
     logging.info("%s: [3] train steps (batch %d)", name, train_batch)
     cfg = _train_config(family, train_batch)
-    state = train_lib.create_state(model, jax.random.PRNGKey(1), shape, cfg, 1)
+    state = state_lib.create_state(model, jax.random.PRNGKey(1), shape, Optimizer.create(cfg, 1))
     if not searches:  # e.g. --methods=pfp on a model outside --pfp_models
         searches["sipp"] = _search(model, variables, layers, data, "sipp", keep_ratio, key, sens, chunk, delta)
     mask_method = "sipp" if "sipp" in searches else next(iter(searches))
     masks = _kernel_mask_tree(state.params, layers, searches[mask_method]["selection"].masks)
-    state_masked = train_lib.state_from_params(state.params, state.batch_stats, cfg, 1, masks)
-    step = train_lib.make_train_step(model, cfg, 1, masked=False)
-    step_masked = train_lib.make_train_step(model, cfg, 1, masked=True)
+    state_masked = state_lib.state_from_params(model, state_lib.variables_of(state), state.tx, masks)
+    step = step_masked = steps_lib.make_train_step(steps_lib.StepOptions.create(cfg))  # masking: in the state
     bx = jnp.asarray(rng.normal(size=(train_batch, *shape)).astype(np.float32))
     by = jnp.asarray(rng.integers(0, 10, size=(train_batch,)).astype(np.int32))
     tkey = jax.random.PRNGKey(2)
     # As train() runs them: each step donates its input state and the next step takes the output.
     donated = {
-        "unmasked": train_lib.make_train_step(model, cfg, 1, masked=False, donate=True),
-        "masked": train_lib.make_train_step(model, cfg, 1, masked=True, donate=True),
+        "unmasked": steps_lib.make_train_step(steps_lib.StepOptions.create(cfg), donate=True),
+        "masked": steps_lib.make_train_step(steps_lib.StepOptions.create(cfg), donate=True),
     }
     live = {"unmasked": jax.tree.map(jnp.copy, state), "masked": jax.tree.map(jnp.copy, state_masked)}
 
@@ -701,7 +702,9 @@ def _device_worker(args: Mapping[str, Any]) -> dict[str, Any]:
     the SiPP/PFP passes and a train step on a data mesh over every device; with
     ``memory_fractions``, also the peak RSS of the pass vs a single-batch
     forward as |S| grows."""
-    from experiments import train as train_lib
+    from experiments import steps as steps_lib
+    from experiments import train_state as state_lib
+    from experiments.optim import Optimizer
     from sensprune import sharding
 
     if args.get("max_contraction"):
@@ -721,8 +724,9 @@ def _device_worker(args: Mapping[str, Any]) -> dict[str, Any]:
             )
 
         cfg = _train_config(m["family"], m["train_batch"])
-        state = train_lib.shard_state(train_lib.create_state(model, jax.random.PRNGKey(1), m["shape"], cfg, 1), mesh)
-        step = train_lib.make_train_step(model, cfg, 1, mesh=mesh)
+        state = state_lib.shard_state(
+            state_lib.create_state(model, jax.random.PRNGKey(1), m["shape"], Optimizer.create(cfg, 1)), mesh)
+        step = steps_lib.make_train_step(steps_lib.StepOptions.create(cfg, mesh=mesh))
         bx, by = sharding.shard_batch(
             (m["rng"].normal(size=(m["train_batch"], *m["shape"])).astype(np.float32),
              m["rng"].integers(0, 10, size=(m["train_batch"],)).astype(np.int32)), mesh)
@@ -738,8 +742,8 @@ def _device_worker(args: Mapping[str, Any]) -> dict[str, Any]:
         if jax.device_count() % 2 == 0 and m["train_batch"] % (jax.device_count() // 2) == 0:
             # The same step with params / optimizer state split over a 'model' axis of 2 devices.
             mesh2 = sharding.data_mesh(model=2)
-            state2 = train_lib.shard_state(state, mesh2)
-            step2 = train_lib.make_train_step(model, cfg, 1, mesh=mesh2)
+            state2 = state_lib.shard_state(state, mesh2)
+            step2 = steps_lib.make_train_step(steps_lib.StepOptions.create(cfg, mesh=mesh2))
             bx2, by2 = sharding.shard_batch(jax.device_get((bx, by)), mesh2)
             tkey2 = sharding.replicate(jax.random.PRNGKey(2), mesh2)
             cases["train_step_model2"] = Case(lambda: step2(state2, bx2, by2, tkey2))
