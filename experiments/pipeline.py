@@ -266,6 +266,9 @@ def _train_with_checkpoints(
     return state if exp.mesh is None else state_lib.local_state(state)
 
 
+_variables = state_lib.variables_of  # {'params', 'batch_stats'} of a state (experiments.guarantees uses it)
+
+
 def _restore_state(
     ckpt: ckpt_lib.Checkpointer, like: state_lib.TrainState, masks_like: Any = None
 ) -> tuple[Optional[state_lib.TrainState], dict]:
