@@ -57,11 +57,6 @@ class TrainState(train_state.TrainState):
     batch_stats: PyTree = flax.struct.field(pytree_node=True)
 
     @property
-    def optimizer(self) -> Optimizer:
-        """``tx`` (the optimizer and its training config)."""
-        return self.tx
-
-    @property
     def masks(self) -> Optional[PyTree]:
         """The masks of a masked optimizer, else ``None``."""
         return masking.get_masks(self.opt_state) if self.tx.masked else None
