@@ -146,8 +146,9 @@ def _train_step(
     return new_state, metrics
 
 
+# ``train_step(state, batch_x, batch_y, key, options) -> (state, metrics)``, compiled once per
+# (state structure incl. model and optimizer config, options, shapes).
 train_step = jax.jit(_train_step, static_argnames="options")
-train_step.__doc__ = """``(state, batch_x, batch_y, key, options) -> (state, metrics)`` (jitted)."""
 # The same step, reusing the input state's buffers for the output state (the training loop).
 train_step_donated = jax.jit(_train_step, static_argnames="options", donate_argnums=0)
 
