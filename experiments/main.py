@@ -58,9 +58,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
-    # Much faster to compile on CPU than threefry for initialising large models; deterministic.
-    jax.config.update("jax_default_prng_impl", "rbg")
-    config = _CONFIG.value
+    config = _CONFIG.value  # its prng_impl names the PRNG of every key (no global JAX setting changes)
     if config.get("multihost", False):  # one process per host
         jax.distributed.initialize(**distributed_args(config))
     if jax.process_index() != 0:

@@ -13,6 +13,6 @@ if "xla_backend_optimization_level" not in _flags:
 import jax  # noqa: E402
 
 # The counter-based 'rbg' generator compiles far faster on CPU than threefry for model
-# initialisation; the experiment launcher uses it too (experiments/main.py).
+# initialisation (experiment configs name it explicitly: config.prng_impl, experiments.rng).
 jax.config.update("jax_default_prng_impl", "rbg")
 
