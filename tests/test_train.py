@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from configs import common
+from experiments import data as data_lib
 from experiments import evaluate as E
 from experiments import optim
 from experiments import rng
@@ -327,6 +328,41 @@ def test_evaluate_pads_last_batch():
     np.testing.assert_allclose(got["error5"], float(np.mean(~np.any(top5 == y[:, None], -1))))
     # Bare params give the same numbers (no BatchNorm).
     assert E.evaluate(variables["params"], model, x, y, batch_size=10) == pytest.approx(got)
+
+
+class RecordingExamples(data_lib.ArrayExamples):
+    """In-memory examples that record every index batch (and seed / epoch) they are asked for."""
+
+    def __init__(self, x, y):
+        super().__init__(x, y)
+        object.__setattr__(self, "asked", [])
+
+    def take(self, indices, *, seed=0, epoch=0):
+        self.asked.append((np.asarray(indices).tolist(), seed, epoch))
+        return super().take(indices, seed=seed, epoch=epoch)
+
+
+def test_train_and_evaluate_take_examples_objects():
+    """An ``experiments.data.Examples`` (y=None) is read batch by batch in the loop's plan and
+    gives the same state and metrics as the arrays."""
+    x, y = blobs(n=100)
+    cfg = C.as_train_config({**BASE, "num_epochs": 2})
+    spe = C.steps_per_epoch(len(x), cfg)
+    state = create_state(MODEL, jax.random.key(0), x.shape[1:], cfg, spe)
+    examples = RecordingExamples(x, y)
+    from_arrays = T.train(state, x, y, seed=5, **KW)
+    from_examples = T.train(state, examples, None, seed=5, **KW)
+    for a, b in zip(jax.tree.leaves(from_arrays), jax.tree.leaves(from_examples)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    plan = [(idx.tolist(), 5, e) for e in range(2) for idx in T.epoch_order(5, e, len(x), spe, cfg.batch_size)]
+    assert examples.asked == plan
+    examples.asked.clear()
+    assert E.evaluate(from_examples, MODEL, examples, None, 32) == E.evaluate(from_examples, MODEL, x, y, 32)
+    assert [len(idx) for idx, _, _ in examples.asked] == [32] * 4  # 100 = 3 * 32 + 4, padded
+    with pytest.raises(ValueError, match="labels"):
+        T.train(state, examples, y, seed=5, **KW)
+    with pytest.raises(ValueError, match="labels are missing"):
+        E.evaluate(from_examples, MODEL, x, None, 32)
 
 
 def test_train_rejects_state_off_epoch_boundary():
