@@ -275,13 +275,12 @@ def _restore_state(
     ``meta['epoch']`` is the (global) number of finished epochs, so the global
     step is ``epoch * steps_per_epoch``.
     """
-    step = ckpt.latest_step()
-    if step is None:
-        return None, {}
     target = {"params": like.params, "batch_stats": like.batch_stats, "opt_state": like.opt_state}
     if masks_like is not None:
         target["masks"] = masks_like
-    items = ckpt.restore(step, like=target)
+    step, items = ckpt.restore_latest(like=target)  # a corrupt newest step: the one before
+    if step is None:
+        return None, {}
     meta = items.pop("meta")
     items.pop("masks", None)
     return train_lib.state_from_items(items, int(meta["epoch"]) * spe), meta
@@ -367,7 +366,7 @@ def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables:
     elif mode == "cascade-rewind":
         rewind = exp.ckpt(f"net{net}", "rewind")
         like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-        items = rewind.restore(rewind.latest_step(), like=like)
+        items = rewind.restore_latest(like=like)[1]
         params, batch_stats = sp.apply_masks(items["params"], result.masks), items["batch_stats"]
         cfg = _retrain_cfg(exp, int(items["meta"]["epoch"]))
     return params, batch_stats, cfg
@@ -393,11 +392,10 @@ def run_chain(
     like = {"params": trained["params"], "batch_stats": trained.get("batch_stats", {}), "masks": masks_like}
     current = dict(trained)
     start = 0
-    done_step = chain.latest_step()
+    done_step, items = ckpt_lib.restore_chain(chain, like, len(exp.steps))
     if done_step is not None:
-        items = chain.restore(done_step, like=like)
-        current = {"params": items["params"]}
-        if items["batch_stats"]:
+        current = {"params": items.get("params")}  # None when finished (only meta is read)
+        if items.get("batch_stats"):
             current["batch_stats"] = items["batch_stats"]
         start = done_step
         _record(exp, results, net, rep, method, done_step - 1, items["meta"], tb)
@@ -461,13 +459,16 @@ def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, r
 
 def _resume_retrain(exp, ckpt, current, masks_like):
     """A retraining interrupted mid-way: its latest per-epoch state and prune metadata."""
-    if ckpt.latest_step() is None:
+    step, first = ckpt.restore_meta_latest()
+    if step is None:
         return None, {}
-    cfg = _retrain_cfg(exp, int(ckpt.restore_meta().get("start_epoch", 0)))
+    cfg = _retrain_cfg(exp, int(first.get("start_epoch", 0)))
     spe = _steps_per_epoch(exp, cfg)
     like = train_lib.state_from_params(current["params"], current.get("batch_stats", {}), cfg, spe,
                                        masks=masks_like)
     state, meta = _restore_state(ckpt, like, spe, masks_like)
+    if state is None:  # every step was corrupt (moved aside): prune again
+        return None, {}
     logging.info("resuming retraining %s at epoch %d", ckpt.directory, meta["epoch"])
     return state, meta
 

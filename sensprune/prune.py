@@ -158,8 +158,8 @@ def prune(
         raise ValueError(f"method {method!r} samples: pass key=jax.random.PRNGKey(seed)")
     if spec.needs_labels and labels is None:
         raise ValueError(f"method {method!r} needs labels of the points in data (labels=...)")
-    validation.check_finite_points(data)
     points = _as_points(data)
+    validation.check_finite_points(points)
     apply_kwargs = dict(apply_kwargs or {})
     params = variables["params"]
     validation.check_finite_params(variables)
