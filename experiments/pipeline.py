@@ -37,6 +37,7 @@ from experiments import plot as plot_lib
 from experiments import results as results_lib
 from experiments import spacing as spacing_lib
 from experiments import train as train_lib
+from experiments import workdir as workdir_lib
 
 MODES = ("train", "retrain", "cascade", "cascade-rewind", "cascade-random", "prune-only")
 
@@ -62,6 +63,7 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
     Raises:
       ValueError naming the field and the allowed values.
     """
+    workdir_lib.normalize_lists(config)  # --config.experiments.methods=sipp,pfp etc.
     if config.network not in models_lib.MODELS:
         raise ValueError(
             f"config.network={config.network!r} is unknown; allowed: {', '.join(sorted(models_lib.MODELS))}"
@@ -492,7 +494,13 @@ def _record(exp, results, net, rep, method, i, meta, tb) -> None:
 # Entry point
 # ----------------------------------------------------------------------------
 def run(config: Any, workdir: str | Path) -> results_lib.Results:
-    """Runs (or resumes) the experiment described by ``config`` in ``workdir``."""
+    """Runs (or resumes) the experiment described by ``config`` in ``workdir``
+    (writable, and locked against a second run there: :mod:`experiments.workdir`)."""
+    with workdir_lib.open_workdir(workdir, primary=jax.process_index() == 0):
+        return _run(config, workdir)
+
+
+def _run(config: Any, workdir: str | Path) -> results_lib.Results:
     exp = build(config, workdir)
     exp.workdir.mkdir(parents=True, exist_ok=True)
     _check_config_unchanged(exp)
@@ -509,7 +517,8 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
         flops_total=exp.dense_flops,
     )
     results_path = exp.workdir / "results.npz"
-    results = results_lib.load_or_empty(results_path, **layout)
+    results = results_lib.load_or_empty(results_path, records=exp.workdir / "records",
+                                        write_records=jax.process_index() == 0, **layout)
     is_main = jax.process_index() == 0
     save = (lambda: results.save_npz(results_path)) if is_main else (lambda: None)
     logging.info(
@@ -554,10 +563,9 @@ def _check_config_unchanged(exp: Experiment) -> None:
         stored = ckpt_lib.read_json(path)
         runtime = lambda d: {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}  # noqa: E731
         if runtime(stored) != runtime(current):
-            diff = sorted(k for k in set(stored) | set(current)
-                          if k not in RUNTIME_FIELDS and stored.get(k) != current.get(k))
+            diff = workdir_lib.config_diff(stored, current, ignore=RUNTIME_FIELDS)
             raise ValueError(
-                f"--workdir {exp.workdir} holds a run with another config (differs in: {', '.join(diff)}); "
+                f"--workdir {exp.workdir} holds a run with another config (differs in: {'; '.join(diff)}); "
                 "use a new --workdir or the same config"
             )
     elif jax.process_index() == 0:
