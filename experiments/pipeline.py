@@ -541,10 +541,7 @@ def _run(config: Any, workdir: str | Path) -> results_lib.Results:
                     for method in exp.methods if steps else []:
                         run_chain(exp, net, rep, method, _variables(state), results, tb, save, bar)
         if is_main and steps:
-            tag = exp.workdir.name or "results"
-            plot_lib.make_plots(results, exp.workdir / "plots", tag)
-            report = plot_lib.make_report(results)
-            (exp.workdir / "report.md").write_text(report)
+            report = plot_lib.write_outputs(results, exp.workdir, exp.workdir.name or "results")
             tb.log_text("report", report)
     return results
 
