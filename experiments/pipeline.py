@@ -7,6 +7,8 @@ Everything is resumable. Under ``workdir``:
   checkpoints/net<n>/rep<r>/<method>/chain/        the retrained net after each keep ratio
   checkpoints/net<n>/rep<r>/<method>/retrain<i>/   per-epoch retraining checkpoints
   results.npz, tensorboard/, plots/, report.md, config.json
+  records/                              one JSON record per finished run (results.npz is rebuilt from them)
+  .lock                                 held (fcntl) by the run in progress: a second run is refused
 
 Each finished keep ratio is written to its chain checkpoint (with its metrics)
 before ``results.npz``, so a run killed at any point and started again with the
