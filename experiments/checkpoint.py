@@ -483,6 +483,8 @@ class Checkpointer:
                 return step, self.restore(step, like=like)
             except CorruptCheckpointError as e:
                 self.quarantine(step, str(e))
+            except FileNotFoundError:  # moved aside meanwhile (by process 0 of a multi-host run)
+                continue
         return None, {}
 
     def restore_meta_latest(self) -> tuple[Optional[int], dict[str, Any]]:

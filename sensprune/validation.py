@@ -127,14 +127,20 @@ def check_finite_points(data: Any, field: str = "data") -> None:
         )
 
 
+@jax.jit
+def _non_finite_counts(leaves: list) -> list:
+    import jax.numpy as jnp
+
+    return [jnp.sum(~jnp.isfinite(x)) for x in leaves]
+
+
 def check_finite_params(variables: Mapping[str, Any], field: str = "variables") -> None:
     """Raises if a leaf of ``variables`` holds NaN or inf, naming the param paths."""
-    bad = []
-    for name, leaf in _float_leaves(variables):
-        a = np.asarray(leaf)
-        finite = np.isfinite(a)
-        if not finite.all():
-            bad.append(f"{name} ({int(a.size - finite.sum())} of {a.size} entries)")
+    leaves = _float_leaves(variables)
+    # On the device, one compiled program for the tree (params may be split over a mesh);
+    # only the counts come back.
+    counts = jax.device_get(_non_finite_counts([leaf for _, leaf in leaves]))
+    bad = [f"{name} ({int(c)} of {int(np.size(leaf))} entries)" for (name, leaf), c in zip(leaves, counts) if c]
     if bad:
         raise ValueError(
             f"{field} hold NaN or inf at {_listing(bad)}; the model has diverged or was loaded wrongly "
