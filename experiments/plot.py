@@ -382,7 +382,8 @@ def _commensurate_tables(results: Results, drops: Sequence[float]) -> list[str]:
 def _schedule(block: dict) -> str:
     if not isinstance(block, dict):
         return DASH
-    parts = [f"{block.get('num_epochs', '?')} epochs", f"batch {block.get('batch_size', '?')}",
+    epochs = block.get("num_epochs", "?")
+    parts = [f"{epochs} epoch{'' if epochs == 1 else 's'}", f"batch {block.get('batch_size', '?')}",
              f"{block.get('optimizer', 'sgd')} lr {block.get('learning_rate', '?')}"]
     if block.get("lr_milestones"):
         parts.append(f"x{block.get('lr_gamma', 0.1)} at epochs {', '.join(str(m) for m in block['lr_milestones'])}")

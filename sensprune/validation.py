@@ -208,5 +208,6 @@ def keep_everything(params: Any, layers: Sequence[Layer], reference: int, method
         flops=counting.flops(params, layers),
         flops_dense=counting.dense_flops(layers),
         sensitivities={},
-        info=dict(nominal_budget=sum(kept.values()), reachable=abs(size - reference) <= rtol * reference, searches=0, method=method),
+        info=dict(nominal_budget=sum(kept.values()), reachable=abs(size - reference) <= rtol * reference,
+                  searches=0, method=method),
     )

@@ -76,7 +76,7 @@ def test_bad_keep_ratio_and_key_are_refused_up_front():
 
 
 def test_keep_ratio_one_keeps_everything_on_a_fresh_model():
-    model, variables = mlp()
+    model, _ = mlp()
     x = _points()
     fresh = model.init(jax.random.PRNGKey(0), x[:1])  # zero-initialised biases
     assert sp.count_nonzero(fresh["params"]) < sp.count_params(fresh["params"])
