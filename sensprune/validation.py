@@ -4,7 +4,6 @@ Every check raises a ``ValueError`` that names what is wrong and where (the
 points of S, the param path, the layer), before any expensive work where
 possible:
 
-* :func:`check_keep_ratio` - a number in (0, 1]; ``True``/``False`` refused.
 * :func:`check_key` - a ``jax.random`` key (``jax.random.PRNGKey(seed)`` or
   ``jax.random.key(seed)``), not a plain integer.
 * :func:`check_finite_points` - no NaN/inf in the points of S (any pytree of
@@ -15,6 +14,8 @@ possible:
   activations overflow).
 
 :func:`keep_everything` builds the result of ``keep_ratio=1``: nothing pruned.
+(The keep ratio itself is checked by :func:`sensprune.budget.validate_keep_ratio`,
+which refuses booleans and strings.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ __all__ = [
     "check_finite_params",
     "check_finite_points",
     "check_finite_sensitivities",
-    "check_keep_ratio",
     "check_key",
     "keep_everything",
 ]
@@ -42,21 +42,6 @@ def _listing(items: Sequence[Any], total: Optional[int] = None) -> str:
     total = len(items) if total is None else total
     shown = ", ".join(str(i) for i in items[:_LISTED])
     return shown + (f", ... ({total} in all)" if total > _LISTED else "")
-
-
-def check_keep_ratio(keep_ratio: Any, field: str = "keep_ratio") -> float:
-    """``keep_ratio`` as a float in (0, 1]; booleans and non-numbers are refused."""
-    if isinstance(keep_ratio, (bool, np.bool_)):
-        raise ValueError(f"{field} must be a number in (0, 1], got the boolean {keep_ratio!r}")
-    if isinstance(keep_ratio, (str, bytes)):
-        raise ValueError(f"{field} must be a number in (0, 1], got the string {keep_ratio!r}")
-    try:
-        value = float(keep_ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"{field} must be a number in (0, 1], got {keep_ratio!r}") from None
-    if not np.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{field} must be in (0, 1], got {keep_ratio!r}")
-    return value
 
 
 def check_key(key: Any, field: str = "key") -> Any:
