@@ -198,6 +198,16 @@ class Results:
             "layer_kept": [_json_float(v) for v in self.layer_kept[index]],
         })
 
+    def backfill_records(self) -> int:
+        """Writes the record of every finished cell that has none; returns how many."""
+        count = 0
+        for index in zip(*np.nonzero(self.done)):
+            net, i, rep, m = (int(v) for v in index)
+            if not self._record_path(net, i, rep, self.methods[m]).exists():
+                self._write_record((net, i, rep, m))
+                count += 1
+        return count
+
     def replay_records(self, records_dir: str | os.PathLike) -> int:
         """Fills every cell (and dense entry) that has a record under ``records_dir``;
         returns the number of cells filled. Records of another layout (a method or
@@ -381,6 +391,7 @@ def load_or_empty(
         results.replay_records(records)
         if write_records:
             results.records_dir = Path(records)
+            results.backfill_records()  # cells only results.npz knew of (e.g. records/ deleted)
     return results
 
 
