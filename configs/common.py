@@ -50,7 +50,15 @@ def experiment(
     eval_batch_size: int = 500,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
 ) -> ml_collections.ConfigDict:
-    """The full experiment config; every field can be overridden with --config.x=y."""
+    """The full experiment config; every field can be overridden with --config.x=y.
+
+    List fields take comma-separated values on the command line:
+    ``--config.experiments.methods=sipp,pfp,wt`` (unknown names are refused,
+    listing the allowed ones), ``--config.experiments.spacing=0.5,0.2,0.1``
+    (these keep ratios, a manual spacing) and
+    ``--config.training.lr_milestones=30,60`` (Python tuples such as
+    ``"('sipp', 'pfp')"`` work too).
+    """
     retrain = ml_collections.ConfigDict(train.to_dict())
     retrain.update(retrain_overrides or {})
     config = ml_collections.ConfigDict()

@@ -66,7 +66,12 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     from experiments import pipeline
 
-    pipeline.run(config, _WORKDIR.value)
+    from experiments import workdir as workdir_lib
+
+    try:
+        pipeline.run(config, _WORKDIR.value)
+    except (workdir_lib.WorkdirBusyError, PermissionError) as err:  # a clear line, no traceback
+        raise SystemExit(f"error: {err}") from None
     workdir = os.path.abspath(_WORKDIR.value)
     report = os.path.join(workdir, "report.md")
     if jax.process_index() == 0 and os.path.exists(report):

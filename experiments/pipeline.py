@@ -7,6 +7,8 @@ Everything is resumable. Under ``workdir``:
   checkpoints/net<n>/rep<r>/<method>/chain/        the retrained net after each keep ratio
   checkpoints/net<n>/rep<r>/<method>/retrain<i>/   per-epoch retraining checkpoints
   results.npz, tensorboard/, plots/, report.md, config.json
+  records/                              one JSON record per finished run (results.npz is rebuilt from them)
+  .lock                                 held (fcntl) by the run in progress: a second run is refused
 
 Each finished keep ratio is written to its chain checkpoint (with its metrics)
 before ``results.npz``, so a run killed at any point and started again with the
@@ -41,6 +43,7 @@ from experiments import spacing as spacing_lib
 from experiments import train as train_lib
 from experiments import train_config as train_config_lib
 from experiments import train_state as state_lib
+from experiments import workdir as workdir_lib
 from experiments.optim import Optimizer
 from experiments.rng import check_prng_impl, make_key
 
@@ -64,6 +67,7 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
     Raises:
       ValueError naming the field and the allowed values.
     """
+    workdir_lib.normalize_lists(config)  # --config.experiments.methods=sipp,pfp etc.
     if config.network not in models_lib.MODELS:
         raise ValueError(
             f"config.network={config.network!r} is unknown; allowed: {', '.join(sorted(models_lib.MODELS))}"
@@ -275,13 +279,12 @@ def _restore_state(
     ``meta['epoch']`` is the (global) number of finished epochs, so the global
     step is ``epoch * steps_per_epoch``.
     """
-    step = ckpt.latest_step()
-    if step is None:
-        return None, {}
     target = state_lib.state_to_items(like)
     if masks_like is not None:
         target["masks"] = masks_like
-    items = ckpt.restore(step, like=target)
+    step, items = ckpt.restore_latest(like=target)  # a corrupt newest step: the one before
+    if step is None:
+        return None, {}
     meta = items.pop("meta")
     items.pop("masks", None)
     return state_lib.state_from_items(like, items, int(meta["epoch"]) * like.tx.steps_per_epoch), meta
@@ -364,7 +367,7 @@ def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables:
     elif mode == "cascade-rewind":
         rewind = exp.ckpt(f"net{net}", "rewind")
         like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-        items = rewind.restore(rewind.latest_step(), like=like)
+        items = rewind.restore_latest(like=like)[1]
         params, batch_stats = sp.apply_masks(items["params"], result.masks), items["batch_stats"]
         cfg = _retrain_cfg(exp, int(items["meta"]["epoch"]))
     return params, batch_stats, cfg
@@ -390,11 +393,10 @@ def run_chain(
     like = {"params": trained["params"], "batch_stats": trained.get("batch_stats", {}), "masks": masks_like}
     current = dict(trained)
     start = 0
-    done_step = chain.latest_step()
+    done_step, items = ckpt_lib.restore_chain(chain, like, len(exp.steps))
     if done_step is not None:
-        items = chain.restore(done_step, like=like)
-        current = {"params": items["params"]}
-        if items["batch_stats"]:
+        current = {"params": items.get("params")}  # None when finished (only meta is read)
+        if items.get("batch_stats"):
             current["batch_stats"] = items["batch_stats"]
         start = done_step
         _record(exp, results, net, rep, method, done_step - 1, items["meta"], tb)
@@ -457,11 +459,14 @@ def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, r
 
 def _resume_retrain(exp, ckpt, current, masks_like):
     """A retraining interrupted mid-way: its latest per-epoch state and prune metadata."""
-    if ckpt.latest_step() is None:
+    step, first = ckpt.restore_meta_latest()
+    if step is None:
         return None, {}
-    cfg = _retrain_cfg(exp, int(ckpt.restore_meta().get("start_epoch", 0)))
+    cfg = _retrain_cfg(exp, int(first.get("start_epoch", 0)))
     like = state_lib.state_from_params(exp.model, current, exp.optimizer(cfg), masks=masks_like)
     state, meta = _restore_state(ckpt, like, masks_like)
+    if state is None:  # every step was corrupt (moved aside): prune again
+        return None, {}
     logging.info("resuming retraining %s at epoch %d", ckpt.directory, meta["epoch"])
     return state, meta
 
@@ -485,7 +490,13 @@ def _record(exp, results, net, rep, method, i, meta, tb) -> None:
 # Entry point
 # ----------------------------------------------------------------------------
 def run(config: Any, workdir: str | Path) -> results_lib.Results:
-    """Runs (or resumes) the experiment described by ``config`` in ``workdir``."""
+    """Runs (or resumes) the experiment described by ``config`` in ``workdir``
+    (writable, and locked against a second run there: :mod:`experiments.workdir`)."""
+    with workdir_lib.open_workdir(workdir, primary=jax.process_index() == 0):
+        return _run(config, workdir)
+
+
+def _run(config: Any, workdir: str | Path) -> results_lib.Results:
     exp = build(config, workdir)
     exp.workdir.mkdir(parents=True, exist_ok=True)
     _check_config_unchanged(exp)
@@ -502,7 +513,8 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
         flops_total=exp.dense_flops,
     )
     results_path = exp.workdir / "results.npz"
-    results = results_lib.load_or_empty(results_path, **layout)
+    results = results_lib.load_or_empty(results_path, records=exp.workdir / "records",
+                                        write_records=jax.process_index() == 0, **layout)
     is_main = jax.process_index() == 0
     save = (lambda: results.save_npz(results_path)) if is_main else (lambda: None)
     logging.info(
@@ -526,10 +538,7 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
                     for method in exp.methods if steps else []:
                         run_chain(exp, net, rep, method, state_lib.variables_of(state), results, tb, save, bar)
         if is_main and steps:
-            tag = exp.workdir.name or "results"
-            plot_lib.make_plots(results, exp.workdir / "plots", tag)
-            report = plot_lib.make_report(results)
-            (exp.workdir / "report.md").write_text(report)
+            report = plot_lib.write_outputs(results, exp.workdir, exp.workdir.name or "results")
             tb.log_text("report", report)
     return results
 
@@ -549,10 +558,9 @@ def _check_config_unchanged(exp: Experiment) -> None:
         stored.setdefault("prng_impl", "rbg")  # runs from before the field: main.py set rbg globally
         runtime = lambda d: {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}  # noqa: E731
         if runtime(stored) != runtime(current):
-            diff = sorted(k for k in set(stored) | set(current)
-                          if k not in RUNTIME_FIELDS and stored.get(k) != current.get(k))
+            diff = workdir_lib.config_diff(stored, current, ignore=RUNTIME_FIELDS)
             raise ValueError(
-                f"--workdir {exp.workdir} holds a run with another config (differs in: {', '.join(diff)}); "
+                f"--workdir {exp.workdir} holds a run with another config (differs in: {'; '.join(diff)}); "
                 "use a new --workdir or the same config"
             )
     elif jax.process_index() == 0:
