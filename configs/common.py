@@ -6,39 +6,15 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from experiments import train_config
 
-def training(
-    num_epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    lr_milestones: Sequence[int] = (),
-    lr_gamma: float = 0.1,
-    warmup: int = 0,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 1e-4,
-    augment: str = "none",
-) -> ml_collections.ConfigDict:
-    """A training schedule (the fields of ``experiments.train.TrainConfig``)."""
-    return ml_collections.ConfigDict(
-        dict(
-            num_epochs=num_epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_milestones=tuple(lr_milestones),
-            lr_gamma=lr_gamma,
-            warmup=warmup,
-            optimizer=optimizer,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            augment=augment,
-            dtype="float32",
-            max_steps_per_epoch=-1,  # -1: no cap (smoke tests set a small number)
-            start_epoch=0,
-        )
-    )
+
+def training(**fields: Any) -> ml_collections.ConfigDict:
+    """A training schedule: every field of ``experiments.train_config.TrainConfig``,
+    ``fields`` over its defaults (the one set of training defaults). ``num_epochs``,
+    ``batch_size`` and ``learning_rate`` are required; ``max_steps_per_epoch=-1``
+    means no cap (smoke tests set a small number)."""
+    return train_config.config_dict(**fields)
 
 
 def geometric(max_val: float, min_val: float, num: int) -> dict[str, Any]:
@@ -74,12 +50,23 @@ def experiment(
     eval_batch_size: int = 500,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
 ) -> ml_collections.ConfigDict:
-    """The full experiment config; every field can be overridden with --config.x=y."""
+    """The full experiment config; every field can be overridden with --config.x=y.
+
+    List fields take comma-separated values on the command line:
+    ``--config.experiments.methods=sipp,pfp,wt`` (unknown names are refused,
+    listing the allowed ones), ``--config.experiments.spacing=0.5,0.2,0.1``
+    (these keep ratios, a manual spacing) and
+    ``--config.training.lr_milestones=30,60`` (Python tuples such as
+    ``"('sipp', 'pfp')"`` work too).
+    """
     retrain = ml_collections.ConfigDict(train.to_dict())
     retrain.update(retrain_overrides or {})
     config = ml_collections.ConfigDict()
     config.network = network
     config.seed = 0
+    # PRNG implementation of every key of the run (experiments.rng.make_key): "rbg" compiles much
+    # faster than "threefry2x32" on CPU when initialising large models; deterministic either way.
+    config.prng_impl = "rbg"
     config.dataset = ml_collections.ConfigDict(
         # image_size: square input size; -1 = native (in memory) or 224 (streamed, e.g. ImageNet:
         # resized and cropped while decoding).

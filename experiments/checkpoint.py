@@ -23,7 +23,13 @@ leaves either a complete step or a temporary directory that is never listed
 
 Restoring validates the target against the index before reading and the data
 against the checksums after reading; any mismatch or unreadable file raises
-:class:`CheckpointError` naming the directory, step and item.
+:class:`CheckpointError` naming the directory, step and item (a
+:class:`CorruptCheckpointError` when the files themselves are damaged:
+unreadable, truncated, failing a checksum, garbage metadata).
+
+:meth:`Checkpointer.restore_latest` falls back: it restores the newest *intact*
+step, moving each newer corrupt one aside (into ``<directory>/corrupt/``, never
+listed as a step again) with a warning, so a run resumes from the step before.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from experiments.fileio import atomic_write
 from sensprune.types import PyTree
@@ -46,7 +53,9 @@ __all__ = [
     "ARRAY_ITEMS",
     "CheckpointError",
     "Checkpointer",
+    "CorruptCheckpointError",
     "read_json",
+    "restore_chain",
     "write_json",
 ]
 
@@ -59,6 +68,10 @@ _MAX_LISTED = 8
 
 class CheckpointError(ValueError):
     """A checkpoint is corrupt, incomplete or does not match what was expected."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged (as opposed to not matching the target)."""
 
 
 # ----------------------------------------------------------------------------
@@ -315,8 +328,9 @@ class Checkpointer:
 
     # -- restore ---------------------------------------------------------------
 
-    def _error(self, step: int, msg: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {self._directory} step {step}: {msg}")
+    def _error(self, step: int, msg: str, corrupt: bool = True) -> CheckpointError:
+        cls = CorruptCheckpointError if corrupt else CheckpointError
+        return cls(f"checkpoint {self._directory} step {step}: {msg}")
 
     def _read_json(self, step: int, name: str) -> Any:
         try:
@@ -386,14 +400,14 @@ class Checkpointer:
         args: dict[str, Any] = {}
         for name, target in like.items():
             if name not in index:
-                raise self._error(step, f"item {name!r} was not saved (saved: {sorted(index)})")
+                raise self._error(step, f"item {name!r} was not saved (saved: {sorted(index)})", corrupt=False)
             saved = index[name]["leaves"]
             if target is not None:
                 problems = _diff(saved, _describe(target), "target")
                 if problems:
                     more = len(problems) - _MAX_LISTED
                     listed = "; ".join(problems[:_MAX_LISTED]) + (f"; ... {more} more" if more > 0 else "")
-                    raise self._error(step, f"item {name!r} does not match the target: {listed}")
+                    raise self._error(step, f"item {name!r} does not match the target: {listed}", corrupt=False)
             if not saved:
                 out[name] = {} if target is None else target
                 continue
@@ -428,6 +442,66 @@ class Checkpointer:
             raise self._error(step, "item 'meta' is missing")
         out[_META] = meta
         return out
+
+
+    # -- fallback ----------------------------------------------------------------
+
+    def quarantine(self, step: int, reason: str = "") -> Optional[str]:
+        """Moves step ``step`` aside into ``<directory>/corrupt/`` (logged); returns its new path.
+
+        Only process 0 moves files (multi-host); the others just log.
+        """
+        src = os.path.join(self._directory, str(step))
+        logging.warning("checkpoint %s step %d is corrupt, moved aside (falling back to an older step): %s",
+                        self._directory, step, reason)
+        if jax.process_index() != 0 or not os.path.isdir(src):
+            return None
+        dest_dir = os.path.join(self._directory, "corrupt")
+        os.makedirs(dest_dir, exist_ok=True)
+        n = 0
+        while os.path.exists(os.path.join(dest_dir, f"step{step}.{n}")):
+            n += 1
+        dest = os.path.join(dest_dir, f"step{step}.{n}")
+        os.replace(src, dest)
+        self._manager.reload()
+        return dest
+
+    def restore_latest(
+        self, *, like: Mapping[str, Any], before: Optional[int] = None
+    ) -> tuple[Optional[int], dict[str, Any]]:
+        """The newest intact step (below ``before`` if given) and its items, or ``(None, {})``.
+
+        Steps whose files are damaged (:class:`CorruptCheckpointError`) are
+        moved aside with a warning and the next older one is tried; a target
+        mismatch (a config or code change, not damage) still raises.
+        ``like={}`` restores (and checks) only ``meta``.
+        """
+        for step in reversed(self.all_steps()):
+            if before is not None and step >= before:
+                continue
+            try:
+                return step, self.restore(step, like=like)
+            except CorruptCheckpointError as e:
+                self.quarantine(step, str(e))
+            except FileNotFoundError:  # moved aside meanwhile (by process 0 of a multi-host run)
+                continue
+        return None, {}
+
+    def restore_meta_latest(self) -> tuple[Optional[int], dict[str, Any]]:
+        """``meta`` of the newest step whose meta is readable (newer unreadable ones moved aside)."""
+        step, items = self.restore_latest(like={})
+        return step, items.get(_META, {})
+
+
+def restore_chain(ckpt: Checkpointer, like: Mapping[str, Any], last: int) -> tuple[Optional[int], dict[str, Any]]:
+    """Where a chain of checkpoints ``1..last`` continues: ``(step, items)`` of its newest
+    intact step, or ``(None, {})``. A finished chain (step ``last`` present) needs only
+    its ``meta``: its arrays are not read, so damage there does not matter."""
+    if ckpt.latest_step() == last:
+        step, items = ckpt.restore_latest(like={})
+        if step == last:
+            return step, items
+    return ckpt.restore_latest(like=like)
 
 
 def _short(e: BaseException, limit: int = 400) -> str:

@@ -45,6 +45,7 @@ from tqdm import tqdm  # noqa: E402
 import sensprune as sp  # noqa: E402
 from experiments import pipeline  # noqa: E402
 from experiments import results as results_lib  # noqa: E402
+from experiments import rng as rng_lib  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
 from sensprune import patches  # noqa: E402
 
@@ -56,7 +57,7 @@ PRNG_IMPL = "rbg"  # the studies' keys (explicit, no global config): quick to co
 
 def make_key(seed: int) -> jax.Array:
     """A typed ``jax.random`` key of the studies' implementation."""
-    return jax.random.key(seed, impl=PRNG_IMPL)
+    return rng_lib.make_key(seed, PRNG_IMPL)
 
 
 def nets_dir(workdir: Path) -> Path:

@@ -58,9 +58,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
-    # Much faster to compile on CPU than threefry for initialising large models; deterministic.
-    jax.config.update("jax_default_prng_impl", "rbg")
-    config = _CONFIG.value
+    config = _CONFIG.value  # its prng_impl names the PRNG of every key (no global JAX setting changes)
     if config.get("multihost", False):  # one process per host
         jax.distributed.initialize(**distributed_args(config))
     if jax.process_index() != 0:
@@ -68,7 +66,12 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     from experiments import pipeline
 
-    pipeline.run(config, _WORKDIR.value)
+    from experiments import workdir as workdir_lib
+
+    try:
+        pipeline.run(config, _WORKDIR.value)
+    except (workdir_lib.WorkdirBusyError, PermissionError) as err:  # a clear line, no traceback
+        raise SystemExit(f"error: {err}") from None
     workdir = os.path.abspath(_WORKDIR.value)
     report = os.path.join(workdir, "report.md")
     if jax.process_index() == 0 and os.path.exists(report):

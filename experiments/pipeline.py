@@ -7,6 +7,8 @@ Everything is resumable. Under ``workdir``:
   checkpoints/net<n>/rep<r>/<method>/chain/        the retrained net after each keep ratio
   checkpoints/net<n>/rep<r>/<method>/retrain<i>/   per-epoch retraining checkpoints
   results.npz, tensorboard/, plots/, report.md, config.json
+  records/                              one JSON record per finished run (results.npz is rebuilt from them)
+  .lock                                 held (fcntl) by the run in progress: a second run is refused
 
 Each finished keep ratio is written to its chain checkpoint (with its metrics)
 before ``results.npz``, so a run killed at any point and started again with the
@@ -32,12 +34,18 @@ from tqdm import tqdm
 import sensprune as sp
 from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
+from experiments import evaluate as eval_lib
 from experiments import models as models_lib
 from experiments import plot as plot_lib
 from experiments import pretrained as pretrained_lib
 from experiments import results as results_lib
 from experiments import spacing as spacing_lib
 from experiments import train as train_lib
+from experiments import train_config as train_config_lib
+from experiments import train_state as state_lib
+from experiments import workdir as workdir_lib
+from experiments.optim import Optimizer
+from experiments.rng import check_prng_impl, make_key
 
 MODES = ("train", "retrain", "cascade", "cascade-rewind", "cascade-random", "prune-only")
 
@@ -45,17 +53,12 @@ MODES = ("train", "retrain", "cascade", "cascade-rewind", "cascade-random", "pru
 # ----------------------------------------------------------------------------
 # Config validation (fails before any training)
 # ----------------------------------------------------------------------------
-def _optional(value: Any) -> Any:
-    """Configs use '' and -1 for "not set" (ConfigDict fields keep one type)."""
-    return None if value in ("", -1, None) else value
-
-
-def train_config(cfg: Any) -> train_lib.TrainConfig:
-    """The validated TrainConfig of a config's training/retraining block."""
+def train_config(cfg: Any) -> train_config_lib.TrainConfig:
+    """The validated TrainConfig of a config's training/retraining block (without the
+    fields ``experiments.pretrained`` reads, which are not part of the schedule)."""
     fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    fields = {k: v for k, v in fields.items() if k not in pretrained_lib.CONFIG_FIELDS}  # not schedule fields
-    fields["max_steps_per_epoch"] = _optional(fields.get("max_steps_per_epoch"))
-    return train_lib.as_train_config(fields)
+    fields = {k: v for k, v in fields.items() if k not in pretrained_lib.CONFIG_FIELDS}
+    return train_config_lib.as_train_config(fields)
 
 
 def validate_config(config: Any) -> list[spacing_lib.Step]:
@@ -64,6 +67,7 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
     Raises:
       ValueError naming the field and the allowed values.
     """
+    workdir_lib.normalize_lists(config)  # --config.experiments.methods=sipp,pfp etc.
     if config.network not in models_lib.MODELS:
         raise ValueError(
             f"config.network={config.network!r} is unknown; allowed: {', '.join(sorted(models_lib.MODELS))}"
@@ -96,6 +100,7 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
             train_config(config[block])
         except ValueError as err:
             raise ValueError(f"config.{block}: {err}") from None
+    check_prng_impl(config.get("prng_impl", ""))
     delta = float(config.coresets.delta_s)
     if not 0.0 < delta < 1.0:
         raise ValueError(f"config.coresets.delta_s must be in (0, 1), got {delta}")
@@ -126,8 +131,8 @@ class Experiment:
     model: Any
     layers: list[sp.Layer]
     steps: list[spacing_lib.Step]
-    train_cfg: train_lib.TrainConfig
-    retrain_cfg: train_lib.TrainConfig
+    train_cfg: train_config_lib.TrainConfig
+    retrain_cfg: train_config_lib.TrainConfig
     dense_size: int
     dense_flops: int
     s_size: int
@@ -143,6 +148,18 @@ class Experiment:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.dataset.input_shape)
+
+    def key(self, seed: int) -> jax.Array:
+        """A PRNG key of ``seed`` with the config's implementation (``config.prng_impl``)."""
+        return make_key(seed, self.prng_impl)
+
+    @property
+    def prng_impl(self) -> Optional[str]:
+        return check_prng_impl(self.config.get("prng_impl", ""))
+
+    def optimizer(self, cfg: train_config_lib.TrainConfig) -> Optimizer:
+        """The optimizer of ``cfg`` over this experiment's training split."""
+        return Optimizer.create(cfg, train_config_lib.steps_per_epoch(self.dataset.num_train, cfg))
 
 
 def build(config: Any, workdir: str | Path) -> Experiment:
@@ -216,22 +233,10 @@ def make_mesh(config: Any) -> Any:
     return mesh
 
 
-def _steps_per_epoch(exp: Experiment, cfg: train_lib.TrainConfig) -> int:
-    return train_lib.steps_per_epoch(exp.dataset.num_train, cfg)
-
-
-def _variables(state: train_lib.TrainState) -> dict:
-    out = {"params": state.params}
-    if state.batch_stats:
-        out["batch_stats"] = state.batch_stats
-    return out
-
-
 def _train_with_checkpoints(
     exp: Experiment,
     ckpt: ckpt_lib.Checkpointer,
-    state: train_lib.TrainState,
-    cfg: train_lib.TrainConfig,
+    state: state_lib.TrainState,
     *,
     seed: int,
     masks: Any = None,
@@ -240,11 +245,11 @@ def _train_with_checkpoints(
     tb: Optional[results_lib.TensorBoardLogger] = None,
     tb_tag: str = "",
     on_epoch: Any = None,
-) -> train_lib.TrainState:
-    """Trains to the end of ``cfg``'s schedule, checkpointing after every epoch."""
+) -> state_lib.TrainState:
+    """Trains to the end of the state's schedule, checkpointing after every epoch."""
     meta = dict(meta or {})
 
-    def on_epoch_end(epoch: int, st: train_lib.TrainState, metrics: Mapping[str, float]) -> None:
+    def on_epoch_end(epoch: int, st: state_lib.TrainState, metrics: Mapping[str, float]) -> None:
         ckpt.save(
             epoch + 1, params=st.params, batch_stats=st.batch_stats, opt_state=st.opt_state,
             masks=masks, meta={**meta, "epoch": epoch + 1, "metrics": dict(metrics)},
@@ -254,36 +259,38 @@ def _train_with_checkpoints(
         if on_epoch is not None:
             on_epoch(epoch + 1, st)
 
-    examples, augment_fn = exp.dataset.training(cfg.augment)
+    examples, augment_fn = exp.dataset.training(state.tx.config.augment)
     state = train_lib.train(
-        exp.model, state, examples, None, cfg, seed=seed, augment_fn=augment_fn,
+        state, examples, None, seed=seed, prng_impl=exp.prng_impl, augment_fn=augment_fn,
         on_epoch_end=on_epoch_end, desc=desc, progress=jax.process_index() == 0, mesh=exp.mesh,
     )
     # Pruning and checkpointing downstream work on host-local arrays (as without a mesh).
-    return state if exp.mesh is None else train_lib.local_state(state)
+    return state if exp.mesh is None else state_lib.local_state(state)
+
+
+_variables = state_lib.variables_of  # {'params', 'batch_stats'} of a state (experiments.guarantees uses it)
 
 
 def _restore_state(
-    ckpt: ckpt_lib.Checkpointer, like: train_lib.TrainState, spe: int, masks_like: Any = None
-) -> tuple[Optional[train_lib.TrainState], dict]:
+    ckpt: ckpt_lib.Checkpointer, like: state_lib.TrainState, masks_like: Any = None
+) -> tuple[Optional[state_lib.TrainState], dict]:
     """The latest per-epoch state of a training run, or (None, {}).
 
     ``meta['epoch']`` is the (global) number of finished epochs, so the global
     step is ``epoch * steps_per_epoch``.
     """
-    step = ckpt.latest_step()
-    if step is None:
-        return None, {}
-    target = {"params": like.params, "batch_stats": like.batch_stats, "opt_state": like.opt_state}
+    target = state_lib.state_to_items(like)
     if masks_like is not None:
         target["masks"] = masks_like
-    items = ckpt.restore(step, like=target)
+    step, items = ckpt.restore_latest(like=target)  # a corrupt newest step: the one before
+    if step is None:
+        return None, {}
     meta = items.pop("meta")
     items.pop("masks", None)
-    return train_lib.state_from_items(items, int(meta["epoch"]) * spe), meta
+    return state_lib.state_from_items(like, items, int(meta["epoch"]) * like.tx.steps_per_epoch), meta
 
 
-def _retrain_cfg(exp: Experiment, start_epoch: int) -> train_lib.TrainConfig:
+def _retrain_cfg(exp: Experiment, start_epoch: int) -> train_config_lib.TrainConfig:
     """Retraining schedule; cascade-rewind replays the tail of the training schedule."""
     base = exp.train_cfg if exp.config.experiments.mode == "cascade-rewind" else exp.retrain_cfg
     return dataclasses.replace(base, start_epoch=int(start_epoch))
@@ -292,18 +299,17 @@ def _retrain_cfg(exp: Experiment, start_epoch: int) -> train_lib.TrainConfig:
 # ----------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------
-def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> train_lib.TrainState:
+def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> state_lib.TrainState:
     """Trains net ``net`` (or resumes / loads it)."""
     cfg = exp.train_cfg
-    spe = _steps_per_epoch(exp, cfg)
     seed = _seed(exp.config.seed, "net", net)
-    init = train_lib.create_state(exp.model, jax.random.PRNGKey(seed), exp.input_shape, cfg, spe)
+    init = state_lib.create_state(exp.model, exp.key(seed), exp.input_shape, exp.optimizer(cfg))
     # Dense training runs the same (masked, all-ones) step as retraining, so the two share
     # one compiled train step when their schedules agree.
-    fresh = train_lib.state_from_params(init.params, init.batch_stats, cfg, spe,
+    fresh = state_lib.state_from_params(exp.model, state_lib.variables_of(init), exp.optimizer(cfg),
                                         masks=sp.ones_like_masks(init.params))
     ckpt = exp.ckpt(f"net{net}", "train")
-    state, meta = _restore_state(ckpt, fresh, spe, sp.ones_like_masks(init.params))
+    state, meta = _restore_state(ckpt, fresh, sp.ones_like_masks(init.params))
     if state is not None and meta.get("epoch", 0) >= cfg.num_epochs:
         logging.info("net %d: trained checkpoint found (%d epochs)", net, meta["epoch"])
         return state
@@ -312,7 +318,7 @@ def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> t
     rewind_epoch = max(cfg.num_epochs - exp.retrain_cfg.num_epochs, 0)
     rewind = exp.ckpt(f"net{net}", "rewind")
 
-    def keep_rewind(epoch: int, st: train_lib.TrainState) -> None:
+    def keep_rewind(epoch: int, st: state_lib.TrainState) -> None:
         if exp.config.experiments.mode == "cascade-rewind" and epoch == rewind_epoch:
             rewind.save(epoch, params=st.params, batch_stats=st.batch_stats, meta={"epoch": epoch})
 
@@ -320,7 +326,7 @@ def train_net(exp: Experiment, net: int, tb: results_lib.TensorBoardLogger) -> t
         rewind.save(0, params=fresh.params, batch_stats=fresh.batch_stats, meta={"epoch": 0})
     state = state if state is not None else fresh
     return _train_with_checkpoints(
-        exp, ckpt, state, cfg, seed=seed, masks=sp.ones_like_masks(init.params), desc=f"train net{net}", tb=tb,
+        exp, ckpt, state, seed=seed, masks=sp.ones_like_masks(init.params), desc=f"train net{net}", tb=tb,
         tb_tag="dense", on_epoch=keep_rewind,
     )
 
@@ -356,12 +362,12 @@ def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables:
     cfg = _retrain_cfg(exp, 0)
     params, batch_stats = result.params, variables.get("batch_stats", {})
     if mode == "cascade-random":
-        fresh = exp.model.init(jax.random.PRNGKey(seed), np.zeros((1, *exp.input_shape), np.float32), train=False)
+        fresh = exp.model.init(exp.key(seed), np.zeros((1, *exp.input_shape), np.float32), train=False)
         params, batch_stats = sp.apply_masks(fresh["params"], result.masks), fresh.get("batch_stats", {})
     elif mode == "cascade-rewind":
         rewind = exp.ckpt(f"net{net}", "rewind")
         like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-        items = rewind.restore(rewind.latest_step(), like=like)
+        items = rewind.restore_latest(like=like)[1]
         params, batch_stats = sp.apply_masks(items["params"], result.masks), items["batch_stats"]
         cfg = _retrain_cfg(exp, int(items["meta"]["epoch"]))
     return params, batch_stats, cfg
@@ -387,11 +393,10 @@ def run_chain(
     like = {"params": trained["params"], "batch_stats": trained.get("batch_stats", {}), "masks": masks_like}
     current = dict(trained)
     start = 0
-    done_step = chain.latest_step()
+    done_step, items = ckpt_lib.restore_chain(chain, like, len(exp.steps))
     if done_step is not None:
-        items = chain.restore(done_step, like=like)
-        current = {"params": items["params"]}
-        if items["batch_stats"]:
+        current = {"params": items.get("params")}  # None when finished (only meta is read)
+        if items.get("batch_stats"):
             current["batch_stats"] = items["batch_stats"]
         start = done_step
         _record(exp, results, net, rep, method, done_step - 1, items["meta"], tb)
@@ -414,25 +419,24 @@ def run_chain(
         if state is None:
             variables = dict(current)
             for j, ratio in enumerate(step.compress_only):
-                res = _prune(exp, variables, method, ratio, jax.random.PRNGKey(_seed(seed, "c", j)), s_x, s_y)
+                res = _prune(exp, variables, method, ratio, exp.key(_seed(seed, "c", j)), s_x, s_y)
                 variables = {**variables, "params": res.params}
-            result = _prune(exp, variables, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
+            result = _prune(exp, variables, method, step.keep_ratio, exp.key(seed), s_x, s_y)
             params, batch_stats, cfg = _retrain_start(exp, net, result, variables, seed)
             meta = {**_prune_meta(exp, result), "start_epoch": cfg.start_epoch}
-            state = train_lib.state_from_params(params, batch_stats, cfg, _steps_per_epoch(exp, cfg),
-                                                masks=result.masks)
+            state = state_lib.state_from_params(exp.model, {"params": params, "batch_stats": batch_stats},
+                                                exp.optimizer(cfg), masks=result.masks)
             retrain_ckpt.save(0, params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
                               masks=result.masks, meta={**meta, "epoch": cfg.start_epoch})
-        cfg = _retrain_cfg(exp, meta["start_epoch"])
-        masks = sp.get_masks(state.opt_state)
+        masks = state.masks
         state = _train_with_checkpoints(
-            exp, retrain_ckpt, state, cfg, seed=seed, masks=masks, meta=meta,
+            exp, retrain_ckpt, state, seed=seed, masks=masks, meta=meta,
             desc=f"retrain {method} r={step.keep_ratio:.3f}", tb=tb, tb_tag=method,
         )
-        metrics = train_lib.evaluate(state, exp.model, exp.dataset.test, None,
-                                     int(exp.config.eval_batch_size), mesh=exp.mesh)
+        metrics = eval_lib.evaluate(state, exp.model, exp.dataset.test, None,
+                                    int(exp.config.eval_batch_size), mesh=exp.mesh)
         meta = {**{k: meta[k] for k in ("keep_ratio", "flops", "layer_kept")}, **metrics}
-        current = _variables(state)
+        current = state_lib.variables_of(state)
         chain.save(i + 1, params=state.params, batch_stats=state.batch_stats, masks=masks, meta=meta)
         _record(exp, results, net, rep, method, i, meta, tb)
         save_results()
@@ -443,10 +447,10 @@ def run_chain(
 def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, results, tb) -> None:
     """One keep ratio pruned straight from ``current`` and evaluated without retraining."""
     step = exp.steps[i]
-    result = _prune(exp, current, method, step.keep_ratio, jax.random.PRNGKey(seed), s_x, s_y)
+    result = _prune(exp, current, method, step.keep_ratio, exp.key(seed), s_x, s_y)
     variables = {**current, "params": result.params}
-    metrics = train_lib.evaluate(variables, exp.model, exp.dataset.test, None,
-                                 int(exp.config.eval_batch_size), mesh=exp.mesh)
+    metrics = eval_lib.evaluate(variables, exp.model, exp.dataset.test, None,
+                                int(exp.config.eval_batch_size), mesh=exp.mesh)
     meta = {**_prune_meta(exp, result), **metrics}
     chain.save(i + 1, params=result.params, batch_stats=current.get("batch_stats", {}), masks=result.masks,
                meta=meta)
@@ -455,13 +459,14 @@ def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, r
 
 def _resume_retrain(exp, ckpt, current, masks_like):
     """A retraining interrupted mid-way: its latest per-epoch state and prune metadata."""
-    if ckpt.latest_step() is None:
+    step, first = ckpt.restore_meta_latest()
+    if step is None:
         return None, {}
-    cfg = _retrain_cfg(exp, int(ckpt.restore_meta().get("start_epoch", 0)))
-    spe = _steps_per_epoch(exp, cfg)
-    like = train_lib.state_from_params(current["params"], current.get("batch_stats", {}), cfg, spe,
-                                       masks=masks_like)
-    state, meta = _restore_state(ckpt, like, spe, masks_like)
+    cfg = _retrain_cfg(exp, int(first.get("start_epoch", 0)))
+    like = state_lib.state_from_params(exp.model, current, exp.optimizer(cfg), masks=masks_like)
+    state, meta = _restore_state(ckpt, like, masks_like)
+    if state is None:  # every step was corrupt (moved aside): prune again
+        return None, {}
     logging.info("resuming retraining %s at epoch %d", ckpt.directory, meta["epoch"])
     return state, meta
 
@@ -485,7 +490,13 @@ def _record(exp, results, net, rep, method, i, meta, tb) -> None:
 # Entry point
 # ----------------------------------------------------------------------------
 def run(config: Any, workdir: str | Path) -> results_lib.Results:
-    """Runs (or resumes) the experiment described by ``config`` in ``workdir``."""
+    """Runs (or resumes) the experiment described by ``config`` in ``workdir``
+    (writable, and locked against a second run there: :mod:`experiments.workdir`)."""
+    with workdir_lib.open_workdir(workdir, primary=jax.process_index() == 0):
+        return _run(config, workdir)
+
+
+def _run(config: Any, workdir: str | Path) -> results_lib.Results:
     exp = build(config, workdir)
     exp.workdir.mkdir(parents=True, exist_ok=True)
     _check_config_unchanged(exp)
@@ -502,7 +513,8 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
         flops_total=exp.dense_flops,
     )
     results_path = exp.workdir / "results.npz"
-    results = results_lib.load_or_empty(results_path, **layout)
+    results = results_lib.load_or_empty(results_path, records=exp.workdir / "records",
+                                        write_records=jax.process_index() == 0, **layout)
     is_main = jax.process_index() == 0
     save = (lambda: results.save_npz(results_path)) if is_main else (lambda: None)
     logging.info(
@@ -517,19 +529,16 @@ def run(config: Any, workdir: str | Path) -> results_lib.Results:
             for net in range(int(exp_cfg.num_nets)):
                 state = pretrained_lib.load_net(exp, net, tb) if pretrained_lib.init_from(exp.config) else \
                     train_net(exp, net, tb)
-                dense = train_lib.evaluate(state, exp.model, exp.dataset.test, None,
-                                           int(exp.config.eval_batch_size), mesh=exp.mesh)
+                dense = eval_lib.evaluate(state, exp.model, exp.dataset.test, None,
+                                          int(exp.config.eval_batch_size), mesh=exp.mesh)
                 results.record_dense(net, **dense)
                 save()
                 logging.info("net %d dense: test error %.4f", net, dense["error"])
                 for rep in range(int(exp_cfg.num_repetitions)):
                     for method in exp.methods if steps else []:
-                        run_chain(exp, net, rep, method, _variables(state), results, tb, save, bar)
+                        run_chain(exp, net, rep, method, state_lib.variables_of(state), results, tb, save, bar)
         if is_main and steps:
-            tag = exp.workdir.name or "results"
-            plot_lib.make_plots(results, exp.workdir / "plots", tag)
-            report = plot_lib.make_report(results)
-            (exp.workdir / "report.md").write_text(report)
+            report = plot_lib.write_outputs(results, exp.workdir, exp.workdir.name or "results")
             tb.log_text("report", report)
     return results
 
@@ -546,12 +555,12 @@ def _check_config_unchanged(exp: Experiment) -> None:
     current = json.loads(exp.config.to_json_best_effort(sort_keys=True))
     if path.exists():
         stored = ckpt_lib.read_json(path)
+        stored.setdefault("prng_impl", "rbg")  # runs from before the field: main.py set rbg globally
         runtime = lambda d: {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}  # noqa: E731
         if runtime(stored) != runtime(current):
-            diff = sorted(k for k in set(stored) | set(current)
-                          if k not in RUNTIME_FIELDS and stored.get(k) != current.get(k))
+            diff = workdir_lib.config_diff(stored, current, ignore=RUNTIME_FIELDS)
             raise ValueError(
-                f"--workdir {exp.workdir} holds a run with another config (differs in: {', '.join(diff)}); "
+                f"--workdir {exp.workdir} holds a run with another config (differs in: {'; '.join(diff)}); "
                 "use a new --workdir or the same config"
             )
     elif jax.process_index() == 0:

@@ -1,8 +1,13 @@
 """PDF plots and the markdown report of an experiment's results.
 
 CLI: ``python -m experiments.plot --workdir=DIR`` reads ``DIR/results.npz``,
-writes the plots to ``DIR/plots/``, the report to ``DIR/report.md`` and prints
-the report. Partially filled results (NaN entries) are fine.
+regenerates the run's own plots in ``DIR/plots/`` (same file names as the run
+wrote), the report ``DIR/report.md`` and prints the report. Partially filled
+results (NaN entries) are fine.
+
+Methods are drawn in colour groups by family (SiPP blues, PFP reds, weight
+baselines greens, filter baselines purples, low rank orange), each member of a
+family with its own marker; legends sit beside the axes.
 """
 
 from __future__ import annotations
@@ -84,6 +89,46 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+# Method families: one colour map each (shades tell members apart), markers differ within a family.
+FAMILIES = (
+    ("SiPP", "Blues", ("sipp", "sipp_rand", "sipp_hybrid")),
+    ("PFP", "Reds", ("pfp", "pfp_rand", "pfp_top")),
+    ("weight baselines", "Greens", ("wt", "snip", "uniform", "random")),
+    ("filter baselines", "Purples", ("ft", "softnet", "thinet", "norm_l1", "norm_l2", "norm_l1l2",
+                                     "uniform_filters")),
+    ("low rank", "Oranges", ("svd",)),
+)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+
+
+def family(method: str) -> str:
+    """The family a method is plotted in (by name; unknown names: by prefix, else 'other')."""
+    for name, _, members in FAMILIES:
+        if method in members:
+            return name
+    for name, _, members in FAMILIES:
+        if any(method.startswith(m.split("_")[0]) for m in members[:1]):
+            return name
+    return "other"
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, tuple]:
+    """method -> (colour, marker): families in colour groups (shades of one map), a distinct
+    marker for each member of a family."""
+    cmaps = {name: cmap for name, cmap, _ in FAMILIES}
+    groups: dict[str, list[str]] = {}
+    for m in methods:
+        groups.setdefault(family(m), []).append(m)
+    styles = {}
+    for fam, members in groups.items():
+        cmap = plt.get_cmap(cmaps.get(fam, "Greys"))
+        n = len(members)
+        for k, m in enumerate(members):
+            shade = 0.65 if n == 1 else 0.95 - 0.5 * k / (n - 1)  # dark to light, never near-white
+            styles[m] = (cmap(shade), _MARKERS[k % len(_MARKERS)])
+    return styles
+
+
 def _no_data(ax) -> None:
     ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
 
@@ -92,16 +137,19 @@ def _metric_figure(results: Results, metric: str, axis: str, tag: str):
     stored, ylabel, transform = _METRICS[metric]
     x_key, xlabel = _AXES[axis]
     values = transform(getattr(results, stored))
-    many = len(results.methods) > 6  # a legend that would cover the curves goes beside the axes
-    fig, ax = plt.subplots(figsize=(7.6 if many else 6.0, 4.2))
+    many = len(results.methods) > 6
+    fig, ax = plt.subplots(figsize=(8.2 if many else 7.4, 4.6))
     any_data = False
-    for m, (name, color) in enumerate(zip(results.methods, _colors(len(results.methods)))):
+    styles = method_styles(results.methods)
+    for m, name in enumerate(results.methods):
+        color, marker = styles[name]
         x, mean, lo, hi = curve(results, values, x_key, m)
         if x.size == 0:
             continue
         any_data = True
-        ax.plot(x, mean, marker="o", markersize=3, color=color, label=name)
-        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ax.plot(x, mean, marker=marker, markersize=4.5, color=color, label=name, linewidth=1.3,
+                markeredgecolor="black", markeredgewidth=0.3)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
     dense = _dense_value(results, stored)
     if np.isfinite(dense):
         ax.axhline(transform(dense), color="black", linestyle="--", linewidth=1, label="Unpruned")
@@ -112,11 +160,9 @@ def _metric_figure(results: Results, metric: str, axis: str, tag: str):
     ax.set_ylabel(ylabel)
     ax.set_title(tag)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        if many:
-            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        else:
-            ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: never over the curves
+        ax.legend(fontsize="x-small" if many else "small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0, ncol=2 if len(results.methods) > 14 else 1)
     fig.tight_layout()
     return fig
 
@@ -128,10 +174,10 @@ def _layer_fractions(results: Results) -> np.ndarray:
     return _nanreduce(np.nanmean, kept, axis=(0, 2))
 
 
-def _budget_ratios(results: Results, count: int = 4) -> list[int]:
-    """Up to ``count`` evenly spread ratio indices that have per-layer data."""
+def _budget_ratios(results: Results, count: int | None = None) -> list[int]:
+    """Ratio indices that have per-layer data (every one; up to ``count`` evenly spread if given)."""
     have = np.flatnonzero(np.isfinite(_layer_fractions(results)).any(axis=(1, 2)))
-    if have.size <= count:
+    if count is None or have.size <= count:
         return have.tolist()
     picks = np.linspace(0, have.size - 1, count).round().astype(int)
     return have[np.unique(picks)].tolist()
@@ -143,17 +189,17 @@ def _layer_budget_figure(results: Results, tag: str, ratio_indices: Sequence[int
     num_layers = max(results.num_layers, 1)
     ncols = min(2, max(len(indices), 1))
     nrows = max(1, math.ceil(len(indices) / ncols))
-    width = max(6.0, 0.35 * num_layers * ncols + 2.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.2 * nrows), squeeze=False)
+    width = max(6.0, (0.35 + 0.04 * len(results.methods)) * num_layers * ncols + 2.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.2 * nrows + 0.6), squeeze=False)
     if not indices:
         _no_data(axes[0, 0])
-    colors = _colors(len(results.methods))
+    styles = method_styles(results.methods)
     bar = 0.8 / max(len(results.methods), 1)
     pos = np.arange(results.num_layers)
     for ax, r in zip(axes.flat, indices):
         for m, name in enumerate(results.methods):
             ax.bar(pos + (m - (len(results.methods) - 1) / 2) * bar, np.nan_to_num(frac[r, m]),
-                   width=bar, color=colors[m], label=name)
+                   width=bar, color=styles[name][0], label=name, edgecolor="black", linewidth=0.2)
         ax.set_title(f"keep ratio {results.keep_ratios[r]:.3g}", fontsize="small")
         ax.set_xticks(pos)
         ax.set_xticklabels(results.layer_names, rotation=60, ha="right", fontsize="x-small")
@@ -161,10 +207,19 @@ def _layer_budget_figure(results: Results, tag: str, ratio_indices: Sequence[int
         ax.grid(True, axis="y", alpha=0.3)
     for ax in list(axes.flat)[max(len(indices), 1):]:
         ax.axis("off")
-    if indices:
-        axes.flat[0].legend(fontsize="x-small")
     fig.suptitle(f"{tag}: per-layer budget")
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(indices):]
+    ncol = 2 if len(labels) > 14 else 1
+    if indices and handles and spare:  # one legend for all panels, in the free panel
+        spare[0].legend(handles, labels, loc="center", fontsize="x-small", ncol=ncol, title="method")
+        fig.tight_layout()
+    elif indices and handles:  # beside the panels
+        fig.tight_layout()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="x-small",
+                   ncol=ncol)
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -195,17 +250,22 @@ def _layer_pr_figure(results: Results, tag: str):
     for ax in list(axes.flat)[len(results.methods):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
+    height = 3.4 * nrows  # inches: legend and title get a fixed strip, not a fraction
+    top = 1 - 0.45 / height
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize="x-small")
-        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+        rows = math.ceil(len(labels) / 6)
+        bottom = (0.15 + 0.2 * rows) / height
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize="x-small",
+                   bbox_to_anchor=(0.5, 0.0))
+        fig.tight_layout(rect=(0, bottom, 1, top))
     else:
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.tight_layout(rect=(0, 0, 1, top))
     fig.suptitle(f"{tag}: per-layer prune ratio")
     return fig
 
 
 def _save(fig, path: Path, written: list[Path], **kwargs) -> None:
-    fig.savefig(path, **kwargs)
+    fig.savefig(path, bbox_inches="tight", **kwargs)  # legends beside the axes included
     written.append(path)
 
 
@@ -319,11 +379,61 @@ def _commensurate_tables(results: Results, drops: Sequence[float]) -> list[str]:
     return lines
 
 
-def make_report(results: Results, drops: Sequence[float] = ALLOWED_DROPS) -> str:
-    """Markdown report: accuracy table and the commensurate-accuracy report."""
+def _schedule(block: dict) -> str:
+    if not isinstance(block, dict):
+        return DASH
+    epochs = block.get("num_epochs", "?")
+    parts = [f"{epochs} epoch{'' if epochs == 1 else 's'}", f"batch {block.get('batch_size', '?')}",
+             f"{block.get('optimizer', 'sgd')} lr {block.get('learning_rate', '?')}"]
+    if block.get("lr_milestones"):
+        parts.append(f"x{block.get('lr_gamma', 0.1)} at epochs {', '.join(str(m) for m in block['lr_milestones'])}")
+    if block.get("warmup"):
+        parts.append(f"{block['warmup']} warmup epochs")
+    return ", ".join(parts)
+
+
+def _context_lines(results: Results, config: dict | None, plots: str | None, tag: str | None) -> list[str]:
+    """What the report is about: network, dataset, mode, schedules, keep ratios, where the plots are."""
+    lines = []
+    if config:
+        exp = config.get("experiments") or {}
+        dataset = (config.get("dataset") or {}).get("name", DASH)
+        lines += [
+            f"- Network: **{config.get('network', DASH)}**; dataset: **{dataset}**; "
+            f"mode: **{exp.get('mode', DASH)}**; seed {config.get('seed', DASH)}",
+            f"- Training: {_schedule(config.get('training'))}",
+            f"- Retraining: {_schedule(config.get('retraining'))}",
+        ]
+    lines.append(f"- Keep ratios: {', '.join(f'{r:.4g}' for r in results.keep_ratios)}")
+    if plots and tag:
+        lines += [
+            f"- Plots: `{plots}/{tag}_*.pdf` (accuracy, top-5 accuracy and loss against pruned "
+            f"parameters and FLOPs; per-layer budget `{tag}_layer_budget.pdf` and prune ratios "
+            f"`{tag}_layer_pr.pdf`)",
+            "",
+            f"![Top-1 accuracy against pruned parameters]({plots}/{tag}_acc_param.png)",
+        ]
+    return lines + [""]
+
+
+def make_report(
+    results: Results,
+    drops: Sequence[float] = ALLOWED_DROPS,
+    *,
+    config: dict | None = None,
+    plots: str | None = None,
+    tag: str | None = None,
+) -> str:
+    """Markdown report: what it is about (``config``: the run's config.json as a
+    dict; ``plots``/``tag``: where the plots are, relative to the report), the
+    accuracy table and the commensurate-accuracy report."""
+    title = "# Pruning results"
+    if config and config.get("network"):
+        title += f": {config['network']} on {(config.get('dataset') or {}).get('name', '?')}"
     lines = [
-        "# Pruning results",
+        title,
         "",
+        *_context_lines(results, config, plots, tag),
         f"Methods: {', '.join(results.methods)}; nets: {results.num_nets}; "
         f"repetitions: {results.num_repetitions}; keep ratios: {len(results.keep_ratios)}; "
         f"finished runs: {int(results.done.sum())}/{results.done.size}.",
@@ -342,6 +452,40 @@ def make_report(results: Results, drops: Sequence[float] = ALLOWED_DROPS) -> str
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
+def run_tag(workdir: str | Path) -> str:
+    """The plot-file prefix of a workdir: the one its plots already use, else the
+    workdir's name for a pipeline run (it has a config.json, as
+    :func:`experiments.pipeline.run` names them), else ``'results'``."""
+    workdir = Path(workdir).resolve()
+    stems = {p.name[: -len("_acc_param.pdf")] for p in (workdir / "plots").glob("*_acc_param.pdf")}
+    if len(stems) == 1:
+        return stems.pop()
+    if (workdir / "config.json").exists():
+        return workdir.name or "results"
+    return "results"
+
+
+def write_outputs(results: Results, workdir: str | Path, tag: str | None = None) -> str:
+    """Plots into ``<workdir>/plots/<tag>_*`` and ``<workdir>/report.md`` (with the
+    run's config.json as context); returns the report."""
+    from experiments.fileio import atomic_write
+
+    workdir = Path(workdir)
+    tag = tag or run_tag(workdir)
+    config = None
+    if (workdir / "config.json").exists():
+        import json
+
+        try:
+            config = json.loads((workdir / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+    make_plots(results, workdir / "plots", tag)
+    report = make_report(results, config=config, plots="plots", tag=tag)
+    atomic_write(workdir / "report.md", lambda f: f.write(report.encode()))
+    return report
+
+
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
@@ -352,9 +496,7 @@ def main(argv: Sequence[str]) -> None:
     if not path.exists():
         raise SystemExit(f"--workdir: {path} does not exist")
     results = Results.load_npz(path)
-    make_plots(results, workdir / "plots", flags.FLAGS.tag)
-    report = make_report(results)
-    (workdir / "report.md").write_text(report)
+    report = write_outputs(results, workdir, flags.FLAGS.tag)
     print(report)
 
 
@@ -362,7 +504,8 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", None, "Experiment folder holding results.npz.")
-    flags.DEFINE_string("tag", "results", "File-name prefix of the plots.")
+    flags.DEFINE_string("tag", None, "File-name prefix of the plots (default: the prefix the run's own plots "
+                        "use, i.e. the workdir's name for a pipeline run; 'results' otherwise).")
     flags.mark_flag_as_required("workdir")
 
 

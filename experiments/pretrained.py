@@ -245,23 +245,22 @@ def load_net(exp: Any, net: int, tb: Any) -> Any:
 
     Without ``init_finetune`` the loaded variables are the trained net (no training); with it,
     the train stage runs ``config.training.num_epochs`` starting from them (its checkpoints
-    resume as usual). Returns a ``train.TrainState``.
+    resume as usual). Returns a ``train_state.TrainState``.
     """
     import sensprune as sp
     from experiments import pipeline
-    from experiments import train as train_lib
+    from experiments import train_state as state_lib
 
     config = exp.config
     path = init_from(config)
     variables = load_variables(path, config.network, exp.dataset.num_classes, exp.model, exp.input_shape)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     cfg = exp.train_cfg
-    spe = pipeline._steps_per_epoch(exp, cfg)
     masks = sp.ones_like_masks(params)
     finetune = bool(config.training.get("init_finetune", False))
     mode = config.experiments.mode
     if not finetune:
-        state = train_lib.state_from_params(params, batch_stats, cfg, spe, masks=masks)
+        state = state_lib.state_from_params(exp.model, variables, exp.optimizer(cfg), masks=masks)
         if mode == "cascade-rewind":
             # Rewinding goes back to the loaded weights and replays the schedule's tail.
             rewind = exp.ckpt(f"net{net}", "rewind")
@@ -272,7 +271,7 @@ def load_net(exp: Any, net: int, tb: Any) -> Any:
     # Fine-tuning: the train stage resumes "at epoch 0" from the loaded weights.
     ckpt = exp.ckpt(f"net{net}", "train")
     if ckpt.latest_step() is None:
-        state = train_lib.state_from_params(params, batch_stats, cfg, spe, masks=masks)
+        state = state_lib.state_from_params(exp.model, variables, exp.optimizer(cfg), masks=masks)
         ckpt.save(0, params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
                   masks=masks, meta={"epoch": 0, "init_from": os.path.abspath(path)})
         if mode == "cascade-rewind" and cfg.num_epochs <= exp.retrain_cfg.num_epochs:

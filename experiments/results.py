@@ -4,6 +4,14 @@ Axes of the metric arrays are ``[nets, keep_ratios, repetitions, methods]``
 (``layer_kept`` has a trailing ``layers`` axis). Entries that have not run yet
 are NaN and ``done`` is False there.
 
+Durability: with ``records`` set (:func:`load_or_empty`, as the pipeline does)
+every :meth:`Results.record` / :meth:`Results.record_dense` also writes a small
+JSON record under ``records/`` (``net<n>/rep<r>/<method>/ratio<i>.json``,
+``net<n>/dense.json``, each written atomically). ``results.npz`` is a cache of
+them: a deleted, unreadable or corrupt ``results.npz`` is rebuilt from the
+records with every finished run's numbers (a corrupt one is moved aside to
+``results.npz.corrupt``).
+
 Conventions: ``error`` and ``error5`` are top-1 / top-5 test error as
 fractions in [0, 1] (accuracy = 1 - error); ``loss`` is the mean test loss;
 ``sizes`` and ``flops`` are the *kept* fractions of prunable parameters and of
@@ -16,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +36,11 @@ FORMAT_VERSION = 1
 METRICS = ("error", "error5", "loss", "sizes", "flops")
 DENSE_METRICS = ("error", "error5", "loss")
 _ARRAY_KEYS = (*METRICS, "layer_kept", "done")
+RECORD_FORMAT = "sensprune-record/1"
+
+
+class CorruptResultsError(ValueError):
+    """A results file exists but cannot be read (truncated, overwritten, not an npz)."""
 
 
 @dataclasses.dataclass
@@ -47,6 +61,8 @@ class Results:
     dense: dict[str, np.ndarray]
     sizes_total: float = float("nan")
     flops_total: float = float("nan")
+    # Where record()/record_dense() also write durable per-run JSON records (None: nowhere).
+    records_dir: Path | None = dataclasses.field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -135,6 +151,8 @@ class Results:
                 getattr(self, name)[index] = float(value)
         if mark_done:
             self.done[index] = True
+        if self.records_dir is not None and mark_done:
+            self._write_record(index)
 
     def record_dense(
         self,
@@ -156,6 +174,84 @@ class Results:
             self.sizes_total = float(sizes_total)
         if flops_total is not None:
             self.flops_total = float(flops_total)
+        if self.records_dir is not None:
+            from experiments.checkpoint import write_json
+
+            write_json(self.records_dir / f"net{int(net)}" / "dense.json", {
+                "format": RECORD_FORMAT, "net": int(net),
+                **{k: _json_float(self.dense[k][net]) for k in DENSE_METRICS},
+                "sizes_total": _json_float(self.sizes_total), "flops_total": _json_float(self.flops_total),
+            })
+
+    # ---------------------------------------------------------------- records
+    def _record_path(self, net: int, ratio_idx: int, rep: int, method: str) -> Path:
+        return self.records_dir / f"net{net}" / f"rep{rep}" / method / f"ratio{ratio_idx}.json"
+
+    def _write_record(self, index: tuple[int, int, int, int]) -> None:
+        from experiments.checkpoint import write_json
+
+        net, i, rep, m = (int(v) for v in index)
+        write_json(self._record_path(net, i, rep, self.methods[m]), {
+            "format": RECORD_FORMAT, "net": net, "ratio_idx": i, "rep": rep, "method": self.methods[m],
+            "keep_ratio": float(self.keep_ratios[i]),
+            **{k: _json_float(getattr(self, k)[index]) for k in METRICS},
+            "layer_kept": [_json_float(v) for v in self.layer_kept[index]],
+        })
+
+    def backfill_records(self) -> int:
+        """Writes the record of every finished cell that has none; returns how many."""
+        count = 0
+        for index in zip(*np.nonzero(self.done)):
+            net, i, rep, m = (int(v) for v in index)
+            if not self._record_path(net, i, rep, self.methods[m]).exists():
+                self._write_record((net, i, rep, m))
+                count += 1
+        return count
+
+    def replay_records(self, records_dir: str | os.PathLike) -> int:
+        """Fills every cell (and dense entry) that has a record under ``records_dir``;
+        returns the number of cells filled. Records of another layout (a method or
+        keep ratio not in this experiment) are skipped."""
+        from experiments.checkpoint import CheckpointError, read_json
+
+        root = Path(records_dir)
+        count = 0
+        for path in sorted(root.glob("net*/dense.json")):
+            try:
+                rec = read_json(path)
+            except CheckpointError:
+                continue
+            net = rec.get("net") if isinstance(rec, dict) else None
+            if isinstance(net, int) and 0 <= net < self.num_nets:
+                for k in DENSE_METRICS:
+                    if rec.get(k) is not None:
+                        self.dense[k][net] = float(rec[k])
+                for k in ("sizes_total", "flops_total"):
+                    if rec.get(k) is not None:
+                        setattr(self, k, float(rec[k]))
+        for path in sorted(root.glob("net*/rep*/*/ratio*.json")):
+            try:
+                rec = read_json(path)
+            except CheckpointError:
+                continue
+            if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+                continue
+            net, i, rep, method = rec.get("net"), rec.get("ratio_idx"), rec.get("rep"), rec.get("method")
+            if method not in self.methods or not all(isinstance(v, int) for v in (net, i, rep)):
+                continue
+            index = (net, i, rep, self.methods.index(method))
+            if any(not 0 <= v < n for v, n in zip(index, self.done.shape)):
+                continue
+            if not np.isclose(float(rec.get("keep_ratio", np.nan)), self.keep_ratios[i], rtol=1e-9, atol=1e-12):
+                continue
+            for k in METRICS:
+                getattr(self, k)[index] = np.nan if rec.get(k) is None else float(rec[k])
+            kept = rec.get("layer_kept") or []
+            if len(kept) == self.num_layers:
+                self.layer_kept[index] = [np.nan if v is None else float(v) for v in kept]
+            self.done[index] = True
+            count += 1
+        return count
 
     def _check_index(self, index: tuple[int, int, int, int]) -> None:
         names = ("net", "ratio_idx", "rep", "method")
@@ -225,10 +321,24 @@ class Results:
     def load_npz(cls, path: str | os.PathLike, **expected: Any) -> "Results":
         """Load from npz; keyword args are passed to :meth:`check_matches`."""
         path = Path(path)
+        try:
+            results = cls._read_npz(path)
+        except (CorruptResultsError, FileNotFoundError, PermissionError):
+            raise
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise CorruptResultsError(
+                f"{path} is corrupt or truncated ({type(err).__name__}: {str(err)[:200]}); a pipeline rerun in "
+                "its workdir rebuilds it from the per-run records (records/)"
+            ) from None
+        results.check_matches(source=str(path), **expected)
+        return results
+
+    @classmethod
+    def _read_npz(cls, path: Path) -> "Results":
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in (*_ARRAY_KEYS, "methods", "keep_ratios") if k not in data.files]
             if missing:
-                raise ValueError(f"{path} is not a results file: missing keys {missing}")
+                raise CorruptResultsError(f"{path} is not a results file: missing keys {missing}")
             results = cls(
                 methods=tuple(str(m) for m in data["methods"]),
                 keep_ratios=data["keep_ratios"].astype(np.float64),
@@ -241,17 +351,53 @@ class Results:
                 sizes_total=float(data["sizes_total"]),
                 flops_total=float(data["flops_total"]),
             )
-        results.check_matches(source=str(path), **expected)
         return results
 
 
-def load_or_empty(path: str | os.PathLike, **layout: Any) -> Results:
+def load_or_empty(
+    path: str | os.PathLike,
+    *,
+    records: str | os.PathLike | None = None,
+    write_records: bool = True,
+    **layout: Any,
+) -> Results:
     """Load ``path`` if it exists (checking it matches ``layout``), else
-    ``Results.empty(**layout)``."""
-    if Path(path).exists():
-        keys = ("methods", "keep_ratios", "num_nets", "num_repetitions", "layer_names")
-        return Results.load_npz(path, **{k: layout[k] for k in keys if k in layout})
-    return Results.empty(**layout)
+    ``Results.empty(**layout)``.
+
+    With ``records`` (a folder): a corrupt ``path`` is moved aside (to
+    ``<path>.corrupt``) instead of failing, every record found there is
+    replayed into the results (so a deleted or corrupt results file loses
+    nothing), and later ``record`` calls write records there too (unless
+    ``write_records`` is False, e.g. on the non-primary processes of a
+    multi-host run).
+    """
+    path = Path(path)
+    keys = ("methods", "keep_ratios", "num_nets", "num_repetitions", "layer_names")
+    results = None
+    if path.exists():
+        try:
+            results = Results.load_npz(path, **{k: layout[k] for k in keys if k in layout})
+        except CorruptResultsError as err:
+            if records is None:
+                raise
+            from absl import logging
+
+            if write_records:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            logging.warning("%s; rebuilding it from %s", err, records)
+    if results is None:
+        results = Results.empty(**layout)
+    if records is not None:
+        results.replay_records(records)
+        if write_records:
+            results.records_dir = Path(records)
+            results.backfill_records()  # cells only results.npz knew of (e.g. records/ deleted)
+    return results
+
+
+def _json_float(value: Any) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
 def _layer_vector(

@@ -19,6 +19,8 @@ import numpy as np
 
 def validate_keep_ratio(keep_ratio: float, field: str = "keep_ratio") -> float:
     """Returns ``keep_ratio`` as float or raises a ValueError naming the field."""
+    if isinstance(keep_ratio, (bool, np.bool_, str, bytes)):  # float(True) == 1.0, float("0.5") == 0.5
+        raise ValueError(f"{field} must be a number in (0, 1], got {keep_ratio!r}")
     try:
         value = float(keep_ratio)
     except (TypeError, ValueError):

@@ -130,6 +130,10 @@ class PruneContext:
             )
         return self._sensitivities[reduction]
 
+    def computed_sensitivities(self) -> dict[str, Sensitivities]:
+        """Reduction -> the sensitivities computed (or preset) so far."""
+        return dict(self._sensitivities)
+
     def preset_sensitivities(self, reduction: str, sensitivities: Sensitivities) -> None:
         """Uses already computed sensitivities for ``reduction`` (e.g. timed separately by a benchmark)."""
         from sensprune.sensitivity import REDUCTIONS

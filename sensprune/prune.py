@@ -12,7 +12,7 @@ import optax
 from absl import logging
 
 from sensprune import budget as budget_lib
-from sensprune import counting, masking, paths, registry
+from sensprune import counting, masking, paths, registry, validation
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
@@ -79,6 +79,8 @@ def search_selection(
     def achieved(b: int) -> int:
         if b not in selections:
             selections[b] = spec.select(ctx, b, key, **dict(options or {}))
+            if len(selections) == 1:  # the pass over S ran: its numbers must be finite
+                validation.check_finite_sensitivities(ctx.computed_sensitivities(), spec.name, selections[b].scores)
         return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
 
     guess = int(round(target - fixed))
@@ -154,6 +156,7 @@ def prune(
     method_options = registry.check_options(spec, method_options)
     keep_ratio = budget_lib.validate_keep_ratio(keep_ratio)
     resolve_contraction(contraction)  # bad names fail before any work
+    key = validation.check_key(key)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
     if spec.stochastic and key is None:
@@ -161,8 +164,10 @@ def prune(
     if spec.needs_labels and labels is None:
         raise ValueError(f"method {method!r} needs labels of the points in data (labels=...)")
     points = _as_points(data)
+    validation.check_finite_points(points)
     apply_kwargs = dict(apply_kwargs or {})
     params = variables["params"]
+    validation.check_finite_params(variables)
     if layers is None:
         try:
             layers = find_layers(model, variables, points[:1], method=apply_method, **apply_kwargs)
@@ -190,6 +195,8 @@ def prune(
         contraction=contraction,
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
+    if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
+        return validation.keep_everything(params, layers, reference, method, rtol)
     sel, chosen, size, ok, searches = search_selection(
         ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
     )

@@ -24,10 +24,10 @@ def checkpoint_round_trip(directory: str, state) -> dict:
     """Every process saves the same host-local copy of ``state`` (as the pipeline does) into one
     shared directory, then restores it; orbax writes from the primary process."""
     from experiments import checkpoint
-    from experiments import train as T
+    from experiments import train_state as S
     from tests.sharding_check import _max_diff
 
-    local = T.local_state(state)
+    local = S.local_state(state)
     items = dict(params=local.params, batch_stats=local.batch_stats, opt_state=local.opt_state)
     with checkpoint.Checkpointer(directory) as ckpt:
         ckpt.save(1, **items, meta={"process_count": jax.process_count()})

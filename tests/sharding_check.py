@@ -15,7 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import sensprune as sp
+from experiments import evaluate as E
 from experiments import train as T
+from experiments import train_state as S
+from experiments.optim import Optimizer
+from experiments.train_config import TrainConfig
 from sensprune import sharding
 from tests.fixtures import CNN, MLP, digits, np_init
 
@@ -101,8 +105,8 @@ def main(keep: dict | None = None) -> dict:
         "shard_batch": lambda: sharding.shard_batch(x[:6], mesh),
         "process_rows": lambda: sharding.process_rows(mesh, 10),
         "train_batch": lambda: T.train(
-            cnn, T.state_from_params(cnn_vars["params"], cnn_vars["batch_stats"], T.TrainConfig(1, 6, 0.1), 1),
-            x[:6], y[:6], T.TrainConfig(1, 6, 0.1), seed=0, progress=False, mesh=mesh,
+            S.state_from_params(cnn, cnn_vars, Optimizer.create(TrainConfig(1, 6, 0.1), 1)),
+            x[:6], y[:6], seed=0, progress=False, mesh=mesh,
         ),
     }.items():
         try:
@@ -115,12 +119,13 @@ def main(keep: dict | None = None) -> dict:
     out["padded"] = [int(padded.shape[0]), n, bool(np.array_equal(padded[6:], x[:1].repeat(2, 0)))]
 
     # 5 masked training steps of the (BatchNorm) CNN, then a pruned evaluation -------
-    cfg = T.TrainConfig(num_epochs=1, batch_size=16, learning_rate=0.05, momentum=0.9, weight_decay=1e-4)
+    cfg = TrainConfig(num_epochs=1, batch_size=16, learning_rate=0.05, momentum=0.9, weight_decay=1e-4)
     train_x, train_y = x[:80], (y[:80] % 5).astype(np.int32)  # 5 steps of 16
     masks = results["sipp"].masks
-    start = T.state_from_params(results["sipp"].params, cnn_vars["batch_stats"], cfg, 5, masks=masks)
-    one = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False)
-    many = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False, mesh=mesh)
+    start = S.state_from_params(cnn, {**cnn_vars, "params": results["sipp"].params}, Optimizer.create(cfg, 5),
+                                masks=masks)
+    one = T.train(start, train_x, train_y, seed=0, progress=False)
+    many = T.train(start, train_x, train_y, seed=0, progress=False, mesh=mesh)
     if keep is not None:
         keep["trained_on_mesh"] = many
     kernels_kept_zero = all(
@@ -137,8 +142,8 @@ def main(keep: dict | None = None) -> dict:
         "pruned_stay_zero": kernels_kept_zero,
     }
     test_x, test_y = x[100:137], (y[100:137] % 5).astype(np.int32)  # 37 examples, batch 10 -> 12 on 4 devices
-    e1 = T.evaluate(one, cnn, test_x, test_y, 10)
-    e4 = T.evaluate(one, cnn, test_x, test_y, 10, mesh=mesh)
+    e1 = E.evaluate(one, cnn, test_x, test_y, 10)
+    e4 = E.evaluate(one, cnn, test_x, test_y, 10, mesh=mesh)
     out["eval"] = {"one": e1, "many": e4}
     out["model_axis"] = _model_axis_checks(
         cnn, cnn_vars, s_points, results, start, one, (train_x, train_y, cfg), (test_x, test_y, e1)
@@ -170,7 +175,7 @@ def _model_axis_checks(cnn, cnn_vars, s_points, results, start, trained_one, tra
             bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(results[method].masks), jax.tree.leaves(many.masks))
         )
     train_x, train_y, cfg = train_data
-    many = T.train(cnn, start, train_x, train_y, cfg, seed=0, progress=False, mesh=mesh)
+    many = T.train(start, train_x, train_y, seed=0, progress=False, mesh=mesh)
     masks = many.opt_state.masks
     out["train"] = {
         "steps": int(many.step),
@@ -186,13 +191,13 @@ def _model_axis_checks(cnn, cnn_vars, s_points, results, start, trained_one, tra
             for p, m in zip(jax.tree.leaves(many.params), jax.tree.leaves(masks))
         ),
     }
-    local = T.local_state(many)
+    local = S.local_state(many)
     out["local_max_diff"] = _max_diff(trained_one.params, local.params)
     out["local_whole"] = all(
         np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(local.params), jax.tree.leaves(trained_one.params))
     )
     test_x, test_y, e1 = test_data
-    out["eval"] = {"one": e1, "many": T.evaluate(trained_one, cnn, test_x, test_y, 10, mesh=mesh)}
+    out["eval"] = {"one": e1, "many": E.evaluate(trained_one, cnn, test_x, test_y, 10, mesh=mesh)}
     return out
 
 

@@ -214,3 +214,71 @@ def test_json_helpers(tmp_path):
         read_json(path)
     with pytest.raises(ValueError, match="not JSON-serializable"):
         write_json(path, {"f": object()})
+
+
+# --------------------------------------------------------------------------
+# Issue #17 item 3: a corrupt newest step falls back to the newest intact one.
+# --------------------------------------------------------------------------
+
+
+def _corrupt(step_dir, how):
+    step_dir = str(step_dir)
+    if how == "truncated":
+        files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
+                 if os.path.isfile(f)]
+        for f in files:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+    elif how == "flipped":
+        files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
+                 if os.path.isfile(f)]
+        for f in files:
+            data = bytearray(open(f, "rb").read())
+            for i in range(0, len(data), 7):
+                data[i] ^= 0xFF
+            open(f, "wb").write(bytes(data))
+    elif how == "garbage_meta":
+        with open(os.path.join(step_dir, "meta", "metadata"), "wb") as fh:
+            fh.write(b"\x00{not json")
+    elif how == "garbage_index":
+        with open(os.path.join(step_dir, "index", "metadata"), "w") as fh:
+            fh.write('{"format": "something else"}')
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncated", "flipped", "garbage_meta", "garbage_index"])
+def test_restore_latest_falls_back_to_the_newest_intact_step(tmp_path, how):
+    items, _ = make_items()
+    ckpt = Checkpointer(tmp_path, max_to_keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, params=jax.tree.map(lambda a: a * step, items["params"]), meta={"step": step})
+    _corrupt(tmp_path / "3", how)
+    fresh = Checkpointer(tmp_path, max_to_keep=3)
+    step, out = fresh.restore_latest(like={"params": items["params"]})
+    assert step == 2 and out["meta"] == {"step": 2}
+    assert_trees_equal(out["params"], jax.tree.map(lambda a: a * 2, items["params"]))
+    # The bad step was moved aside, never listed again; the run can save step 3 anew.
+    assert fresh.all_steps() == [1, 2]
+    assert os.path.isdir(tmp_path / "corrupt" / "step3.0")
+    fresh.save(3, params=items["params"], meta={"step": 3})
+    assert Checkpointer(tmp_path).restore_latest(like={"params": items["params"]})[0] == 3
+
+
+def test_restore_latest_all_corrupt_or_empty_and_mismatch_still_raises(tmp_path):
+    items, _ = make_items()
+    ckpt = Checkpointer(tmp_path / "a")
+    assert ckpt.restore_latest(like={"params": items["params"]}) == (None, {})
+    ckpt.save(1, params=items["params"], meta={"step": 1})
+    _corrupt(tmp_path / "a" / "1", "garbage_meta")
+    assert ckpt.restore_latest(like={"params": items["params"]}) == (None, {})
+    # A target that does not fit is a config/code change, not damage: no fallback, nothing moved.
+    ckpt = Checkpointer(tmp_path / "b")
+    ckpt.save(1, params=items["params"])
+    with pytest.raises(CheckpointError, match="does not match the target"):
+        ckpt.restore_latest(like={"params": {"w": jnp.zeros(2)}})
+    assert ckpt.all_steps() == [1]
+    # Meta-only: damaged arrays do not matter when only the metadata is needed.
+    _corrupt(tmp_path / "b" / "1", "flipped")
+    assert ckpt.restore_meta_latest() == (1, {})

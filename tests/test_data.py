@@ -335,10 +335,11 @@ def test_image_size_resizes():
 def test_epoch_plan_and_array_examples_deterministic_and_covering():
     """The one batching path: `train.epoch_order` plans, `Examples.batches` gathers."""
     from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
+    from experiments import train_config  # pylint: disable=import-outside-toplevel
 
     x = np.arange(103)
     examples = data.ArrayExamples(x, 2 * x)
-    spe = train_lib.steps_per_epoch(103, {'num_epochs': 1, 'batch_size': 10, 'learning_rate': 0.1})
+    spe = train_config.steps_per_epoch(103, {'num_epochs': 1, 'batch_size': 10, 'learning_rate': 0.1})
     assert spe == 11  # the last batch wraps around to the start of the permutation
 
     def epoch(seed, e):

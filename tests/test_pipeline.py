@@ -118,6 +118,8 @@ def test_bad_configs_fail_before_training(tmp_path, monkeypatch):
         (lambda c: setattr(c.experiments, "spacing", (dict(type="zigzag"),)), "type must be one of"),
         (lambda c: setattr(c.training, "optimizer", "lion"), "optimizer"),
         (lambda c: setattr(c.coresets, "delta_s", 2.0), "delta_s must be in"),
+        (lambda c: setattr(c, "prng_impl", "philox"), r"config.prng_impl='philox': expected one of .*rbg"),
+        (lambda c: setattr(c.training, "max_steps_per_epoch", 0), "max_steps_per_epoch"),
         (lambda c: c.experiments.update(methods=("sipp",), method_options={"ft": {"joint": "mean"}}),
          r"method_options has 'ft', not in config.experiments.methods"),
         (lambda c: setattr(c.experiments, "method_options", {"sipp": {"joint": "mean"}}),

@@ -107,3 +107,55 @@ def test_cli_missing_results(tmp_path, bad):
         capture_output=True, text=True,
     )
     assert out.returncode != 0 and "results.npz" in out.stderr
+
+
+# --------------------------------------------------------------------------
+# Issue #17 items 9 and 11: the CLI regenerates the run's own plots; readable plots and report.
+# --------------------------------------------------------------------------
+def test_cli_regenerates_the_runs_own_plots_and_report(tmp_path):
+    import json
+
+    from experiments.plot import run_tag, write_outputs
+
+    run = tmp_path / "default"
+    run.mkdir()
+    res = _synthetic()
+    res.save_npz(run / "results.npz")
+    (run / "config.json").write_text(json.dumps({
+        "network": "lenet300_100", "dataset": {"name": "mnist_embedded"}, "seed": 0,
+        "experiments": {"mode": "cascade"},
+        "training": {"num_epochs": 15, "batch_size": 64, "learning_rate": 0.05, "lr_milestones": [10]},
+        "retraining": {"num_epochs": 3, "batch_size": 64, "learning_rate": 0.01, "lr_milestones": [2]}}))
+    assert run_tag(run) == "default"  # a pipeline workdir: its name, as the pipeline names the plots
+    write_outputs(res, run)
+    before = sorted(p.name for p in (run / "plots").iterdir())
+    assert before and all(name.startswith("default_") for name in before)
+    out = subprocess.run([sys.executable, "-m", "experiments.plot", f"--workdir={run}"],
+                         capture_output=True, text=True, check=True)
+    assert sorted(p.name for p in (run / "plots").iterdir()) == before  # no second set
+    report = (run / "report.md").read_text()
+    assert report == out.stdout.rstrip("\n") + "\n"
+    assert report.startswith("# Pruning results: lenet300_100 on mnist_embedded")
+    assert "mode: **cascade**" in report and "Training: 15 epochs" in report and "Retraining: 3 epochs" in report
+    assert "plots/default_acc_param.png" in report and "plots/default_*.pdf" in report
+    # A folder without a run's config.json or plots: the default prefix.
+    assert run_tag(tmp_path) == "results"
+
+
+def test_method_families_colours_markers_and_every_budget_ratio():
+    from configs.common import ALL_METHODS
+    from experiments.plot import _budget_ratios, family, method_styles
+
+    styles = method_styles(ALL_METHODS)
+    assert len(set(styles.values())) == len(ALL_METHODS)  # no two methods look alike
+    for fam in {family(m) for m in ALL_METHODS}:
+        members = [m for m in ALL_METHODS if family(m) == fam]
+        assert len({styles[m][1] for m in members}) == len(members)  # distinct markers within a family
+    assert family("sipp_rand") == "SiPP" and family("pfp_top") == "PFP" and family("ft") == "filter baselines"
+    # Families differ in hue: SiPP blue-dominant, PFP red-dominant.
+    r, g, b, _ = styles["sipp"][0]
+    assert b > r
+    r, g, b, _ = styles["pfp"][0]
+    assert r > b
+    res = _synthetic()
+    assert _budget_ratios(res) == [0, 1, 2, 3]  # every keep ratio with data

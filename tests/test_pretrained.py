@@ -9,9 +9,11 @@ import pytest
 from configs import default as default_config
 from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
+from experiments import evaluate as eval_lib
 from experiments import models as models_lib
-from experiments import pipeline, pretrained
+from experiments import pipeline, pretrained, train_config, train_state
 from experiments import train as train_lib
+from experiments.optim import Optimizer
 
 NETWORK = "lenet300_100"
 
@@ -46,12 +48,12 @@ def digits():
 def trained(digits):
     """A LeNet trained for a few steps on digits (not what the pipeline would make)."""
     model = models_lib.get_model(NETWORK, digits.num_classes)
-    cfg = train_lib.as_train_config(dict(num_epochs=2, batch_size=32, learning_rate=0.1, momentum=0.9))
-    state = train_lib.create_state(model, jax.random.PRNGKey(123), digits.input_shape, cfg,
-                                   train_lib.steps_per_epoch(digits.num_train, cfg))
-    state = train_lib.train(model, state, digits.train_x, digits.train_y, cfg, seed=1, progress=False)
+    cfg = train_config.as_train_config(dict(num_epochs=2, batch_size=32, learning_rate=0.1, momentum=0.9))
+    opt = Optimizer.create(cfg, train_config.steps_per_epoch(digits.num_train, cfg))
+    state = train_state.create_state(model, jax.random.PRNGKey(123), digits.input_shape, opt)
+    state = train_lib.train(state, digits.train_x, digits.train_y, seed=1, progress=False)
     variables = jax.device_get({"params": state.params})
-    acc = train_lib.evaluate(variables, model, digits.test_x, digits.test_y, 64)
+    acc = eval_lib.evaluate(variables, model, digits.test_x, digits.test_y, 64)
     return model, variables, acc
 
 

@@ -166,3 +166,38 @@ def test_tensorboard_disabled_writes_nothing(tmp_path):
 
 def test_pruned_step():
     assert pruned_step(1.0) == 0 and pruned_step(0.02) == 9800
+
+
+def test_records_rebuild_a_deleted_or_corrupt_results_file(tmp_path):
+    """Issue #17 item 2: results.npz is a cache of the per-run records (and vice versa)."""
+    from experiments.results import CorruptResultsError
+
+    path, records = tmp_path / "results.npz", tmp_path / "records"
+    layout = dict(LAYOUT, layer_total={"Dense_0": 100, "Dense_1": 10})
+    res = load_or_empty(path, records=records, **layout)
+    res.record(0, 1, 0, "WT", error=0.1, error5=0.01, loss=0.3, sizes=0.21, flops=0.3,
+               layer_kept={"Dense_0": 20, "Dense_1": 1})
+    res.record(1, 0, 0, 0, error=0.05, sizes=0.5)
+    res.record_dense(0, error=0.02, error5=0.001, loss=0.1, sizes_total=110, flops_total=220)
+    res.save_npz(path)
+    path.unlink()
+    back = load_or_empty(path, records=records, **layout)
+    np.testing.assert_array_equal(back.done, res.done)
+    for key in ("error", "error5", "loss", "sizes", "flops", "layer_kept"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(res, key))
+    assert back.dense["error"][0] == 0.02 and back.sizes_total == 110
+
+    path.write_bytes(b"not a zip file at all")
+    with pytest.raises(CorruptResultsError, match="corrupt or truncated"):
+        Results.load_npz(path)
+    back = load_or_empty(path, records=records, **layout)
+    np.testing.assert_array_equal(back.error, res.error)
+    assert (tmp_path / "results.npz.corrupt").exists()
+
+    # Records deleted instead: written again from results.npz.
+    res.save_npz(path)
+    import shutil
+
+    shutil.rmtree(records)
+    load_or_empty(path, records=records, **layout)
+    assert len(list(records.glob("net*/rep*/*/ratio*.json"))) == int(res.done.sum())

@@ -47,12 +47,14 @@ def device0_bytes(tree: Any) -> int:
 
 def step_case(setup: common.ModelSetup, mesh: Any, batch: tuple[np.ndarray, np.ndarray]) -> tuple[timing.Case, int]:
     """A data-parallel train step on ``mesh`` and its state bytes per device."""
-    from experiments import train as train_lib
+    from experiments import steps as steps_lib
+    from experiments import train_state as state_lib
+    from experiments.optim import Optimizer
 
     cfg = train_step.train_config(setup.family, setup.train_batch_size)
-    params, stats = setup.variables["params"], setup.variables.get("batch_stats")
-    state = train_lib.shard_state(train_lib.state_from_params(params, stats, cfg, 1), mesh)
-    step = train_lib.make_train_step(setup.model, cfg, 1, mesh=mesh)
+    state = state_lib.shard_state(
+        state_lib.state_from_params(setup.model, setup.variables, Optimizer.create(cfg, 1)), mesh)
+    step = steps_lib.make_train_step(steps_lib.StepOptions.create(cfg, mesh=mesh))
     bx, by = sp.sharding.shard_batch(batch, mesh)
     key = sp.sharding.replicate(jax.random.PRNGKey(2), mesh)
     return timing.Case(lambda: step(state, bx, by, key)), device0_bytes(state)

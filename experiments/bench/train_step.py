@@ -1,7 +1,8 @@
 """One masked vs one unmasked train step (SGD + momentum + weight decay).
 
-Steps come from ``experiments.train.make_train_step``; the masks from
-``sp.prune`` at the benchmark's keep ratio. Timed four ways in one set of
+Steps come from ``experiments.steps.make_train_step`` (one step function: the
+masks, if any, live in the state's optimizer); the masks from ``sp.prune`` at
+the benchmark's keep ratio. Timed four ways in one set of
 interleaved rounds: plain and masked, each once re-using the same input state
 and once donating it (as ``train()`` runs them: each step consumes the
 previous step's state). XLA's ``cost_analysis`` gives the load-independent
@@ -33,8 +34,8 @@ class StepConfig:
 
 
 def train_config(family: str, batch_size: int) -> Any:
-    """The ``experiments.train`` config of the timed step."""
-    from experiments.train import TrainConfig
+    """The training config (``experiments.train_config``) of the timed step."""
+    from experiments.train_config import TrainConfig
 
     return TrainConfig(num_epochs=1, batch_size=batch_size, learning_rate=0.1 if family != "mnist" else 0.01,
                        momentum=0.9, weight_decay=1e-4, augment="none")
@@ -59,7 +60,9 @@ def step_cost(step: Callable[..., Any], *args: Any) -> Optional[dict[str, float]
 
 def run(name: str, cfg: StepConfig, budget: timing.Budget, num_points: int = 0) -> dict[str, Any]:
     """The train-step benchmark of one model."""
-    from experiments import train as train_lib
+    from experiments import steps as steps_lib
+    from experiments import train_state as state_lib
+    from experiments.optim import Optimizer
 
     setup = common.setup_model(name, num_points)
     batch = int(cfg.batch_size or setup.train_batch_size)
@@ -67,12 +70,13 @@ def run(name: str, cfg: StepConfig, budget: timing.Budget, num_points: int = 0) 
                      key=jax.random.PRNGKey(0), delta=setup.delta, chunk_size=cfg.chunk_size,
                      apply_kwargs={"train": False})
     tcfg = train_config(setup.family, batch)
-    params, stats = setup.variables["params"], setup.variables.get("batch_stats")
-    states = {"unmasked": train_lib.state_from_params(params, stats, tcfg, 1),
-              "masked": train_lib.state_from_params(params, stats, tcfg, 1, masks.masks)}
-    steps = {kind: train_lib.make_train_step(setup.model, tcfg, 1, masked=kind == "masked") for kind in states}
-    donated = {kind: train_lib.make_train_step(setup.model, tcfg, 1, masked=kind == "masked", donate=True)
-               for kind in states}
+    opt = Optimizer.create(tcfg, 1)
+    states = {"unmasked": state_lib.state_from_params(setup.model, setup.variables, opt),
+              "masked": state_lib.state_from_params(setup.model, setup.variables, opt, masks.masks)}
+    # One step function for both: the state's optimizer says whether it is masked (compiled per state).
+    options = steps_lib.StepOptions.create(tcfg)
+    steps = {kind: steps_lib.make_train_step(options) for kind in states}
+    donated = {kind: steps_lib.make_train_step(options, donate=True) for kind in states}
     rng = np.random.default_rng(2)
     bx = jnp.asarray(rng.normal(size=(batch, *setup.shape)).astype(np.float32))
     by = jnp.asarray(rng.integers(0, 10, size=(batch,)).astype(np.int32))
