@@ -65,7 +65,6 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # process 0 logs and writes results; the others only warn
     logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     from experiments import pipeline
-
     from experiments import workdir as workdir_lib
 
     try:

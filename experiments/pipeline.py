@@ -85,7 +85,8 @@ def validate_config(config: Any) -> list[spacing_lib.Step]:
     options = exp.get("method_options") or {}
     for m in options:
         if m not in methods:
-            raise ValueError(f"config.experiments.method_options has {m!r}, not in config.experiments.methods {methods}")
+            raise ValueError(
+                f"config.experiments.method_options has {m!r}, not in config.experiments.methods {methods}")
         try:
             sp.registry.check_options(sp.get_method(m), dict(options[m]))
         except ValueError as err:

@@ -184,7 +184,9 @@ def retrain_check(res: results_lib.Results, method: str = "sipp", min_pruned: fl
     return verdict, lines
 
 
-def pairwise_check(res: results_lib.Results, keep: float, pairs: Sequence[tuple[str, str]]) -> tuple[bool | None, list[str]]:
+def pairwise_check(
+    res: results_lib.Results, keep: float, pairs: Sequence[tuple[str, str]]
+) -> tuple[bool | None, list[str]]:
     """``a`` is at least as accurate as ``b`` at keep ratio ``keep`` (mean over nets), for each pair."""
     r = _ratio_index(res, keep)
     if r is None:
@@ -210,7 +212,8 @@ def summary(name: str, results: Mapping[str, results_lib.Results]) -> str:
     checks = ["## Acceptance checks", ""]
     if "cascade" in results:
         _, c = retrain_check(results["cascade"])
-        checks += ["After retraining (cascade), SiPP with >= 90 % of parameters pruned within 1 pp of unpruned:", *c, ""]
+        title = "After retraining (cascade), SiPP with >= 90 % of parameters pruned within 1 pp of unpruned:"
+        checks += [title, *c, ""]
     if "prune-only" in results:
         _, c = pairwise_check(results["prune-only"], 0.1, [("sipp", "wt"), ("pfp", "ft")])
         checks += ["Prune-only at 90 % pruned: SiPP >= WT and PFP >= FT (mean over nets):", *c, ""]

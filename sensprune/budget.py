@@ -12,7 +12,7 @@ within ``rtol`` of the target.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def search_budget(
     """
     lo, hi = 0, int(upper)
     b = int(min(max(guess, 0), upper))
-    best = None
+    best: Optional[tuple[int, int, float]] = None
     for _ in range(max_iters):
         size = achieved(b)
         gap = abs(size - target)
@@ -69,4 +69,5 @@ def search_budget(
         if lo > hi:
             break
         b = (lo + hi) // 2
+    assert best is not None  # the loop runs at least once
     return best[0], best[1], False

@@ -196,10 +196,10 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
         )
         if ok:
             n_data = len(eqn.outvars)
-            rows = [_fit(r, n) for r, n in zip(ins[:n_data], n_out)]
+            fitted = [_fit(r, n) for r, n in zip(ins[:n_data], n_out)]
             for extra in ins[n_data:]:  # init values
-                rows = [r | _fit(extra, len(r)) for r in rows]
-            return rows
+                fitted = [r | _fit(extra, len(r)) for r in fitted]
+            return fitted
     # Anything else (conv / matmul outside a prunable layer, gathers, loops, ...): join everything.
     if name not in ("conv_general_dilated", "dot_general"):
         notes.add(name)

@@ -159,8 +159,8 @@ class PruneContext:
         flat_x = x.reshape(x.shape[0], -1)
         found = set()
         for name, a in inputs.items():
-            a = np.asarray(a).reshape(a.shape[0], -1)
-            if a.shape == flat_x.shape and np.array_equal(a, flat_x):
+            flat_a = np.asarray(a).reshape(a.shape[0], -1)
+            if flat_a.shape == flat_x.shape and np.array_equal(flat_a, flat_x):
                 found.add(name)
         return frozenset(found)
 

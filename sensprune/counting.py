@@ -68,7 +68,7 @@ def _nonzero_per_leaf(leaves: Sequence[Any]) -> list[int]:
     for i, x in enumerate(leaves):
         if counts[i] is None:
             counts[i] = int(np.count_nonzero(np.asarray(x)))
-    return counts
+    return [int(c) for c in counts if c is not None]
 
 
 def count_params(tree: PyTree) -> int:

@@ -387,9 +387,11 @@ def removed_groups(deps: DependencyMap, kernel_masks: Mapping[str, Any]) -> np.n
     producers' filters and per-channel variables included) keeps the outputs.
     """
     keep_in = {
-        layer.name: np.asarray(kernel_masks[layer.name], bool)
-        .reshape(-1, layer.in_channels, layer.out_channels)
-        .any(axis=(0, 2))
+        layer.name: np.asarray(
+            np.asarray(kernel_masks[layer.name], bool)
+            .reshape(-1, layer.in_channels, layer.out_channels)
+            .any(axis=(0, 2))
+        )
         for layer in deps.layers
     }
     return joint_removal(deps, keep_in)

@@ -111,7 +111,7 @@ def check_same_structure(
             )
     ref_def = jax.tree_util.tree_structure(params)
     got_def = jax.tree_util.tree_structure(masks)
-    if ref_def != got_def:
+    if ref_def != got_def:  # type: ignore[operator]  # PyTreeDef compares by structure
         raise ValueError(
             f"{prefix} same leaves but different containers "
             f"({against}: {ref_def}; {what}: {got_def})"

@@ -259,7 +259,7 @@ def _set_shapes(module: nnx.Module) -> None:
                 if isinstance(v, nnx.Variable) and getattr(v.get_value(), "ndim", 0) >= 1
             }
             if len(sizes) == 1:
-                sub.num_features = int(sizes.pop())
+                setattr(sub, "num_features", int(sizes.pop()))
 
 
 def shrink(

@@ -197,7 +197,7 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
     module, name = call.module, _name(path)
     if isinstance(module, nnx.Linear):
         shim = types.SimpleNamespace(features=module.out_features, use_bias=module.use_bias)
-        return geometry.dense_layer(shim, path, call.inputs, call.outputs, order)
+        return geometry.dense_layer(shim, path, call.inputs, call.outputs, order)  # type: ignore[arg-type]  # duck-typed
     if module.feature_group_count != 1:
         raise ValueError(
             f"layer {name!r}: nnx.Conv with feature_group_count={module.feature_group_count} "
@@ -220,7 +220,7 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
         kernel_dilation=module.kernel_dilation,
         use_bias=module.use_bias,
     )
-    return geometry.conv_layer(shim, path, call.inputs, call.outputs, order)
+    return geometry.conv_layer(shim, path, call.inputs, call.outputs, order)  # type: ignore[arg-type]  # duck-typed
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -332,7 +332,7 @@ def nnx_adapter(
         raise ValueError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     if eval_mode:
         model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     param_paths = tuple(p for p, _ in _flat_values(params))
     kwargs = tuple(sorted(dict(call_kwargs or {}).items()))
     adapter = NNXAdapter(graphdef, param_paths, forward, kwargs, plain_rest, rest if plain_rest else None)

@@ -45,9 +45,11 @@ def kept_entries(deps: dependencies.DependencyMap, removed: np.ndarray, counts: 
 def input_keep(ctx: PruneContext, kernel_masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Layer name -> bool ``[in]``: input channels with any kept entry in ``kernel_masks``."""
     return {
-        layer.name: np.asarray(kernel_masks[layer.name], bool)
-        .reshape(-1, layer.in_channels, layer.out_channels)
-        .any(axis=(0, 2))
+        layer.name: np.asarray(
+            np.asarray(kernel_masks[layer.name], bool)
+            .reshape(-1, layer.in_channels, layer.out_channels)
+            .any(axis=(0, 2))
+        )
         for layer in ctx.layers
         if layer.name in kernel_masks
     }

@@ -168,7 +168,7 @@ def compute_sensitivities(
         return fused_pass(adapter, variables, stacked, layers, reduction=reduction, mesh=mesh, contraction=contraction)
     capture = capture_function(adapter, layers)
     geometry = {layer.name: _geometry(layer) for layer in layers}
-    layer_step = _layer_step
+    layer_step: Callable[..., Any] = _layer_step
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
         layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names))
@@ -290,7 +290,7 @@ def fused_pass(
     static = dict(adapter=adapter, layers=tuple(layers), reduction=reduction, contraction=contraction, mesh=mesh)
     try:
         hash(tuple(static.values()))
-        program = functools.partial(_fused_program, **static)
+        program: Callable[..., Any] = functools.partial(_fused_program, **static)
     except TypeError:  # e.g. an rngs dict in apply_kwargs: a fresh jit
         program = jax.jit(functools.partial(_fused_impl, **static))
     return program(variables, chunks)
@@ -361,10 +361,10 @@ def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable
     of one program per layer. Falls back to a fresh jit when the adapter is not
     hashable (e.g. an ``rngs`` dict in the apply keywords).
     """
-    static = dict(adapter=adapter, layers=tuple(layers))
+    frozen = tuple(layers)
     try:
-        hash(tuple(static.values()))
+        hash((adapter, frozen))
     except TypeError:
-        return jax.jit(functools.partial(_capture, **static))
-    return functools.partial(_cached_capture, **static)
+        return jax.jit(functools.partial(_capture, adapter=adapter, layers=frozen))
+    return functools.partial(_cached_capture, adapter=adapter, layers=frozen)
 

@@ -90,7 +90,7 @@ def data_mesh(
             )
         chosen = list(available[: int(devices)])
     else:
-        chosen = list(devices)
+        chosen = list(devices)  # type: ignore[arg-type]  # a sequence of devices (bool/int handled above)
         if not chosen:
             raise ValueError("devices is an empty sequence; pass None for all devices")
     if model == 1:

@@ -254,7 +254,7 @@ def _slice_opt_state(opt_state: Any, params: Any, plan: Mapping[Path, list]) -> 
     treedef = jax.tree_util.tree_structure(params)
 
     def params_like(node: Any) -> bool:
-        return isinstance(node, Mapping) and jax.tree_util.tree_structure(node) == treedef
+        return isinstance(node, Mapping) and jax.tree_util.tree_structure(node) == treedef  # type: ignore[operator]
 
     return jax.tree_util.tree_map(
         lambda node: _slice_tree(node, plan, ("params",)) if params_like(node) else node,
@@ -298,7 +298,7 @@ def predict_param_count(deps: deps_lib.DependencyMap, params: Any, masks_or_para
 
 def _module_meta(model: nn.Module) -> dict:
     cls = type(model)
-    fields = {}
+    fields: dict[str, Any] = {}
     for f in dataclasses.fields(model):
         if f.name in ("parent", "name"):
             continue
@@ -306,8 +306,7 @@ def _module_meta(model: nn.Module) -> dict:
         try:
             json.dumps(value)
         except TypeError:
-            fields = None
-            break
+            return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": None}
         fields[f.name] = value
     return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
 
@@ -373,14 +372,14 @@ def shrink(
         for layer in deps.layers
     }
     widths = {name: (int(k["in"].size), int(k["out"].size)) for name, k in kept.items()}
-    linen = isinstance(adapter, LinenAdapter)
-    meta = {"module": _module_meta(adapter.model), "apply_kwargs": _jsonable(apply_kwargs)} if linen else {}
+    linen = adapter.model if isinstance(adapter, LinenAdapter) else None
+    meta = {"module": _module_meta(linen), "apply_kwargs": _jsonable(apply_kwargs)} if linen is not None else {}
     if info is not None:
         try:
             meta["info"] = json.loads(json.dumps(dict(info)))
         except TypeError as err:
             raise ValueError(f"info must be JSON-serialisable: {err}") from None
-    shrunk = Shrunk(ShrunkModel(adapter.model if linen else adapter), small, widths, kept, small_opt, meta)
+    shrunk = Shrunk(ShrunkModel(linen if linen is not None else adapter), small, widths, kept, small_opt, meta)
     if check and x is not None:
         _check(adapter, masked_vars, small, x, atol)
     return shrunk

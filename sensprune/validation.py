@@ -105,9 +105,9 @@ def check_finite_points(data: Any, field: str = "data") -> None:
         offset += n
     if bad:
         bad = sorted(set(bad))
-        leaf = "" if where <= {"<root>"} else f" (in {', '.join(sorted(where))})"
+        location = "" if where <= {"<root>"} else f" (in {', '.join(sorted(where))})"
         raise ValueError(
-            f"{field}: {len(bad)} of {offset} points hold NaN or inf{leaf}: point indices {_listing(bad)}; "
+            f"{field}: {len(bad)} of {offset} points hold NaN or inf{location}: point indices {_listing(bad)}; "
             "sensitivities over non-finite points are meaningless (drop or repair those points)"
         )
 

@@ -172,7 +172,8 @@ def _model_axis_checks(cnn, cnn_vars, s_points, results, start, trained_one, tra
         many = sp.prune(cnn, cnn_vars, s_points, method=method, keep_ratio=0.5, key=jax.random.PRNGKey(3),
                         chunk_size=10, apply_kwargs={"train": False}, mesh=mesh)
         out["same_masks"][method] = all(
-            bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(results[method].masks), jax.tree.leaves(many.masks))
+            bool(np.array_equal(a, b))
+            for a, b in zip(jax.tree.leaves(results[method].masks), jax.tree.leaves(many.masks))
         )
     train_x, train_y, cfg = train_data
     many = T.train(start, train_x, train_y, seed=0, progress=False, mesh=mesh)
@@ -182,7 +183,8 @@ def _model_axis_checks(cnn, cnn_vars, s_points, results, start, trained_one, tra
         "params_max_diff": _max_diff(trained_one.params, many.params),
         "batch_stats_max_diff": _max_diff(trained_one.batch_stats, many.batch_stats),
         "opt_state_max_diff": _max_diff(trained_one.opt_state, many.opt_state),
-        "kernel_specs": {name: str(layer["kernel"].sharding.spec) for name, layer in many.params.items() if "kernel" in layer},
+        "kernel_specs": {name: str(layer["kernel"].sharding.spec)
+                         for name, layer in many.params.items() if "kernel" in layer},
         "kernel_shard_shapes": {name: sorted({tuple(s.data.shape) for s in layer["kernel"].addressable_shards})
                                 for name, layer in many.params.items() if "kernel" in layer},
         "specs_match": _specs(many.params) == _specs(masks) == _specs(many.opt_state.inner_state[1][0].trace),

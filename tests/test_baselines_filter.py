@@ -218,8 +218,9 @@ def test_thinet_removes_cancelling_pair_keeps_the_channel_that_matters():
     np.testing.assert_array_equal(sel.masks["Dense_0"].any(1), [False, False, True])
     # Removing the pair leaves the output unchanged; removing C (what magnitude
     # pruning would drop) or keeping A (the inverted ranking) does not.
-    out = lambda m: np.asarray(model.apply({"params": {"Dense_0": {**variables["params"]["Dense_0"],
-                                                                      "kernel": kernel * m}}}, data))
+    def out(m):
+        return np.asarray(model.apply({"params": {"Dense_0": {**variables["params"]["Dense_0"],
+                                                                          "kernel": kernel * m}}}, data))
     ref = out(np.ones_like(kernel))
     np.testing.assert_allclose(out(sel.masks["Dense_0"]), ref, atol=1e-5)
     assert np.abs(out(np.array([[1], [1], [0]], np.float32)) - ref).max() > 1.0

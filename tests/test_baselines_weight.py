@@ -93,7 +93,8 @@ def test_snip_scores_are_abs_mean_gradient_times_weight():
     dropped = np.concatenate([scores[n][~m] for n, m in sel.masks.items()])
     assert kept.min() >= dropped.max()
     # The signed mean is taken before abs: differs from averaging per-chunk |g * w|.
-    chunk_grad = lambda s: jax.grad(_manual_loss)(variables["params"], pts[s:s + 16], labels[s:s + 16])
+    def chunk_grad(s):
+        return jax.grad(_manual_loss)(variables["params"], pts[s:s + 16], labels[s:s + 16])
     per_chunk = sum(
         np.abs(np.asarray(chunk_grad(s)["Dense_1"]["kernel"])) * len(pts[s:s + 16]) / 37 for s in (0, 16, 32)
     ) * np.abs(np.asarray(variables["params"]["Dense_1"]["kernel"]))

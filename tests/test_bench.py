@@ -180,7 +180,8 @@ def test_report_splices_generated_part_in_order_with_notes(tmp_path):
         common.write_json(tmp_path / "in" / f"{kind}.json", _payload(kind, res))
     (tmp_path / "in" / "other.json").write_text("[1, 2]")  # not a benchmark: skipped
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\nintro\n\n{report.GENERATED_BEGIN}\nold\n{report.GENERATED_END}\n\n## Recorded\nkept\n")
+    doc.write_text(
+        f"# Benchmarks\n\nintro\n\n{report.GENERATED_BEGIN}\nold\n{report.GENERATED_END}\n\n## Recorded\nkept\n")
     text = report.write_report(tmp_path / "in", doc)
     assert "old" not in text and "intro" in text and text.rstrip().endswith("kept")
     for kind in results:

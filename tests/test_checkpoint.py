@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.checkpoint import CheckpointError, Checkpointer, read_json, write_json
+from experiments.checkpoint import Checkpointer, CheckpointError, read_json, write_json
 from sensprune import masking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import augment
-from experiments import data
-
+from experiments import augment, data
 
 # ----------------------------------------------------------------------------- helpers
 

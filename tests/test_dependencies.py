@@ -41,7 +41,8 @@ def _init(model, shape=(1, 8, 8, 3)):
 
 
 def _as_sets(group):
-    simple = lambda d: {k: sorted(v.tolist()) for k, v in d.items()}
+    def simple(d):
+        return {k: sorted(v.tolist()) for k, v in d.items()}
     return simple(group.producers), simple(group.consumers)
 
 

@@ -3,11 +3,9 @@
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sensprune as sp
 from experiments import guarantees, reproduce
 from experiments import results as results_lib
 from sensprune.types import Layer

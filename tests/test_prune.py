@@ -90,7 +90,8 @@ def _kernel_masks(res):
 def test_same_key_same_result_and_keys_differ():
     model, variables = trained_mlp()
     x, _ = digits()
-    run = lambda k: sp.prune(model, variables, x[1400:1464], method="sipp_rand", keep_ratio=0.3, key=k)
+    def run(k):
+        return sp.prune(model, variables, x[1400:1464], method="sipp_rand", keep_ratio=0.3, key=k)
     a, b, c = run(jax.random.PRNGKey(3)), run(jax.random.PRNGKey(3)), run(jax.random.PRNGKey(4))
     for la, lb in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(la, lb)

@@ -116,7 +116,8 @@ def test_model_axis_splits_the_state_and_matches_one_device(four_devices):
     assert t["steps"] == 5 and t["pruned_stay_zero"] and t["specs_match"]
     assert max(t["params_max_diff"], t["batch_stats_max_diff"], t["opt_state_max_diff"]) < 1e-5
     # Largest dimension divisible by 2: conv output channels (8, 12, 16), the dense kernel's 16 inputs.
-    assert t["kernel_specs"] == {f"Conv_{i}": "P(None, None, None, 'model')" for i in range(3)} | {"Dense_0": "P('model',)"}
+    conv_specs = {f"Conv_{i}": "P(None, None, None, 'model')" for i in range(3)}
+    assert t["kernel_specs"] == conv_specs | {"Dense_0": "P('model',)"}
     assert t["kernel_shard_shapes"] == {"Conv_0": [[3, 3, 1, 4]], "Conv_1": [[3, 3, 8, 6]],
                                         "Conv_2": [[3, 3, 12, 8]], "Dense_0": [[8, 5]]}
     assert m["local_whole"] and m["local_max_diff"] < 1e-5  # local_state gathers the split arrays
@@ -329,7 +330,9 @@ def test_experiment_mesh_config():
     for bad in (2, 0, True, "2"):
         with_model = config(-1)
         with_model.mesh_model = bad
-        with pytest.raises(ValueError, match=r"config.mesh_model=.*: expected a divisor of the 1 devices of the mesh \(config.mesh_devices\): one of \[1\]"):
+        expected = (r"config.mesh_model=.*: expected a divisor of the 1 devices of the mesh "
+                    r"\(config.mesh_devices\): one of \[1\]")
+        with pytest.raises(ValueError, match=expected):
             pipeline.make_mesh(with_model)
 
 

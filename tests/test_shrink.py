@@ -80,7 +80,8 @@ def test_round_to_and_optimizer_state():
         width = shrunk.widths[layer.name][1]
         assert width % 8 == 0 or width == layer.out_channels
     # Optimizer-state subtrees shaped like params are sliced like the params; a step runs.
-    shapes = lambda t: [a.shape for a in jax.tree_util.tree_leaves(t)]
+    def shapes(t):
+        return [a.shape for a in jax.tree_util.tree_leaves(t)]
     inner = shrunk.opt_state.inner_state[0]
     assert shapes(inner.mu) == shapes(shrunk.params) == shapes(shrunk.opt_state.masks)
     grads = jax.tree_util.tree_map(jnp.ones_like, shrunk.params)

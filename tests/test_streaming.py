@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import data
-from experiments.data import sources
-from experiments.data import tfds_io
+from experiments.data import sources, tfds_io
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ import pytest
 from configs import common
 from experiments import data as data_lib
 from experiments import evaluate as E
-from experiments import optim
-from experiments import rng
-from experiments import steps
+from experiments import optim, rng, steps
 from experiments import train as T
 from experiments import train_config as C
 from experiments import train_state as S
@@ -308,7 +306,8 @@ def test_train_donates_only_its_own_copy():
     copy = jax.tree.map(jnp.copy, state)
     out, _ = step(copy, jnp.asarray(x[:8]), jnp.asarray(y[:8]), jax.random.key(1))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(copy.params))
-    plain, _ = steps.make_train_step(steps.StepOptions.create(cfg))(state, jnp.asarray(x[:8]), jnp.asarray(y[:8]), jax.random.key(1))
+    plain_step = steps.make_train_step(steps.StepOptions.create(cfg))
+    plain, _ = plain_step(state, jnp.asarray(x[:8]), jnp.asarray(y[:8]), jax.random.key(1))
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(plain)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -172,7 +172,8 @@ def run_benchmark(kind: str, opts: Options) -> tuple[dict[str, Any], dict[str, A
         def one(name: str) -> dict[str, Any]:
             cfg = passes.PassConfig(chunk_size=opts.chunk_size, contraction=opts.contraction,
                                     fused=name in opts.fused_models,
-                                    scaling_fractions=opts.floats("scaling_fractions") if name in opts.scaling_models else ())
+                                    scaling_fractions=(opts.floats("scaling_fractions")
+                                                       if name in opts.scaling_models else ()))
             return passes.run(name, cfg, budget, opts.num_points)
         return {"fused_models": opts.fused_models, "scaling_models": opts.scaling_models}, _per_model(models, one)
     if kind == "prune":

@@ -109,7 +109,8 @@ def bench_model(name: str, keeps: tuple[float, ...], cfg: ShrinkConfig,
     dense_flops = sp.dense_flops(deps.layers)
     controls = [
         {"model": name, "fraction": fraction, "batch": cfg.batch, "flop_ratio": round(dense_flops / flops, 3),
-         "seconds": times[f"narrow_{fraction}"]["median_s"], "speedup": dense_s / times[f"narrow_{fraction}"]["median_s"],
+         "seconds": times[f"narrow_{fraction}"]["median_s"],
+         "speedup": dense_s / times[f"narrow_{fraction}"]["median_s"],
          "speedup_over_flop_ratio": dense_s / times[f"narrow_{fraction}"]["median_s"] / (dense_flops / flops)}
         for fraction, flops in narrow.items()
     ]

@@ -12,38 +12,30 @@ Modules: `common` (errors, constants, splits), `sources` (in-memory readers), `t
 path), `streaming` (streamed examples), `loader` (`load_data`).
 """
 
-from experiments.data.batching import ArrayExamples
-from experiments.data.batching import as_examples
-from experiments.data.batching import Batch
-from experiments.data.batching import Examples
-from experiments.data.batching import padded_index_batches
-from experiments.data.batching import prefetch
-from experiments.data.common import CIFAR100_STATS
-from experiments.data.common import CIFAR10_STATS
-from experiments.data.common import DataNotFoundError
-from experiments.data.common import DIGITS_STATS
-from experiments.data.common import FASHION_MNIST_STATS
-from experiments.data.common import IMAGENET_STATS
-from experiments.data.common import MNIST_STATS
-from experiments.data.common import split_indices
-from experiments.data.loader import Data
-from experiments.data.loader import DataSpec
-from experiments.data.loader import from_dataset
-from experiments.data.loader import load_data
-from experiments.data.loader import sample_set
-from experiments.data.sources import DATASET_NAMES
-from experiments.data.sources import DATASET_PREFIXES
-from experiments.data.sources import Dataset
-from experiments.data.sources import FASHION_MNIST_DEFAULT_DIR
-from experiments.data.sources import load_dataset
-from experiments.data.sources import read_cifar_batch
-from experiments.data.sources import read_idx
+from experiments.data.batching import ArrayExamples, Batch, Examples, as_examples, padded_index_batches, prefetch
+from experiments.data.common import (
+    CIFAR10_STATS,
+    CIFAR100_STATS,
+    DIGITS_STATS,
+    FASHION_MNIST_STATS,
+    IMAGENET_STATS,
+    MNIST_STATS,
+    DataNotFoundError,
+    split_indices,
+)
+from experiments.data.loader import Data, DataSpec, from_dataset, load_data, sample_set
+from experiments.data.sources import (
+    DATASET_NAMES,
+    DATASET_PREFIXES,
+    FASHION_MNIST_DEFAULT_DIR,
+    Dataset,
+    load_dataset,
+    read_cifar_batch,
+    read_idx,
+)
 from experiments.data.streaming import StreamedExamples
-from experiments.data.tfds_io import open_source
-from experiments.data.tfds_io import Source
-from experiments.data.transforms import eval_transform
-from experiments.data.transforms import random_resized_crop_box
-from experiments.data.transforms import train_transform
+from experiments.data.tfds_io import Source, open_source
+from experiments.data.transforms import eval_transform, random_resized_crop_box, train_transform
 
 __all__ = [
     'ArrayExamples',

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 
 class DataNotFoundError(ValueError):

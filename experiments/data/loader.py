@@ -12,13 +12,10 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from experiments.data import batching
-from experiments.data import common
-from experiments.data import sources
-from experiments.data import tfds_io
+from experiments.data import batching, common, sources, tfds_io
 from experiments.data.streaming import StreamedExamples
 
 # Training augmentations that streamed data apply on the host, on the full-size decoded

@@ -29,11 +29,10 @@ import pickle
 import re
 from typing import Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from experiments.data import common
-from experiments.data import tfds_io
+from experiments.data import common, tfds_io
 from experiments.data.common import DataNotFoundError, Raw, Split, array_split
 from experiments.data.transforms import resize_batch
 

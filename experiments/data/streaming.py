@@ -20,9 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from experiments.data import batching
-from experiments.data import common
-from experiments.data import transforms
+from experiments.data import batching, common, transforms
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -13,8 +13,8 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from experiments.data import common
 from experiments.data.common import DataNotFoundError

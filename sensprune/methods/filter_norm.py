@@ -32,7 +32,9 @@ from sensprune.context import PruneContext
 def filter_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> bool ``[out]``: output filters with any nonzero kernel entry."""
     alive = ctx.alive()
-    return {layer.name: alive[layer.name].reshape(-1, layer.out_channels).any(axis=0) for layer in ctx.layers}
+    return {
+        layer.name: np.asarray(alive[layer.name].reshape(-1, layer.out_channels).any(axis=0)) for layer in ctx.layers
+    }
 
 
 # --------------------------------------------------------------------------- out-mode selection

@@ -53,7 +53,7 @@ def channel_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     out = {}
     for layer in ctx.layers:
         alive = ctx.alive()[layer.name]
-        out[layer.name] = alive.reshape(-1, layer.in_channels, layer.out_channels).any(axis=(0, 2))
+        out[layer.name] = np.asarray(alive.reshape(-1, layer.in_channels, layer.out_channels).any(axis=(0, 2)))
     return out
 
 

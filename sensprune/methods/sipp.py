@@ -194,11 +194,11 @@ def select_det(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) 
     return registry.Selection(masks=masks, scores=scores)
 
 
-def _select_sampled(ctx: PruneContext, budget: int, key: jax.Array, hybrid: bool) -> registry.Selection:
+def _select_sampled(ctx: PruneContext, budget: int, key: Optional[jax.Array], hybrid: bool) -> registry.Selection:
     per_layer, alloc = _allocation(ctx, budget)
     kernels = ctx.kernels()
     masks, scales, eps, det_rows = {}, {}, {}, {}
-    keys = jax.random.split(key, len(per_layer))
+    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), len(per_layer))
     for k, (name, (s2, live2, coef)) in zip(keys, per_layer.items()):
         x = alloc[name]
         shape = kernels[name].shape

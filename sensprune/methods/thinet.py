@@ -124,11 +124,11 @@ def _contributions(ctx: PruneContext, samples: int, max_points: int) -> dict[str
             x = np.concatenate([x, np.repeat(x[-1:], chunk - x.shape[0], axis=0)])
         inputs = capture(ctx.variables, jnp.asarray(x))
         for layer in ctx.layers:
-            n_idx, p_idx, w_sel, fn = plans[layer.name]
-            local = n_idx - start
+            rows_idx, plan_p, w_sel, fn = plans[layer.name]
+            local = rows_idx - start
             valid = (local >= 0) & (local < min(chunk, n_points - start))
             rows = jnp.asarray(np.clip(local, 0, chunk - 1))
-            out = fn(inputs[layer.name], rows, p_idx, w_sel, jnp.asarray(valid))
+            out = fn(inputs[layer.name], rows, plan_p, w_sel, jnp.asarray(valid))
             totals[layer.name] += np.asarray(out, np.float64)
     return totals
 
@@ -136,7 +136,9 @@ def _contributions(ctx: PruneContext, samples: int, max_points: int) -> dict[str
 def channel_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     """Layer name -> bool ``[in]`` of input channels with any nonzero weight."""
     return {
-        layer.name: ctx.alive()[layer.name].reshape(-1, layer.in_channels, layer.out_channels).any(axis=(0, 2))
+        layer.name: np.asarray(
+            ctx.alive()[layer.name].reshape(-1, layer.in_channels, layer.out_channels).any(axis=(0, 2))
+        )
         for layer in ctx.layers
     }
 
