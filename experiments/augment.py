@@ -110,6 +110,7 @@ def pad_crop(key: jax.Array, x: jax.Array, pad: int = 4, *, fill=0.0) -> jax.Arr
 )
 def random_resized_crop_params(
     key: jax.Array,
+    *,
     batch: int,
     height: int,
     width: int,

@@ -170,7 +170,7 @@ def _accuracy(exp, variables) -> float:
     return 100.0 * (1.0 - m["error"])
 
 
-def _prune(exp, variables, s_x, method, keep, key, delta):
+def _prune(exp, variables, s_x, *, method, keep, key, delta):
     return sp.prune(exp.model, variables, s_x, method=method, keep_ratio=keep, key=key, delta=delta,
                     c_constant=float(exp.config.coresets.c_constant), layers=exp.layers,
                     apply_kwargs={"train": False})
@@ -191,7 +191,8 @@ def run_network(network: str, opts: Options, nets: Path) -> list[dict[str, Any]]
     for sweep, method, keep, size in tqdm(jobs, desc=f"guarantees {network}", unit="setting"):
         for draw in range(opts.draws):
             s_x = valid[rng.choice(len(valid), size=min(size, len(valid)), replace=False)]
-            res = _prune(exp, variables, s_x, method, keep, make_key(1000 * draw + size), opts.delta)
+            res = _prune(exp, variables, s_x, method=method, keep=keep, key=make_key(1000 * draw + size),
+                         delta=opts.delta)
             acc = _accuracy(exp, {**variables, "params": res.params})
             for row in check_pruned(exp.layers, variables, res, inputs):
                 rows.append({"network": network, "sweep": sweep, "method": method, "keep_ratio": keep,

@@ -337,10 +337,36 @@ def _sensitivity_set(exp: Experiment, net: int) -> tuple[np.ndarray, np.ndarray]
     return data_lib.sample_set(exp.dataset.valid, exp.s_size, _seed(exp.config.seed, "S", net))
 
 
-def _prune(exp, variables, method, ratio, key, s_x, s_y) -> sp.PruneResult:
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """One (net, repetition, method) of the results grid: the chain of its keep ratios."""
+
+    net: int
+    rep: int
+    method: str
+
+    def seed(self, config_seed: Any, i: int) -> int:  # of its i-th keep ratio
+        return _seed(config_seed, self.net, self.rep, self.method, i)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChainContext:
+    """What each step of a chain reads: its chain checkpoint, where results go, the set S."""
+
+    exp: Experiment
+    chain: Chain
+    checkpoint: ckpt_lib.Checkpointer
+    results: results_lib.Results
+    tb: results_lib.TensorBoardLogger
+    s_x: np.ndarray
+    s_y: np.ndarray
+
+
+def _prune(ctx: ChainContext, variables: dict, *, ratio: float, key: jax.Array) -> sp.PruneResult:
+    exp, method = ctx.exp, ctx.chain.method
     co = exp.config.coresets
     return sp.prune(
-        exp.model, variables, s_x, method=method, keep_ratio=ratio, key=key, labels=s_y,
+        exp.model, variables, ctx.s_x, method=method, keep_ratio=ratio, key=key, labels=ctx.s_y,
         delta=float(co.delta_s), c_constant=float(co.c_constant), chunk_size=int(co.chunk_size),
         reference_size=exp.dense_size, layers=exp.layers, apply_kwargs={"train": False}, mesh=exp.mesh,
         method_options=dict((exp.config.experiments.get("method_options") or {}).get(method) or {}),
@@ -376,10 +402,9 @@ def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables:
 
 def run_chain(
     exp: Experiment,
-    net: int,
-    rep: int,
-    method: str,
+    chain_id: Chain,
     trained: dict,
+    *,
     results: results_lib.Results,
     tb: results_lib.TensorBoardLogger,
     save_results: Any,
@@ -387,9 +412,11 @@ def run_chain(
 ) -> None:
     """All keep ratios of one (net, repetition, method), resuming where it stopped."""
     mode = exp.config.experiments.mode
+    net, rep, method = chain_id.net, chain_id.rep, chain_id.method
     base = ("net%d" % net, "rep%d" % rep, method)
     chain = exp.ckpt(*base, "chain")
     s_x, s_y = _sensitivity_set(exp, net)
+    ctx = ChainContext(exp=exp, chain=chain_id, checkpoint=chain, results=results, tb=tb, s_x=s_x, s_y=s_y)
     masks_like = sp.ones_like_masks(trained["params"])
     like = {"params": trained["params"], "batch_stats": trained.get("batch_stats", {}), "masks": masks_like}
     current = dict(trained)
@@ -400,7 +427,7 @@ def run_chain(
         if items.get("batch_stats"):
             current["batch_stats"] = items["batch_stats"]
         start = done_step
-        _record(exp, results, net, rep, method, done_step - 1, items["meta"], tb)
+        _record(ctx, done_step - 1, items["meta"])
         save_results()
     bar.update(start)
     # Prune-only: every ratio from the trained net, evaluated as pruned (no retraining).
@@ -409,9 +436,9 @@ def run_chain(
         step = exp.steps[i]
         if mode == "retrain" or prune_only:
             current = dict(trained)
-        seed = _seed(exp.config.seed, net, rep, method, i)
+        seed = chain_id.seed(exp.config.seed, i)
         if prune_only:
-            _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, results, tb)
+            _prune_only_step(ctx, i, current)
             save_results()
             bar.update(1)
             continue
@@ -420,9 +447,9 @@ def run_chain(
         if state is None:
             variables = dict(current)
             for j, ratio in enumerate(step.compress_only):
-                res = _prune(exp, variables, method, ratio, exp.key(_seed(seed, "c", j)), s_x, s_y)
+                res = _prune(ctx, variables, ratio=ratio, key=exp.key(_seed(seed, "c", j)))
                 variables = {**variables, "params": res.params}
-            result = _prune(exp, variables, method, step.keep_ratio, exp.key(seed), s_x, s_y)
+            result = _prune(ctx, variables, ratio=step.keep_ratio, key=exp.key(seed))
             params, batch_stats, cfg = _retrain_start(exp, net, result, variables, seed)
             meta = {**_prune_meta(exp, result), "start_epoch": cfg.start_epoch}
             state = state_lib.state_from_params(exp.model, {"params": params, "batch_stats": batch_stats},
@@ -439,23 +466,23 @@ def run_chain(
         meta = {**{k: meta[k] for k in ("keep_ratio", "flops", "layer_kept")}, **metrics}
         current = state_lib.variables_of(state)
         chain.save(i + 1, params=state.params, batch_stats=state.batch_stats, masks=masks, meta=meta)
-        _record(exp, results, net, rep, method, i, meta, tb)
+        _record(ctx, i, meta)
         save_results()
         shutil.rmtree(retrain_ckpt.directory, ignore_errors=True)
         bar.update(1)
 
 
-def _prune_only_step(exp, net, rep, method, i, current, s_x, s_y, seed, chain, results, tb) -> None:
-    """One keep ratio pruned straight from ``current`` and evaluated without retraining."""
-    step = exp.steps[i]
-    result = _prune(exp, current, method, step.keep_ratio, exp.key(seed), s_x, s_y)
+def _prune_only_step(ctx: ChainContext, i: int, current: dict) -> None:
+    """Keep ratio ``i`` pruned straight from ``current`` and evaluated without retraining."""
+    exp, step = ctx.exp, ctx.exp.steps[i]
+    result = _prune(ctx, current, ratio=step.keep_ratio, key=exp.key(ctx.chain.seed(exp.config.seed, i)))
     variables = {**current, "params": result.params}
     metrics = eval_lib.evaluate(variables, exp.model, exp.dataset.test, None,
                                 int(exp.config.eval_batch_size), mesh=exp.mesh)
     meta = {**_prune_meta(exp, result), **metrics}
-    chain.save(i + 1, params=result.params, batch_stats=current.get("batch_stats", {}), masks=result.masks,
-               meta=meta)
-    _record(exp, results, net, rep, method, i, meta, tb)
+    ctx.checkpoint.save(i + 1, params=result.params, batch_stats=current.get("batch_stats", {}),
+                        masks=result.masks, meta=meta)
+    _record(ctx, i, meta)
 
 
 def _resume_retrain(exp, ckpt, current, masks_like):
@@ -472,7 +499,10 @@ def _resume_retrain(exp, ckpt, current, masks_like):
     return state, meta
 
 
-def _record(exp, results, net, rep, method, i, meta, tb) -> None:
+def _record(ctx: ChainContext, i: int, meta: Mapping[str, Any]) -> None:
+    """Keep ratio ``i`` of the chain, finished with ``meta``: into the results, TensorBoard and the log."""
+    exp, results, tb = ctx.exp, ctx.results, ctx.tb
+    net, rep, method = ctx.chain.net, ctx.chain.rep, ctx.chain.method
     results.record(
         net, i, rep, method, error=meta["error"], error5=meta["error5"], loss=meta["loss"],
         sizes=meta["keep_ratio"], flops=meta["flops"], layer_kept=meta["layer_kept"],
@@ -537,7 +567,8 @@ def _run(config: Any, workdir: str | Path) -> results_lib.Results:
                 logging.info("net %d dense: test error %.4f", net, dense["error"])
                 for rep in range(int(exp_cfg.num_repetitions)):
                     for method in exp.methods if steps else []:
-                        run_chain(exp, net, rep, method, state_lib.variables_of(state), results, tb, save, bar)
+                        run_chain(exp, Chain(net, rep, method), state_lib.variables_of(state),
+                                  results=results, tb=tb, save_results=save, bar=bar)
         if is_main and steps:
             report = plot_lib.write_outputs(results, exp.workdir, exp.workdir.name or "results")
             tb.log_text("report", report)
