@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from sensprune import boxing, counting, masking, paths, reach, registry, validation
 from sensprune import budget as budget_lib
-from sensprune import counting, masking, paths, registry, validation
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
@@ -111,6 +111,7 @@ def prune(
     method_options: Optional[Mapping[str, Any]] = None,
     fused_pass: bool = False,
     contraction: str = "auto",
+    allow_dead_layers: bool = False,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -146,6 +147,9 @@ def prune(
         dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
       contraction: strategy of the sensitivity kernels' (max, x) contraction,
         one of ``sensprune.sensitivity.CONTRACTIONS`` (``'auto'`` picks by backend).
+      allow_dead_layers: let the selection leave a layer without any weight
+        (or channel); by default that, and a keep ratio below the smallest
+        reachable one (:mod:`sensprune.reach`), raise ``ValueError``.
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -159,6 +163,8 @@ def prune(
     key = validation.check_key(key)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
+    boxed_params = variables["params"]  # boxed (partitioned) params: results come back in the same boxes
+    variables = boxing.unbox_variables(variables)
     if spec.stochastic and key is None:
         raise ValueError(f"method {method!r} samples: pass key=jax.random.PRNGKey(seed)")
     if spec.needs_labels and labels is None:
@@ -196,10 +202,15 @@ def prune(
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
     if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
-        return validation.keep_everything(params, layers, reference, method, rtol)
+        kept_all = validation.keep_everything(params, layers, reference, method, rtol)
+        return boxing.rebox_result(kept_all, boxed_params)
+    if not allow_dead_layers:
+        reach.check_reachable(method, keep_ratio, reference, params, layers, ctx.alive(), spec.structured, rtol)
     sel, chosen, size, ok, searches = search_selection(
         ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
     )
+    if not allow_dead_layers:
+        reach.check_no_dead_layers(method, sel.masks, sel.sizes, ctx.alive(), spec.structured, keep_ratio)
     if not ok:
         logging.warning(
             "prune(%s): keep_ratio %.4f not reachable within %.2f%%; achieved %.4f",
@@ -218,7 +229,7 @@ def prune(
         size += sum(kept[name] - nnz[name] for name in sel.sizes)
         by_layer = {layer.name: layer for layer in layers}
         flops += sum(sel.flops[name] - nnz[name] * by_layer[name].num_patches for name in sel.flops)
-    return PruneResult(
+    return boxing.rebox_result(PruneResult(
         params=new_params,
         masks=masks,
         keep_ratio=size / reference,
@@ -229,4 +240,4 @@ def prune(
         flops_dense=counting.dense_flops(layers),
         sensitivities=dict(sel.scores),
         info=info,
-    )
+    ), boxed_params)

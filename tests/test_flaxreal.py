@@ -1,0 +1,156 @@
+"""Models built like real Flax codebases (issue #19): partitioned params, text
+classifiers whose prunable layers are a small fraction, unreachable keep ratios."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sensprune as sp
+from sensprune import boxing
+
+WEIGHT_METHODS = ["norm_l1", "norm_l1l2", "norm_l2", "random", "sipp", "sipp_hybrid", "sipp_rand", "snip",
+                  "uniform", "wt"]
+
+
+def _logical(init, *names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class TinyLM(nn.Module):
+    """Token LM with one attention + MLP block, params annotated with logical axes."""
+
+    vocab: int = 16
+    dim: int = 16
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.dim, embedding_init=_logical(nn.initializers.normal(1.0), "vocab", "embed"))(
+            tokens)
+        h = nn.LayerNorm(scale_init=_logical(nn.initializers.ones, "embed"),
+                         bias_init=_logical(nn.initializers.zeros, "embed"))(x)
+        dense = lambda f, names, name: nn.Dense(  # noqa: E731
+            f, kernel_init=_logical(nn.initializers.lecun_normal(), *names),
+            bias_init=_logical(nn.initializers.zeros, names[-1]), name=name)
+        q = dense(self.dim, ("embed", "heads"), "query")(h)
+        k = dense(self.dim, ("embed", "heads"), "key")(h)
+        v = dense(self.dim, ("embed", "heads"), "value")(h)
+        att = nn.softmax(jnp.einsum("btd,bsd->bts", q, k) / np.sqrt(self.dim), axis=-1)
+        x = x + dense(self.dim, ("heads", "embed"), "out")(jnp.einsum("bts,bsd->btd", att, v))
+        h = nn.relu(dense(2 * self.dim, ("embed", "mlp"), "mlp_in")(x))
+        x = x + dense(self.dim, ("mlp", "embed"), "mlp_out")(h)
+        return dense(self.vocab, ("embed", "vocab"), "logits")(x)
+
+
+class TextClassifier(nn.Module):
+    """Bag-of-embeddings classifier: the embedding holds most of the parameters (~17 % prunable)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(200, 16)(tokens).mean(axis=1)
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(4)(x)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model = TinyLM()
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (12, 6), 0, 16)
+    variables = model.init(jax.random.PRNGKey(0), tokens[:1])
+    return model, variables, tokens
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    model = TextClassifier()
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (16, 8), 0, 200)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (16,), 0, 4)
+    return model, model.init(jax.random.PRNGKey(0), tokens[:1]), tokens, labels
+
+
+# ------------------------------------------------------------------ partitioned params
+
+
+def test_boxed_params_prune_masks_boxed_and_training_keeps_zeros(lm):
+    model, variables, tokens = lm
+    assert boxing.has_boxes(variables)
+    layers = sp.find_layers(model, variables, tokens[:1])
+    assert [layer.name for layer in layers][0] == "query"
+    res = sp.prune(model, variables, tokens, method="sipp", keep_ratio=0.6)
+    assert abs(res.keep_ratio - 0.6) <= 0.005 * 0.6
+    # params and masks come back in the params' boxes (same metadata), masks hold bools
+    for tree in (res.params, res.masks):
+        assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(variables["params"])
+    kernel_mask = res.masks["query"]["kernel"]
+    assert isinstance(kernel_mask, nn.LogicallyPartitioned)
+    assert kernel_mask.names == ("embed", "heads") and kernel_mask.value.dtype == jnp.bool_
+    assert nn.get_partition_spec(res.masks) == nn.get_partition_spec(variables["params"])
+    specs = boxing.layer_specs(variables["params"], layers)
+    assert specs["mlp_in"] == jax.sharding.PartitionSpec("embed", "mlp")
+    # the pruned model runs with the boxed params
+    assert model.apply({"params": res.params}, tokens).shape == (12, 6, 16)
+    # masked training on boxed params keeps pruned entries at zero
+    tx = sp.masked(optax.adam(1e-2), res.masks)
+    params = res.params
+    opt = tx.init(params)
+
+    def loss(p):
+        logits = model.apply({"params": p}, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+    for _ in range(2):
+        grads = jax.grad(loss)(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+    plain, masks = boxing.unbox(params), boxing.unbox(res.masks)
+    pruned = np.asarray(plain["query"]["kernel"])[~np.asarray(masks["query"]["kernel"])]
+    assert pruned.size > 0 and np.all(pruned == 0)
+    # boxed masks also apply to unboxed params
+    again = sp.apply_masks(boxing.unbox(variables["params"]), res.masks)
+    np.testing.assert_array_equal(np.asarray(again["query"]["kernel"]) != 0, masks["query"]["kernel"])
+
+
+@pytest.mark.parametrize("method", ["wt", "pfp"])
+def test_boxed_params_other_methods(lm, method):
+    model, variables, tokens = lm
+    res = sp.prune(model, variables, tokens, method=method, keep_ratio=0.7, key=jax.random.PRNGKey(0),
+                   labels=tokens)
+    assert isinstance(res.params["mlp_in"]["kernel"], nn.LogicallyPartitioned)
+    assert isinstance(res.masks["LayerNorm_0"]["scale"], nn.LogicallyPartitioned)
+    assert res.keep_ratio <= 0.75
+
+
+# ------------------------------------------------------------------ unreachable keep ratios
+
+
+@pytest.mark.parametrize("method", sorted(sp.available_methods()))
+def test_unreachable_keep_ratio_refused_up_front(classifier, method):
+    model, variables, tokens, labels = classifier
+    with pytest.raises(ValueError, match=r"smallest reachable keep ratio is 0\.8.*Embed_0/embedding"):
+        sp.prune(model, variables, tokens, method=method, keep_ratio=0.3, key=jax.random.PRNGKey(0),
+                 labels=labels)
+
+
+@pytest.mark.parametrize("method", sorted(sp.available_methods()))
+def test_text_classifier_reachable_or_refused(classifier, method):
+    model, variables, tokens, labels = classifier
+    spec = sp.get_method(method)
+    try:
+        res = sp.prune(model, variables, tokens, method=method, keep_ratio=0.9, key=jax.random.PRNGKey(0),
+                       labels=labels)
+    except ValueError as err:  # only a refusal that names the way forward
+        assert "reachable" in str(err) or "without any" in str(err), err
+        assert spec.structured, f"weight method {method} refused a reachable ratio: {err}"
+        return
+    tol = 0.02 if spec.structured else 0.005  # filter methods move whole channels
+    assert abs(res.keep_ratio - 0.9) <= tol * 0.9, res.keep_ratio
+    for name, kept in res.layer_kept.items():
+        assert kept > 0, f"{method} killed layer {name}"
+
+
+def test_dead_layer_only_when_asked(classifier):
+    model, variables, tokens, labels = classifier
+    res = sp.prune(model, variables, tokens, method="wt", keep_ratio=0.3, allow_dead_layers=True)
+    assert min(res.layer_kept.values()) == 0
