@@ -154,3 +154,70 @@ def test_dead_layer_only_when_asked(classifier):
     model, variables, tokens, labels = classifier
     res = sp.prune(model, variables, tokens, method="wt", keep_ratio=0.3, allow_dead_layers=True)
     assert min(res.layer_kept.values()) == 0
+
+
+class BoxedMLP(nn.Module):
+    """MLP with ``nn.with_partitioning`` (mesh axis names) on every kernel."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i, f in enumerate((16, 12)):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model") if i == 0 else ("model", None))
+            x = nn.relu(nn.Dense(f, kernel_init=init)(x))
+        return nn.Dense(3)(x)
+
+
+def test_boxed_params_shrink_save_load(tmp_path):
+    model = BoxedMLP()
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    res = sp.prune(model, variables, x, method="pfp", keep_ratio=0.6)
+    assert isinstance(res.masks["Dense_0"]["kernel"], nn.Partitioned)
+    small = sp.shrink(model, variables, res.masks, x=x)
+    kernel = small.variables["params"]["Dense_0"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, "model")
+    assert kernel.value.shape[1] < 16
+    want = model.apply({"params": res.params}, x)
+    np.testing.assert_allclose(small.model.apply(small.variables, x), want, atol=1e-5)
+    sp.save_shrunk(tmp_path / "m", small)
+    loaded = sp.load_shrunk(tmp_path / "m", model)
+    np.testing.assert_allclose(loaded.model.apply(loaded.variables, x), want, atol=1e-5)
+
+
+_MESH_CHECK = r"""
+import jax, numpy as np, flax.linen as nn
+import sensprune as sp
+from sensprune import boxing
+from tests.test_flaxreal import TinyLM
+assert jax.device_count() == 2
+model = TinyLM()
+tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 6), 0, 16)
+variables = model.init(jax.random.PRNGKey(0), tokens[:1])
+res = sp.prune(model, variables, tokens, method="sipp", keep_ratio=0.6)
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("model",))
+rules = (("mlp", "model"), ("heads", "model"), ("embed", None), ("vocab", None))
+want = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables["params"]), mesh, rules)
+got = nn.logical_to_mesh_sharding(nn.get_partition_spec(res.masks), mesh, rules)
+assert got == want
+masks = boxing.shard_like(res.masks, mesh, rules)
+m = masks["mlp_in"]["kernel"]
+assert m.dtype == np.bool_ and m.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+assert len(m.addressable_shards) == 2 and m.addressable_shards[0].data.shape == (16, 16)
+print("OK")
+"""
+
+
+def test_boxed_masks_shard_on_a_two_device_mesh():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
+    env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _MESH_CHECK], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
