@@ -13,6 +13,7 @@ from absl import logging
 
 from sensprune import boxing, counting, masking, paths, reach, registry, validation
 from sensprune import budget as budget_lib
+from sensprune import points as points_lib
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
@@ -23,16 +24,22 @@ def default_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
 
 
-def _as_points(data: Any) -> np.ndarray:
-    if isinstance(data, (list, tuple)) and data and not np.isscalar(data[0]):
-        data = np.concatenate([np.asarray(d) for d in data], axis=0)
-    data = np.asarray(data)
-    if data.ndim < 2 or data.shape[0] == 0:
-        raise ValueError(
-            f"data must be an array of points [N, *input_shape] with N >= 1 (or a list of such batches), "
-            f"got shape {data.shape}"
-        )
-    return data
+def _as_points(data: Any) -> Any:
+    """The points of S (:mod:`sensprune.points`): an array, a tuple of positional arguments, a pytree."""
+    if isinstance(data, np.ndarray) or not isinstance(data, (list, tuple, dict)) and hasattr(data, "shape"):
+        data = np.asarray(data)
+        if data.ndim < 2 or data.shape[0] == 0:
+            raise ValueError(
+                f"data must be an array of points [N, *input_shape] with N >= 1 (or a list of such batches), "
+                f"got shape {data.shape}"
+            )
+        return data
+    return points_lib.as_points(data)
+
+
+def _shapes(points: Any) -> Any:
+    """Per-point shapes of the leaves of ``points``, for messages."""
+    return jax.tree_util.tree_map(lambda a: tuple(np.shape(a)[1:]), points)
 
 
 def _kernel_masks_tree(params, layers: Sequence[Layer], masks: Mapping[str, np.ndarray]):
@@ -170,17 +177,18 @@ def prune(
     if spec.needs_labels and labels is None:
         raise ValueError(f"method {method!r} needs labels of the points in data (labels=...)")
     points = _as_points(data)
-    validation.check_finite_points(points)
+    validation.check_finite_points([points])
     apply_kwargs = dict(apply_kwargs or {})
     params = variables["params"]
     validation.check_finite_params(variables)
     if layers is None:
         try:
-            layers = find_layers(model, variables, points[:1], method=apply_method, **apply_kwargs)
+            layers = find_layers(model, variables, points_lib.take(points, 0, 1), method=apply_method,
+                                 **apply_kwargs)
         except flax.errors.FlaxError as err:
             raise ValueError(
                 f"variables do not match the model {type(model).__name__} on data of shape "
-                f"{points.shape[1:]}: {err}"
+                f"{_shapes(points)}: {err}"
             ) from err
     layers = list(layers)
     ctx = PruneContext(

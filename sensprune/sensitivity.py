@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from sensprune import paths, sharding
+from sensprune import points as points_lib
 from sensprune.adapter import ModelAdapter, as_adapter
 from sensprune.sensitivity_kernels import (
     CONTRACTIONS,
@@ -67,6 +68,9 @@ def _concat(arrays: list[Any]) -> Any:
 
 def _chunks(data: Any, chunk_size: int) -> Iterator[Any]:
     """Fixed-size chunks of points; the last one is padded by repeating its first point."""
+    if not _is_array(data):  # pytree points (a tuple = the positional arguments), lists of batches
+        yield from points_lib.chunks(data, chunk_size)
+        return
     if _is_array(data):
         if data.ndim == 0 or data.shape[0] == 0:
             raise ValueError("data must hold at least one point (got an empty array)")

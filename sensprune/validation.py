@@ -82,7 +82,7 @@ def check_finite_points(data: Any, field: str = "data") -> None:
     ``data`` is an array ``[N, ...]``, a list of such batches or any pytree of
     them (the leading axis indexes points); integer leaves are skipped.
     """
-    batches = data if isinstance(data, (list, tuple)) else [data]
+    batches = data if isinstance(data, list) else [data]  # a tuple: the arguments of one batch
     offset = 0
     bad: list[int] = []
     where: set[str] = set()

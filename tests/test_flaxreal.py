@@ -221,3 +221,59 @@ def test_boxed_masks_shard_on_a_two_device_mesh():
     proc = subprocess.run([sys.executable, "-c", _MESH_CHECK], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ several inputs
+
+
+class EncoderDecoder(nn.Module):
+    """Called as ``model.apply(variables, inputs, targets)``: float source features, int target tokens."""
+
+    vocab: int = 12
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, inputs, targets):
+        enc = nn.relu(nn.Dense(self.dim, name="encoder")(inputs))
+        dec = nn.Embed(self.vocab, self.dim)(targets)
+        att = nn.softmax(jnp.einsum("btd,bsd->bts", dec, enc), axis=-1)
+        h = nn.relu(nn.Dense(self.dim, name="decoder")(dec + jnp.einsum("bts,bsd->btd", att, enc)))
+        return nn.Dense(self.vocab, name="logits")(h)
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    model = EncoderDecoder()
+    inputs = jax.random.normal(jax.random.PRNGKey(1), (10, 5, 6))
+    targets = jax.random.randint(jax.random.PRNGKey(2), (10, 4), 0, 12)
+    variables = model.init(jax.random.PRNGKey(0), inputs[:1], targets[:1])
+    return model, variables, np.asarray(inputs), np.asarray(targets)
+
+
+@pytest.mark.parametrize("method", ["sipp", "pfp", "snip", "thinet"])
+def test_tuple_points_are_positional_arguments(seq2seq, method):
+    model, variables, inputs, targets = seq2seq
+    layers = sp.find_layers(model, variables, (inputs[:1], targets[:1]))
+    assert [layer.name for layer in layers] == ["encoder", "decoder", "logits"]
+    res = sp.prune(model, variables, (inputs, targets), method=method, keep_ratio=0.8, labels=targets,
+                   chunk_size=4)  # 10 points: chunks of 4, the last padded
+    assert abs(res.keep_ratio - 0.8) <= (0.03 if sp.get_method(method).structured else 0.004)
+    assert model.apply({"params": res.params}, inputs, targets).shape == (10, 4, 12)
+
+
+def test_tuple_points_sensitivities_match_per_point_and_lists_of_batches(seq2seq):
+    model, variables, inputs, targets = seq2seq
+    whole = sp.compute_sensitivities(model, variables, (inputs, targets), chunk_size=3)
+    parts = sp.compute_sensitivities(model, variables, [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])])
+    for name in whole:
+        np.testing.assert_allclose(whole[name].weight, parts[name].weight, rtol=1e-5)
+
+
+def test_tuple_points_checks(seq2seq):
+    model, variables, inputs, targets = seq2seq
+    bad = inputs.copy()
+    bad[7, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 of 10 points hold NaN.*point indices 7"):
+        sp.prune(model, variables, (bad, targets), method="sipp", keep_ratio=0.8)
+    with pytest.raises(ValueError, match="share the leading"):
+        sp.prune(model, variables, (inputs, targets[:5]), method="sipp", keep_ratio=0.8)
