@@ -185,11 +185,11 @@ def prune(
         try:
             layers = find_layers(model, variables, points_lib.take(points, 0, 1), method=apply_method,
                                  **apply_kwargs)
-        except flax.errors.FlaxError as err:
-            raise ValueError(
-                f"variables do not match the model {type(model).__name__} on data of shape "
-                f"{_shapes(points)}: {err}"
-            ) from err
+        except (flax.errors.FlaxError, NameError) as err:
+            explained = validation.explain_apply_error(err, model, _shapes(points))
+            if explained is None:
+                raise
+            raise explained from err
     layers = list(layers)
     ctx = PruneContext(
         model=model,
@@ -208,6 +208,7 @@ def prune(
         fused_pass=bool(fused_pass),
         contraction=contraction,
     )
+    validation.check_deterministic(ctx.adapter, variables, points_lib.take(points, 0, 2))
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
     if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
         kept_all = validation.keep_everything(params, layers, reference, method, rtol)

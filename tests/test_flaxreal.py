@@ -277,3 +277,81 @@ def test_tuple_points_checks(seq2seq):
         sp.prune(model, variables, (bad, targets), method="sipp", keep_ratio=0.8)
     with pytest.raises(ValueError, match="share the leading"):
         sp.prune(model, variables, (inputs, targets[:5]), method="sipp", keep_ratio=0.8)
+
+
+# ------------------------------------------------------------------ stochastic layers, error texts
+
+
+class DropoutBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Dropout(0.5, deterministic=not train)(nn.Dense(8)(x))
+        x = nn.BatchNorm(use_running_average=not train, axis_name="batch")(x)
+        return nn.Dense(3)(x)
+
+
+@pytest.fixture(scope="module")
+def dropout_bn():
+    model = DropoutBN()
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 5))
+    return model, model.init(jax.random.PRNGKey(0), x, train=False), x
+
+
+def test_missing_dropout_rng_says_train_false(dropout_bn):
+    model, variables, x = dropout_bn
+    with pytest.raises(ValueError, match=r"random number stream.*'train': False") as err:
+        sp.prune(model, variables, x, method="wt", keep_ratio=0.8)
+    assert "do not match" not in str(err.value)
+
+
+def test_unbound_batchnorm_axis_says_train_false(dropout_bn):
+    model, variables, x = dropout_bn
+    with pytest.raises(ValueError, match=r"named axis.*BatchNorm.*'train': False"):
+        sp.prune(model, variables, x, method="wt", keep_ratio=0.8,
+                 apply_kwargs={"rngs": {"dropout": jax.random.PRNGKey(1)}, "mutable": ["batch_stats"]})
+
+
+def test_dropout_active_in_the_pass_is_refused():
+    class DropoutMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8)(x))))
+
+    model = DropoutMLP()
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 5))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match=r"random on S.*'train': False"):
+        sp.prune(model, variables, x, method="sipp", keep_ratio=0.8,
+                 apply_kwargs={"rngs": {"dropout": jax.random.PRNGKey(1)}})
+    # deterministic with an rng passed anyway: fine
+    res = sp.prune(model, variables, x, method="sipp", keep_ratio=0.8,
+                   apply_kwargs={"train": False, "rngs": {"dropout": jax.random.PRNGKey(1)}})
+    assert abs(res.keep_ratio - 0.8) <= 0.004
+
+
+def test_conv_local_and_lstm_name_a_way_forward(caplog):
+    class Local(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.ConvLocal(4, (3,))(x).reshape(x.shape[0], -1))
+
+    x = jnp.ones((2, 6, 3))
+    with pytest.raises(ValueError, match="ConvLocal.*Use nn.Conv"):
+        sp.find_layers(Local(), Local().init(jax.random.PRNGKey(0), x), x)
+
+    class Recurrent(nn.Module):
+        @nn.compact
+        def __call__(self, xs):
+            cell = nn.OptimizedLSTMCell(4)
+            carry = cell.initialize_carry(jax.random.PRNGKey(0), xs[:, 0].shape)
+            for t in range(xs.shape[1]):
+                carry, y = cell(carry, xs[:, t])
+            return nn.Dense(2)(y)
+
+    xs = jnp.ones((2, 3, 5))
+    from sensprune import validation
+    validation._WARNED.discard("OptimizedLSTMCell")
+    with caplog.at_level("WARNING"):
+        layers = sp.find_layers(Recurrent(), Recurrent().init(jax.random.PRNGKey(0), xs), xs)
+    assert [layer.name for layer in layers] == ["Dense_0"]
+    assert "nn.Dense(4 * hidden)" in caplog.text
