@@ -203,6 +203,15 @@ masks = boxing.shard_like(res.masks, mesh, rules)
 m = masks["mlp_in"]["kernel"]
 assert m.dtype == np.bool_ and m.sharding.spec == jax.sharding.PartitionSpec(None, "model")
 assert len(m.addressable_shards) == 2 and m.addressable_shards[0].data.shape == (16, 16)
+from tests.test_flaxreal import EncoderDecoder
+ed = EncoderDecoder()
+inputs = jax.random.normal(jax.random.PRNGKey(1), (7, 5, 6))
+targets = jax.random.randint(jax.random.PRNGKey(2), (7, 4), 0, 12)
+ev = ed.init(jax.random.PRNGKey(0), inputs[:1], targets[:1])
+one = sp.compute_sensitivities(ed, ev, (inputs, targets), chunk_size=3)
+two = sp.compute_sensitivities(ed, ev, (inputs, targets), chunk_size=3, mesh=sp.data_mesh())
+for name in one:
+    np.testing.assert_allclose(np.asarray(two[name].weight), np.asarray(one[name].weight), rtol=1e-5)
 print("OK")
 """
 
@@ -265,8 +274,10 @@ def test_tuple_points_sensitivities_match_per_point_and_lists_of_batches(seq2seq
     model, variables, inputs, targets = seq2seq
     whole = sp.compute_sensitivities(model, variables, (inputs, targets), chunk_size=3)
     parts = sp.compute_sensitivities(model, variables, [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])])
+    fused = sp.compute_sensitivities(model, variables, (inputs, targets), chunk_size=5, fused=True)
     for name in whole:
         np.testing.assert_allclose(whole[name].weight, parts[name].weight, rtol=1e-5)
+        np.testing.assert_allclose(whole[name].weight, fused[name].weight, rtol=1e-5)
 
 
 def test_tuple_points_checks(seq2seq):
