@@ -150,3 +150,26 @@ def chunks(data: Any, size: int) -> Iterator[Any]:
     if held:
         rest = concat(pending)
         yield concat([rest] + [take(rest, 0, 1)] * (size - held))
+
+
+def check_arity(model: Any, method: Any, x: Any) -> None:
+    """Raises ``ValueError`` when tuple points have more arguments than the called method takes."""
+    import inspect
+
+    if type(x) is not tuple:
+        return
+    fn = getattr(model, method) if isinstance(method, str) else (method or getattr(model, "__call__", None))
+    try:
+        signature = inspect.signature(fn)
+        if method is not None and not isinstance(method, str):  # an unbound function: (module, *args)
+            signature.bind(model, *x)
+        else:
+            signature.bind(*x)
+    except (TypeError, ValueError) as err:
+        if "missing" in str(err):  # fewer arguments than parameters: let the model say what it needs
+            return
+        raise ValueError(
+            f"data: a tuple of points is the positional arguments of {type(model).__name__}'s call, but it "
+            f"does not take {len(x)} ({err}). Data must be an array [N, ...], a tuple of one array per "
+            "argument, a pytree (one argument), or an iterable of arrays (a list of batches)"
+        ) from None
