@@ -37,7 +37,8 @@ class PruneContext:
         None for methods that only read kernels.
       variables: its variables (``{'params': ..., ...}``).
       layers: the prunable layers, in call order.
-      data: the points of S, ``[N, *input_shape]``.
+      data: the points of S, ``[N, *input_shape]`` or a pytree of such arrays
+        (a tuple = the positional arguments; :mod:`sensprune.points`).
       labels: labels of S (only methods with ``needs_labels``), or None.
       loss_fn: ``loss_fn(outputs, labels) -> scalar`` for gradient-based methods.
       delta: failure probability of the sampling guarantees.
@@ -58,7 +59,7 @@ class PruneContext:
     model: Any
     variables: Mapping[str, Any]
     layers: list[Layer]
-    data: np.ndarray
+    data: Any
     labels: Optional[np.ndarray] = None
     loss_fn: Optional[Callable[[Any, Any], jax.Array]] = None
     delta: float = 1e-16

@@ -127,7 +127,10 @@ def prune(
         e.g. ``sensprune.nnx.adapter(nnx_model)``), which already says how to call it.
       variables: its variables, with a ``'params'`` collection (and e.g.
         ``'batch_stats'``, used as is).
-      data: the points of S, ``[N, *input_shape]`` (or a list of batches).
+      data: the points of S (:mod:`sensprune.points`): an array ``[N, *input_shape]``;
+        a tuple is the positional arguments of ``__call__`` (e.g. ``(inputs, targets)``
+        of an encoder-decoder, each ``[N, ...]``); any other pytree (a dict) is one
+        argument; a list is a list of batches of these.
       method: a registered method name (see ``sensprune.available_methods()``).
       keep_ratio: fraction of all parameters (nonzero entries, biases and norm
         parameters included) to keep, in (0, 1], relative to ``reference_size``.
