@@ -369,3 +369,22 @@ def test_conv_local_and_lstm_name_a_way_forward(caplog):
         layers = sp.find_layers(Recurrent(), Recurrent().init(jax.random.PRNGKey(0), xs), xs)
     assert [layer.name for layer in layers] == ["Dense_0"]
     assert "nn.Dense(4 * hidden)" in caplog.text
+
+
+def test_nnx_model_with_two_inputs():
+    from flax import nnx
+
+    class TwoInputs(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(4, 6, rngs=rngs)
+            self.b = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x, scale):
+            return self.b(nnx.relu(self.a(x)) * scale)
+
+    model = TwoInputs(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
+    scale = jnp.linspace(0.5, 1.5, 8)[:, None]
+    res = sp.nnx.prune(model, (x, scale), method="sipp", keep_ratio=0.7)
+    assert abs(res.keep_ratio - 0.7) <= 1 / 51  # 51 parameters: one is 2 %
+    assert sum(res.layer_kept.values()) < 4 * 6 + 6 * 3
