@@ -13,6 +13,12 @@ possible:
   sensitivities or scores a method computed (e.g. a diverged model whose
   activations overflow).
 
+* :func:`check_deterministic` - the pass over S is not random (``rngs`` given
+  and the outputs depend on them: Dropout active).
+* :func:`explain_apply_error` - what to do about the first model call's error
+  (a missing dropout rng or an unbound BatchNorm axis: ``train=False``);
+  :func:`layer_advice` names a way forward for layer kinds that are not pruned.
+
 :func:`keep_everything` builds the result of ``keep_ratio=1``: nothing pruned.
 (The keep ratio itself is checked by :func:`sensprune.budget.validate_keep_ratio`,
 which refuses booleans and strings.)
@@ -31,8 +37,11 @@ __all__ = [
     "check_finite_params",
     "check_finite_points",
     "check_finite_sensitivities",
+    "check_deterministic",
     "check_key",
+    "explain_apply_error",
     "keep_everything",
+    "layer_advice",
 ]
 
 _LISTED = 8
