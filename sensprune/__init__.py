@@ -12,7 +12,12 @@ sensitivities keyed by layer name. The algorithms live in
 through :mod:`sensprune.adapter` (Linen) and :mod:`sensprune.nnx_adapter` (nnx).
 """
 
-from sensprune import sharding  # noqa: F401  (data-parallel meshes: sensprune.sharding)
+from sensprune import (  # noqa: F401
+    boxing,  # partitioned params (nn.with_partitioning)
+    points,  # the points of S as a pytree (a tuple = positional arguments)
+    reach,  # reachable keep ratios
+    sharding,  # data-parallel meshes
+)
 from sensprune.adapter import LinenAdapter, ModelAdapter, as_adapter
 from sensprune.budget import search_budget, validate_keep_ratio
 from sensprune.context import PruneContext

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from sensprune import geometry
+from sensprune.points import as_args, check_arity
 from sensprune.types import Layer, Path
 
 __all__ = ["Interceptor", "LayerCall", "LinenAdapter", "ModelAdapter", "as_adapter", "trace_with_markers"]
@@ -129,7 +130,8 @@ class LinenAdapter:
         return dict(self.kwargs)
 
     def _call(self, variables: Mapping[str, Any], x: Any, **override: Any) -> Any:
-        return self.raw_apply(variables, x, **override)
+        check_arity(self.model, self.method, x)  # a tuple of points = the positional arguments
+        return self.raw_apply(variables, *as_args(x), **override)
 
     def raw_apply(
         self, variables: Mapping[str, Any], *args: Any, interceptor: Optional[Interceptor] = None, **override: Any
@@ -159,7 +161,8 @@ class LinenAdapter:
         return out[0] if _returns_state(self.apply_kwargs.get("mutable", False)) else out
 
     def intercept(self, variables: Mapping[str, Any], x: Any, interceptor: Interceptor) -> Any:
-        out = self.raw_apply(variables, x, interceptor=interceptor)
+        check_arity(self.model, self.method, x)
+        out = self.raw_apply(variables, *as_args(x), interceptor=interceptor)
         return out[0] if _returns_state(self.apply_kwargs.get("mutable", False)) else out
 
     def find_layers(self, variables: Mapping[str, Any], x: Any) -> list[Layer]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Optional, Ty
 import jax
 import numpy as np
 
-from sensprune import paths
+from sensprune import paths, points
 from sensprune.adapter import ModelAdapter, as_adapter
 from sensprune.types import Layer, LayerSensitivity
 
@@ -37,7 +37,8 @@ class PruneContext:
         None for methods that only read kernels.
       variables: its variables (``{'params': ..., ...}``).
       layers: the prunable layers, in call order.
-      data: the points of S, ``[N, *input_shape]``.
+      data: the points of S, ``[N, *input_shape]`` or a pytree of such arrays
+        (a tuple = the positional arguments; :mod:`sensprune.points`).
       labels: labels of S (only methods with ``needs_labels``), or None.
       loss_fn: ``loss_fn(outputs, labels) -> scalar`` for gradient-based methods.
       delta: failure probability of the sampling guarantees.
@@ -58,7 +59,7 @@ class PruneContext:
     model: Any
     variables: Mapping[str, Any]
     layers: list[Layer]
-    data: np.ndarray
+    data: Any
     labels: Optional[np.ndarray] = None
     loss_fn: Optional[Callable[[Any, Any], jax.Array]] = None
     delta: float = 1e-16
@@ -146,7 +147,7 @@ class PruneContext:
     def _dependencies(self) -> DependencyMap:
         from sensprune.dependencies import analyze
 
-        return analyze(self.adapter, self.variables, np.asarray(self.data[:1]), layers=self.layers)
+        return analyze(self.adapter, self.variables, points.take(self.data, 0, 1), layers=self.layers)
 
     def dependencies(self) -> DependencyMap:
         """Channel groups of the model (:func:`sensprune.dependencies.analyze`, cached)."""
@@ -154,13 +155,13 @@ class PruneContext:
 
     @functools.cached_property
     def _input_layers(self) -> frozenset[str]:
-        x = np.asarray(self.data[:2])
+        x = points.take(self.data, 0, 2)
         inputs = self.adapter.capture_inputs(self.variables, x, self.layers)
-        flat_x = x.reshape(x.shape[0], -1)
+        flats = [np.asarray(leaf).reshape(np.shape(leaf)[0], -1) for leaf in jax.tree_util.tree_leaves(x)]
         found = set()
         for name, a in inputs.items():
             flat_a = np.asarray(a).reshape(a.shape[0], -1)
-            if flat_a.shape == flat_x.shape and np.array_equal(flat_a, flat_x):
+            if any(flat_a.shape == f.shape and np.array_equal(flat_a, f) for f in flats):
                 found.add(name)
         return frozenset(found)
 

@@ -135,10 +135,14 @@ def conv_layer(module: nn.Conv, path: Path, inputs: Any, outputs: Any, order: in
 
 
 def check_supported(module: nn.Module, path: Path) -> None:
+    from sensprune.validation import layer_advice, warn_fixed_layer
+
+    warn_fixed_layer(module, path)
     if isinstance(module, UNSUPPORTED):
+        advice = layer_advice(module)
         raise ValueError(
             f"layer {layer_name(path)!r} is a {type(module).__name__}, which cannot be pruned; "
-            + SUPPORTED_TEXT
+            + SUPPORTED_TEXT + (f". {advice}" if advice else "")
         )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 
 from sensprune.adapter import as_adapter
+from sensprune.boxing import unbox_variables
 from sensprune.types import Layer
 
 
@@ -41,6 +42,7 @@ def find_layers(
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
+    variables = unbox_variables(variables)  # partitioned params (nn.with_partitioning): their arrays
     return as_adapter(model, method, apply_kwargs).find_layers(variables, x)
 
 
@@ -58,4 +60,4 @@ def capture_inputs(
     Pure and jittable. ``layers`` restricts the capture (default: every Dense
     and Conv call). A layer called more than once raises ``ValueError``.
     """
-    return as_adapter(model, method, apply_kwargs).capture_inputs(variables, x, layers)
+    return as_adapter(model, method, apply_kwargs).capture_inputs(unbox_variables(variables), x, layers)

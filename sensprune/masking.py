@@ -140,8 +140,21 @@ def intersect_masks(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.logical_and, a, b)
 
 
+def _masks_for(params: PyTree, masks: PyTree) -> PyTree:
+    """Boxed masks (partitioned, :mod:`sensprune.boxing`) unboxed when ``params`` are plain."""
+    from sensprune import boxing
+
+    if boxing.has_boxes(masks) and not boxing.has_boxes(params):
+        return boxing.unbox(masks)
+    return masks
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-    """Zeroes the pruned entries of ``params``; dtypes are kept."""
+    """Zeroes the pruned entries of ``params``; dtypes are kept.
+
+    Boxed masks (``PruneResult.masks`` of partitioned params) also apply to the unboxed params.
+    """
+    masks = _masks_for(params, masks)
     check_same_structure(params, masks)
 
     def apply(p: jax.Array, m: jax.Array) -> jax.Array:
@@ -214,8 +227,9 @@ def masked(
         if masks is None:
             init_masks = nonzero_masks(params)
         else:
-            check_same_structure(params, masks)
-            init_masks = jax.tree.map(jnp.asarray, masks)
+            init_masks = _masks_for(params, masks)
+            check_same_structure(params, init_masks)
+            init_masks = jax.tree.map(jnp.asarray, init_masks)
         return PruneMaskState(inner_state=inner.init(params), masks=init_masks)
 
     def update_fn(

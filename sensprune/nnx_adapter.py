@@ -29,6 +29,7 @@ from flax import nnx, traverse_util
 
 from sensprune import geometry, paths
 from sensprune.adapter import Interceptor, LayerCall, check_captured
+from sensprune.points import as_args
 from sensprune.types import Layer, Path
 
 __all__ = ["NNXAdapter", "REST", "nnx_adapter", "params_dict", "state_like"]
@@ -227,15 +228,16 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
 
 
 def _run(module: nnx.Module, forward: Forward, x: Any, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    xs = as_args(x)  # a tuple of points = the positional arguments (sensprune.points)
     if forward is None:
-        return module(x, *args, **kwargs)
+        return module(*xs, *args, **kwargs)
     if isinstance(forward, str):
         fn = getattr(module, forward, None)
         if not callable(fn):
             raise ValueError(f"forward={forward!r}: {type(module).__name__} has no such method")
-        return fn(x, *args, **kwargs)
+        return fn(*xs, *args, **kwargs)
     if callable(forward):
-        return forward(module, x, *args, **kwargs)
+        return forward(module, *xs, *args, **kwargs)
     raise ValueError(
         f"forward must be None (model(x)), a method name or a function fn(model, x), got {forward!r}"
     )

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from sensprune import boxing, counting, masking, paths, reach, registry, validation
 from sensprune import budget as budget_lib
-from sensprune import counting, masking, paths, registry, validation
+from sensprune import points as points_lib
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
@@ -23,16 +24,22 @@ def default_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
 
 
-def _as_points(data: Any) -> np.ndarray:
-    if isinstance(data, (list, tuple)) and data and not np.isscalar(data[0]):
-        data = np.concatenate([np.asarray(d) for d in data], axis=0)
-    data = np.asarray(data)
-    if data.ndim < 2 or data.shape[0] == 0:
-        raise ValueError(
-            f"data must be an array of points [N, *input_shape] with N >= 1 (or a list of such batches), "
-            f"got shape {data.shape}"
-        )
-    return data
+def _as_points(data: Any) -> Any:
+    """The points of S (:mod:`sensprune.points`): an array, a tuple of positional arguments, a pytree."""
+    if isinstance(data, np.ndarray) or not isinstance(data, (list, tuple, dict)) and hasattr(data, "shape"):
+        data = np.asarray(data)
+        if data.ndim < 2 or data.shape[0] == 0:
+            raise ValueError(
+                f"data must be an array of points [N, *input_shape] with N >= 1 (or a list of such batches), "
+                f"got shape {data.shape}"
+            )
+        return data
+    return points_lib.as_points(data)
+
+
+def _shapes(points: Any) -> Any:
+    """Per-point shapes of the leaves of ``points``, for messages."""
+    return jax.tree_util.tree_map(lambda a: tuple(np.shape(a)[1:]), points)
 
 
 def _kernel_masks_tree(params, layers: Sequence[Layer], masks: Mapping[str, np.ndarray]):
@@ -111,6 +118,7 @@ def prune(
     method_options: Optional[Mapping[str, Any]] = None,
     fused_pass: bool = False,
     contraction: str = "auto",
+    allow_dead_layers: bool = False,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -119,7 +127,10 @@ def prune(
         e.g. ``sensprune.nnx.adapter(nnx_model)``), which already says how to call it.
       variables: its variables, with a ``'params'`` collection (and e.g.
         ``'batch_stats'``, used as is).
-      data: the points of S, ``[N, *input_shape]`` (or a list of batches).
+      data: the points of S (:mod:`sensprune.points`): an array ``[N, *input_shape]``;
+        a tuple is the positional arguments of ``__call__`` (e.g. ``(inputs, targets)``
+        of an encoder-decoder, each ``[N, ...]``); any other pytree (a dict) is one
+        argument; a list is a list of batches of these.
       method: a registered method name (see ``sensprune.available_methods()``).
       keep_ratio: fraction of all parameters (nonzero entries, biases and norm
         parameters included) to keep, in (0, 1], relative to ``reference_size``.
@@ -146,6 +157,9 @@ def prune(
         dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
       contraction: strategy of the sensitivity kernels' (max, x) contraction,
         one of ``sensprune.sensitivity.CONTRACTIONS`` (``'auto'`` picks by backend).
+      allow_dead_layers: let the selection leave a layer without any weight
+        (or channel); by default that, and a keep ratio below the smallest
+        reachable one (:mod:`sensprune.reach`), raise ``ValueError``.
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -159,23 +173,26 @@ def prune(
     key = validation.check_key(key)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
+    boxed_params = variables["params"]  # boxed (partitioned) params: results come back in the same boxes
+    variables = boxing.unbox_variables(variables)
     if spec.stochastic and key is None:
         raise ValueError(f"method {method!r} samples: pass key=jax.random.PRNGKey(seed)")
     if spec.needs_labels and labels is None:
         raise ValueError(f"method {method!r} needs labels of the points in data (labels=...)")
     points = _as_points(data)
-    validation.check_finite_points(points)
+    validation.check_finite_points([points])
     apply_kwargs = dict(apply_kwargs or {})
     params = variables["params"]
     validation.check_finite_params(variables)
     if layers is None:
         try:
-            layers = find_layers(model, variables, points[:1], method=apply_method, **apply_kwargs)
-        except flax.errors.FlaxError as err:
-            raise ValueError(
-                f"variables do not match the model {type(model).__name__} on data of shape "
-                f"{points.shape[1:]}: {err}"
-            ) from err
+            layers = find_layers(model, variables, points_lib.take(points, 0, 1), method=apply_method,
+                                 **apply_kwargs)
+        except (flax.errors.FlaxError, NameError) as err:
+            explained = validation.explain_apply_error(err, model, _shapes(points))
+            if explained is None:
+                raise
+            raise explained from err
     layers = list(layers)
     ctx = PruneContext(
         model=model,
@@ -194,12 +211,18 @@ def prune(
         fused_pass=bool(fused_pass),
         contraction=contraction,
     )
+    validation.check_deterministic(ctx.adapter, variables, points_lib.take(points, 0, 2))
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
     if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
-        return validation.keep_everything(params, layers, reference, method, rtol)
+        kept_all = validation.keep_everything(params, layers, reference, method, rtol)
+        return boxing.rebox_result(kept_all, boxed_params)
+    if not allow_dead_layers:
+        reach.check_reachable(method, keep_ratio, reference, params, layers, ctx.alive(), spec.structured, rtol)
     sel, chosen, size, ok, searches = search_selection(
         ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
     )
+    if not allow_dead_layers:
+        reach.check_no_dead_layers(method, sel.masks, sel.sizes, ctx.alive(), spec.structured, keep_ratio)
     if not ok:
         logging.warning(
             "prune(%s): keep_ratio %.4f not reachable within %.2f%%; achieved %.4f",
@@ -218,7 +241,7 @@ def prune(
         size += sum(kept[name] - nnz[name] for name in sel.sizes)
         by_layer = {layer.name: layer for layer in layers}
         flops += sum(sel.flops[name] - nnz[name] * by_layer[name].num_patches for name in sel.flops)
-    return PruneResult(
+    return boxing.rebox_result(PruneResult(
         params=new_params,
         masks=masks,
         keep_ratio=size / reference,
@@ -229,4 +252,4 @@ def prune(
         flops_dense=counting.dense_flops(layers),
         sensitivities=dict(sel.scores),
         info=info,
-    )
+    ), boxed_params)

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from sensprune import paths, sharding
+from sensprune import points as points_lib
 from sensprune.adapter import ModelAdapter, as_adapter
 from sensprune.sensitivity_kernels import (
     CONTRACTIONS,
@@ -67,6 +68,9 @@ def _concat(arrays: list[Any]) -> Any:
 
 def _chunks(data: Any, chunk_size: int) -> Iterator[Any]:
     """Fixed-size chunks of points; the last one is padded by repeating its first point."""
+    if not _is_array(data):  # pytree points (a tuple = the positional arguments), lists of batches
+        yield from points_lib.chunks(data, chunk_size)
+        return
     if _is_array(data):
         if data.ndim == 0 or data.shape[0] == 0:
             raise ValueError("data must hold at least one point (got an empty array)")
@@ -164,7 +168,7 @@ def compute_sensitivities(
     if not layers:
         raise ValueError("layers is empty; pass None to use every prunable layer")
     if fused:
-        stacked = np.stack([np.asarray(c) for c in itertools.chain([first], chunks)])
+        stacked = jax.tree_util.tree_map(lambda *c: np.stack([np.asarray(a) for a in c]), first, *chunks)
         return fused_pass(adapter, variables, stacked, layers, reduction=reduction, mesh=mesh, contraction=contraction)
     capture = capture_function(adapter, layers)
     geometry = {layer.name: _geometry(layer) for layer in layers}
@@ -177,7 +181,7 @@ def compute_sensitivities(
         result = sharding.replicate(result, mesh)
     for chunk in itertools.chain([first], chunks):
         if mesh is not None:
-            chunk = sharding.shard_points(chunk, mesh)[0]
+            chunk = jax.tree_util.tree_map(lambda a: sharding.shard_points(a, mesh)[0], chunk)
         inputs = capture(variables, chunk)
         for layer in layers:
             kernel = paths.get_kernel(variables["params"], layer)
@@ -281,11 +285,12 @@ def fused_pass(
     """
     _check_reduction(reduction)
     contraction = resolve_contraction(contraction)
-    if np.ndim(chunks) < 2 or 0 in np.shape(chunks)[:2]:
-        raise ValueError(f"chunks must be [C, n, ...] with C, n >= 1, got shape {tuple(np.shape(chunks))}")
+    lead = (jax.tree_util.tree_leaves(chunks) or [np.zeros(())])[0]  # pytree points: every leaf [C, n, ...]
+    if np.ndim(lead) < 2 or 0 in np.shape(lead)[:2]:
+        raise ValueError(f"chunks must be [C, n, ...] with C, n >= 1, got shape {tuple(np.shape(lead))}")
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
-        chunks = sharding.shard_points(chunks, mesh, axis=1)[0]
+        chunks = jax.tree_util.tree_map(lambda a: sharding.shard_points(a, mesh, axis=1)[0], chunks)
     adapter = as_adapter(model, method, apply_kwargs)
     static = dict(adapter=adapter, layers=tuple(layers), reduction=reduction, contraction=contraction, mesh=mesh)
     try:

@@ -44,8 +44,8 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from sensprune import boxing, masking, paths
 from sensprune import dependencies as deps_lib
-from sensprune import masking, paths
 from sensprune.adapter import LayerCall, LinenAdapter, ModelAdapter, as_adapter
 from sensprune.geometry import resolve_padding
 from sensprune.types import Path
@@ -119,8 +119,8 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
     if type(module) not in (nn.Dense, nn.Conv) or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
-    kernel = module.get_variable("params", "kernel")
-    bias = module.get_variable("params", "bias") if module.use_bias else None
+    kernel = boxing.unbox(module.get_variable("params", "kernel"))
+    bias = boxing.unbox(module.get_variable("params", "bias")) if module.use_bias else None
     fn = _dense if isinstance(module, nn.Dense) else _conv
     return fn(module, x, kernel, bias)
 
@@ -347,6 +347,9 @@ def shrink(
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection (as returned by model.init)")
+    boxed = variables  # partitioned params (sensprune.boxing): sliced as arrays, given back in their boxes
+    variables, masks_or_params = boxing.unbox_variables(variables), boxing.unbox(masks_or_params)
+    opt_state = boxing.unbox(opt_state)
     adapter = as_adapter(model, method, apply_kwargs)
     if deps is None:
         if x is None:
@@ -382,6 +385,7 @@ def shrink(
     shrunk = Shrunk(ShrunkModel(linen if linen is not None else adapter), small, widths, kept, small_opt, meta)
     if check and x is not None:
         _check(adapter, masked_vars, small, x, atol)
+    shrunk.variables = {col: boxing.rebox_like(boxed[col], tree) for col, tree in small.items()}
     return shrunk
 
 
@@ -439,7 +443,7 @@ def save_shrunk(path: str | os.PathLike, shrunk: Shrunk) -> None:
 
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=True)
-    variables = jax.tree_util.tree_map(np.asarray, shrunk.variables)
+    variables = jax.tree_util.tree_map(np.asarray, boxing.unbox(shrunk.variables))  # boxes: their arrays
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, _VARS_DIR), variables, force=True)
     checkpointer.wait_until_finished()

@@ -13,6 +13,12 @@ possible:
   sensitivities or scores a method computed (e.g. a diverged model whose
   activations overflow).
 
+* :func:`check_deterministic` - the pass over S is not random (``rngs`` given
+  and the outputs depend on them: Dropout active).
+* :func:`explain_apply_error` - what to do about the first model call's error
+  (a missing dropout rng or an unbound BatchNorm axis: ``train=False``);
+  :func:`layer_advice` names a way forward for layer kinds that are not pruned.
+
 :func:`keep_everything` builds the result of ``keep_ratio=1``: nothing pruned.
 (The keep ratio itself is checked by :func:`sensprune.budget.validate_keep_ratio`,
 which refuses booleans and strings.)
@@ -31,8 +37,11 @@ __all__ = [
     "check_finite_params",
     "check_finite_points",
     "check_finite_sensitivities",
+    "check_deterministic",
     "check_key",
+    "explain_apply_error",
     "keep_everything",
+    "layer_advice",
 ]
 
 _LISTED = 8
@@ -82,7 +91,7 @@ def check_finite_points(data: Any, field: str = "data") -> None:
     ``data`` is an array ``[N, ...]``, a list of such batches or any pytree of
     them (the leading axis indexes points); integer leaves are skipped.
     """
-    batches = data if isinstance(data, (list, tuple)) else [data]
+    batches = data if isinstance(data, list) else [data]  # a tuple: the arguments of one batch
     offset = 0
     bad: list[int] = []
     where: set[str] = set()
@@ -197,3 +206,107 @@ def keep_everything(params: Any, layers: Sequence[Layer], reference: int, method
         info=dict(nominal_budget=sum(kept.values()), reachable=abs(size - reference) <= rtol * reference,
                   searches=0, method=method),
     )
+
+
+# --------------------------------------------------------------------------- errors of the model call
+
+_TRAIN_HINT = (
+    "run the model deterministically in the pass over S: apply_kwargs={'train': False} (or "
+    "deterministic=True / use_running_average=True, whatever your __call__ takes)"
+)
+
+
+def explain_apply_error(err: BaseException, model: Any, shapes: Any) -> Optional[ValueError]:
+    """A ``ValueError`` that says what to do about an error of the model's first call on S (None: unknown).
+
+    * a missing random stream (``flax.errors.InvalidRngError``: Dropout without an rng) is not a
+      variables mismatch: the model runs in training mode;
+    * JAX's ``unbound axis name`` (BatchNorm / ``lax.pmean`` with ``axis_name``) means the same;
+    * other Flax errors: the variables do not match the model.
+    """
+    import flax
+
+    name = type(model).__name__
+    text = str(err)
+    if isinstance(err, flax.errors.InvalidRngError) or "needs PRNG" in text:
+        return ValueError(
+            f"{name} asks for a random number stream on S ({text.split(' (https')[0]}): it runs in training "
+            f"mode (e.g. Dropout). Sensitivities must not be random: {_TRAIN_HINT}."
+        )
+    if isinstance(err, NameError) and "unbound axis name" in text:
+        return ValueError(
+            f"{name} reduces over a named axis on S ({text.split('.')[0]}), e.g. nn.BatchNorm(axis_name=...) in "
+            f"training mode, which only works inside pmap / shard_map: {_TRAIN_HINT}, so that batch statistics "
+            "come from the stored running averages."
+        )
+    if isinstance(err, flax.errors.FlaxError):
+        return ValueError(f"variables do not match the model {name} on points of shape {shapes}: {err}")
+    return None
+
+
+def check_deterministic(adapter: Any, variables: Mapping[str, Any], x: Any) -> None:
+    """Refuses a pass over S that is random: ``rngs`` given to ``apply`` and the outputs depend on them.
+
+    The model is run twice on ``x`` (a few points) with different keys for every
+    random stream; different outputs mean Dropout (or another stochastic layer)
+    is active and the sensitivities would be random.
+    """
+    from sensprune.adapter import LinenAdapter
+
+    if not isinstance(adapter, LinenAdapter):
+        return
+    kwargs = adapter.apply_kwargs
+    rngs = kwargs.get("rngs")
+    if rngs is None:
+        return
+    if not isinstance(rngs, Mapping):
+        rngs = {"params": rngs}
+    outs = []
+    for salt in (1, 2):
+        other = {stream: jax.random.fold_in(key, salt) for stream, key in rngs.items()}
+        again = LinenAdapter.create(adapter.model, adapter.method, {**kwargs, "rngs": other})
+        outs.append(jax.tree_util.tree_leaves(again.apply(variables, x)))
+    if any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*outs)):
+        raise ValueError(
+            f"{type(adapter.model).__name__} is random on S: with apply_kwargs rngs={sorted(rngs)} its outputs "
+            f"change with the keys (Dropout or another stochastic layer is active), so the sensitivities would "
+            f"be random. {_TRAIN_HINT[0].upper() + _TRAIN_HINT[1:]}, and drop 'rngs'."
+        )
+
+
+_LAYER_ADVICE = {
+    "ConvLocal": (
+        "nn.ConvLocal has its own kernel at every output position (no weight sharing), which the "
+        "sensitivity kernels do not cover. Use nn.Conv for layers you want pruned; to prune the rest of "
+        "the model, move the ConvLocal out of the pruned module (apply it in a separate module before or "
+        "after it)"
+    ),
+    "OptimizedLSTMCell": (
+        "nn.OptimizedLSTMCell keeps its gate kernels in fused DenseParams, not nn.Dense, so they stay dense "
+        "and count as fixed parameters. To prune the input side, project the whole sequence with one "
+        "nn.Dense(4 * hidden) before the recurrence (a Dense called once, on [B, T, features]) and feed "
+        "the cell the projected gates"
+    ),
+}
+
+
+def layer_advice(module: Any) -> str:
+    """What to do about a layer kind sensprune cannot prune ('' when there is no advice)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in _LAYER_ADVICE:
+            return _LAYER_ADVICE[cls.__name__]
+    return ""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_fixed_layer(module: Any, path: Any) -> None:
+    """Logs once per kind that a layer with parameters stays dense, and how to prune it instead."""
+    kind = type(module).__name__
+    advice = layer_advice(module)
+    if advice and kind == "OptimizedLSTMCell" and kind not in _WARNED:
+        from absl import logging
+
+        _WARNED.add(kind)
+        logging.warning("layer %s is not pruned: %s.", "/".join(path) or kind, advice)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensprune import paths, registry, selection
+from sensprune import paths, points, registry, selection
 from sensprune.adapter import with_params
 from sensprune.context import PruneContext
 
@@ -58,20 +58,21 @@ def _loss_gradients(ctx: PruneContext) -> dict[str, np.ndarray]:
         raise ValueError("method 'snip' needs labels of the points of S (labels=...)")
     if ctx.loss_fn is None:
         raise ValueError("method 'snip' needs a loss: loss_fn(outputs, labels) -> scalar")
-    data, labels = np.asarray(ctx.data), np.asarray(ctx.labels)
-    if labels.shape[0] != data.shape[0]:
+    data, labels = ctx.data, np.asarray(ctx.labels)
+    n = points.num_points(data)
+    if labels.shape[0] != n:
         raise ValueError(
             f"labels must have one entry per point of data: got {labels.shape[0]} labels "
-            f"for {data.shape[0]} points"
+            f"for {n} points"
         )
     fn = ctx.memo(_kernel_grad_fn)
-    n, chunk = data.shape[0], max(int(ctx.chunk_size), 1)
+    chunk = max(int(ctx.chunk_size), 1)
     total = [np.zeros(layer.kernel_shape, np.float64) for layer in ctx.layers]
     for start in range(0, n, chunk):
-        x, y = data[start : start + chunk], labels[start : start + chunk]
-        grads = fn(ctx.params, jnp.asarray(x), jnp.asarray(y))
+        x, y = points.take(data, start, start + chunk), labels[start : start + chunk]
+        grads = fn(ctx.params, jax.tree_util.tree_map(jnp.asarray, x), jnp.asarray(y))
         for acc, g in zip(total, grads):
-            acc += (x.shape[0] / n) * np.asarray(g, np.float64)
+            acc += (y.shape[0] / n) * np.asarray(g, np.float64)
     return {layer.name: g for layer, g in zip(ctx.layers, total)}
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensprune import dependencies, patches, propagation, registry
+from sensprune import dependencies, patches, points, propagation, registry
 from sensprune.context import PruneContext
 from sensprune.methods import filter_norm
 from sensprune.sensitivity import capture_function
@@ -98,8 +98,8 @@ def contributions(
 
 
 def _contributions(ctx: PruneContext, samples: int, max_points: int) -> dict[str, np.ndarray]:
-    data = np.asarray(ctx.data[:max_points])
-    n_points = data.shape[0]
+    data = points.take(ctx.data, 0, max_points)
+    n_points = points.num_points(data)
     chunk = max(1, min(int(ctx.chunk_size), n_points))
     alive_f = filter_norm.filter_alive(ctx)
     kernels = ctx.kernels()
@@ -119,10 +119,11 @@ def _contributions(ctx: PruneContext, samples: int, max_points: int) -> dict[str
     capture = capture_function(ctx.adapter, ctx.layers)
     totals = {layer.name: np.zeros((samples, layer.in_channels)) for layer in ctx.layers}
     for start in range(0, n_points, chunk):
-        x = data[start : start + chunk]
-        if x.shape[0] < chunk:  # pad to keep one compiled shape
-            x = np.concatenate([x, np.repeat(x[-1:], chunk - x.shape[0], axis=0)])
-        inputs = capture(ctx.variables, jnp.asarray(x))
+        x = points.take(data, start, start + chunk)
+        held = points.num_points(x)
+        if held < chunk:  # pad to keep one compiled shape
+            x = points.concat([x] + [points.take(x, held - 1, held)] * (chunk - held))
+        inputs = capture(ctx.variables, jax.tree_util.tree_map(jnp.asarray, x))
         for layer in ctx.layers:
             rows_idx, plan_p, w_sel, fn = plans[layer.name]
             local = rows_idx - start
