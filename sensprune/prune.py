@@ -12,7 +12,7 @@ import optax
 from absl import logging
 
 from sensprune import budget as budget_lib
-from sensprune import counting, masking, paths, registry, validation
+from sensprune import counting, layer_kinds, masking, paths, registry, validation
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
@@ -111,6 +111,8 @@ def prune(
     method_options: Optional[Mapping[str, Any]] = None,
     fused_pass: bool = False,
     contraction: str = "auto",
+    include: layer_kinds.LayerFilter = None,
+    exclude: layer_kinds.LayerFilter = None,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -146,6 +148,15 @@ def prune(
         dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
       contraction: strategy of the sensitivity kernels' (max, x) contraction,
         one of ``sensprune.sensitivity.CONTRACTIONS`` (``'auto'`` picks by backend).
+      include, exclude: which layers to prune, by name (``'/'.join(path)``): a regex
+        (``re.search``), a predicate ``name -> bool`` or a list of names; e.g.
+        ``exclude='Embed|head'``. The others stay dense and count as fixed size.
+
+    Linear layers that cannot be scored (e.g. ``nn.ConvTranspose``), layers the
+    filters leave out, and (for filter methods) layers whose channels the
+    dependency analysis does not map (attention projections, grouped convs,
+    shared layers) stay dense: ``result.info['dense_layers']`` maps their names
+    to the reason, and one log line lists them.
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -168,15 +179,16 @@ def prune(
     apply_kwargs = dict(apply_kwargs or {})
     params = variables["params"]
     validation.check_finite_params(variables)
+    dense: dict[str, str] = {}
     if layers is None:
         try:
-            layers = find_layers(model, variables, points[:1], method=apply_method, **apply_kwargs)
+            layers, dense = layer_kinds.discover(model, variables, points[:1], apply_method, apply_kwargs, find_layers)
         except flax.errors.FlaxError as err:
             raise ValueError(
                 f"variables do not match the model {type(model).__name__} on data of shape "
                 f"{points.shape[1:]}: {err}"
             ) from err
-    layers = list(layers)
+    layers, dense = layer_kinds.choose_layers(layers, dense, include, exclude, spec.structured)
     ctx = PruneContext(
         model=model,
         variables=variables,
@@ -195,8 +207,9 @@ def prune(
         contraction=contraction,
     )
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
-    if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
-        return validation.keep_everything(params, layers, reference, method, rtol)
+    if keep_ratio == 1.0 or not layers:  # keeps everything (zero-initialised biases are not "pruned")
+        result = validation.keep_everything(params, layers, reference, method, rtol)
+        return layer_kinds.report_dense(result, dense, reachable=bool(layers) or None)
     sel, chosen, size, ok, searches = search_selection(
         ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
     )
@@ -209,7 +222,7 @@ def prune(
     masks = _kernel_masks_tree(params, layers, sel.masks)
     kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
-    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method)
+    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method, dense_layers=dense)
     size = counting.count_nonzero(new_params)
     flops = counting.flops(new_params, layers)
     if sel.sizes or sel.flops:
