@@ -130,6 +130,7 @@ class Decoder(nn.Module):
     def __call__(self, z):
         x = nn.relu(nn.Dense(64)(z)).reshape(z.shape[0], 4, 4, 4)
         x = nn.relu(nn.ConvTranspose(6, (3, 3), strides=(2, 2))(x))
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
         x = nn.Conv(3, (3, 3))(x)
         return x.reshape(x.shape[0], -1)[:, :5]
 
@@ -182,7 +183,10 @@ def _check_result(result, params, method, keep_ratio=0.6):
     if result.info["reachable"]:
         assert abs(result.keep_ratio - keep_ratio) <= 0.005 * keep_ratio + 1e-9
     else:
-        assert structured or method == "svd", (method, result.keep_ratio)
+        # filter methods and svd: granularity; sampling SiPP on these tiny nets: discrete samples
+        # (the search's closest size, flagged reachable=False, within 1 %)
+        sampled = spec is not None and spec.stochastic and abs(result.keep_ratio - keep_ratio) <= 0.01
+        assert structured or method == "svd" or sampled, (method, result.keep_ratio)
 
 
 @pytest.mark.parametrize("case", sorted(LINEN))
