@@ -143,15 +143,16 @@ def check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> None
     """Each layer's kernel must be in ``variables['params']`` with the traced shape."""
     for layer in layers:
         try:
-            kernel = paths.get_kernel(variables["params"], layer)
+            kernel = paths.get_path(variables["params"], paths.kernel_path(layer))  # the leaf itself
         except KeyError as err:
             raise ValueError(
                 f"layer {layer.name!r}: kernel not found in variables['params'] "
                 "(lifted transforms such as nn.scan / nn.vmap are not supported)"
             ) from err
-        if tuple(kernel.shape) != layer.kernel_shape:
+        expected = tuple(layer.param_shape) or layer.kernel_shape
+        if tuple(kernel.shape) != expected:
             raise ValueError(
                 f"layer {layer.name!r}: kernel in variables['params'] has shape "
-                f"{tuple(kernel.shape)}, the traced call expects {layer.kernel_shape} "
+                f"{tuple(kernel.shape)}, the traced call expects {expected} "
                 "(lifted transforms such as nn.scan / nn.vmap are not supported)"
             )
