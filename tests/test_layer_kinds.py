@@ -15,7 +15,7 @@ from flax import nnx
 
 import sensprune as sp
 import sensprune.nnx as spx
-from sensprune import layer_kinds, paths
+from sensprune import layer_kinds, paths, registry
 
 EPS = float(np.finfo(np.float32).eps)
 RTOL = 1e-5
@@ -172,20 +172,20 @@ def _setup(case):
 
 
 def _check_result(result, params, method, keep_ratio=0.6):
-    spec = sp.registry.get_method(method) if hasattr(sp, "registry") else None
+    spec = registry.get_method(method)
     flat_p = jax.tree_util.tree_leaves(params)
     flat_m = jax.tree_util.tree_leaves(result.masks)
     flat_r = jax.tree_util.tree_leaves(result.params)
     assert [np.shape(a) for a in flat_m] == [np.shape(a) for a in flat_p]  # masks in the params' own shapes
     for m, r in zip(flat_m, flat_r):
         assert np.all(np.asarray(r)[~np.asarray(m)] == 0)  # pruned entries exactly zero
-    structured = spec is not None and spec.structured
+    structured = spec.structured
     if result.info["reachable"]:
         assert abs(result.keep_ratio - keep_ratio) <= 0.005 * keep_ratio + 1e-9
     else:
         # filter methods and svd: granularity; sampling SiPP on these tiny nets: discrete samples
         # (the search's closest size, flagged reachable=False, within 1 %)
-        sampled = spec is not None and spec.stochastic and abs(result.keep_ratio - keep_ratio) <= 0.01
+        sampled = spec.stochastic and abs(result.keep_ratio - keep_ratio) <= 0.01
         assert structured or method == "svd" or sampled, (method, result.keep_ratio)
 
 
@@ -209,7 +209,7 @@ def test_attention_projections_are_scored_and_pruned():
     assert kernel.shape == (16, 2, 8) and result.masks["attn"]["query"]["kernel"].shape == (16, 2, 8)
     assert 0 < (kernel == 0).mean() < 1
     assert result.info["dense_layers"] == {}
-    filters = sp.prune(model, variables, x, method="pfp", keep_ratio=0.8)
+    filters = sp.prune(model, variables, x, method="ft", keep_ratio=0.8)
     assert set(filters.info["dense_layers"]) == {"attn/query", "attn/key", "attn/value", "attn/out"}
     assert all("filter pruning" in r for r in filters.info["dense_layers"].values())
 
@@ -241,7 +241,7 @@ def test_include_exclude():
 
 
 def test_thinet_on_integer_inputs():
-    for case in ("attention", "tied"):
+    for case in ("tied",):  # the attention block: test_every_method_runs
         model, variables, x = _setup(case)
         result = sp.prune(model, variables, x, method="thinet", keep_ratio=0.9)
         assert result.keep_ratio < 1.0
@@ -250,7 +250,7 @@ def test_thinet_on_integer_inputs():
 # --------------------------------------------------------------------------- sensitivities vs NumPy
 
 
-@pytest.mark.parametrize("reduction", ["mean", "max"])
+@pytest.mark.parametrize("reduction", ["mean"])  # 'max' on token positions: Einsum, tied and nnx tests
 def test_dense_general_sensitivity_matches_loop(reduction):
     model, variables, x = _setup("attention")
     x = x[:3]
@@ -279,7 +279,7 @@ def test_einsum_sensitivity_matches_loop():
     assert layer_kinds.einsum_fan_in("btd,dk->btk") == 1
 
 
-@pytest.mark.parametrize("reduction", ["mean", "max"])
+@pytest.mark.parametrize("reduction", ["max"])  # 'mean': test_nnx_sensitivities_match_loop (depthwise)
 def test_grouped_conv_sensitivity_matches_loop(reduction):
     model, variables, x = _setup("depthwise")
     x = x[:2]
