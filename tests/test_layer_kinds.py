@@ -379,3 +379,26 @@ def test_nnx_sensitivities_match_loop():
     inputs = spx.capture_inputs(dw, _IMAGES[:2])
     raw = np.asarray(dw.depthwise.kernel.get_value())
     _close(sens["depthwise"].weight, ref_grouped_conv(raw, np.asarray(inputs["depthwise"]), 8, "mean"))
+
+
+class NNXTied(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(30, 8, rngs=rngs)
+        self.mid = nnx.Linear(8, 8, rngs=rngs)
+        self.up = nnx.ConvTranspose(8, 4, (3,), rngs=rngs)
+
+    def __call__(self, tok):
+        h = nnx.relu(self.mid(self.emb(tok)))
+        return self.emb.attend(h + self.up(h).sum(-1, keepdims=True)).mean(1)
+
+
+def test_nnx_tied_embedding_and_convtranspose():
+    model, tok = NNXTied(nnx.Rngs(0)), _RNG.integers(0, 30, (8, 5))
+    layers = spx.find_layers(model, tok)
+    assert [(la.name, la.kernel_shape) for la in layers] == [("mid", (8, 8)), ("emb", (8, 30))]
+    result = spx.prune(model, tok, method="sipp", keep_ratio=0.6)
+    assert abs(result.keep_ratio - 0.6) <= 0.003
+    assert "nnx.ConvTranspose is left dense" in result.info["dense_layers"]["up"]
+    table = np.asarray(result.params["emb"]["embedding"].get_value())
+    mask = np.asarray(result.masks["emb"]["embedding"].get_value())
+    assert table.shape == mask.shape == (30, 8) and np.all(table[~mask] == 0) and 0 < (~mask).mean() < 1
