@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sensprune import geometry
+from sensprune import geometry, layer_kinds
 from sensprune.points import as_args, check_arity
 from sensprune.types import Layer, Path
 
@@ -149,7 +149,7 @@ class LinenAdapter:
 
         def linen_interceptor(next_fun, args, kw, context):
             module = context.module
-            if context.method_name != "__call__" or not isinstance(module, geometry.PRUNABLE):
+            if not layer_kinds.is_linen_call(module, context.method_name):
                 return next_fun(*args, **kw)
             return interceptor(next_fun, args, kw, LayerCall(tuple(module.path), module))
 
@@ -166,36 +166,52 @@ class LinenAdapter:
         return out[0] if _returns_state(self.apply_kwargs.get("mutable", False)) else out
 
     def find_layers(self, variables: Mapping[str, Any], x: Any) -> list[Layer]:
+        layers, dense = self.find_layers_report(variables, x)
+        if not layers:
+            raise ValueError(
+                f"no prunable layer (nn.Dense / nn.Conv) found in {type(self.model).__name__}"
+                + (f" ({layer_kinds.layer_report(dense)})" if dense else "")
+            )
+        return layers
+
+    def find_layers_report(self, variables: Mapping[str, Any], x: Any) -> tuple[list[Layer], dict[str, str]]:
+        """``(scored layers in call order, {name: reason} of linear layers left dense)``; never raises
+        for a layer kind (see :mod:`sensprune.layer_kinds`)."""
         _check_variables(variables)
-        found: list[Layer] = []
-        seen: set[Path] = set()
+        found: dict[Path, Layer] = {}
+        dense: dict[str, str] = {}
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if context.method_name != "__call__":
-                return next_fun(*args, **kwargs)
             path = tuple(module.path)
-            geometry.check_supported(module, path)
-            if not isinstance(module, geometry.PRUNABLE):
+            reason = layer_kinds.linen_unscorable(module, context.method_name)
+            if reason is not None:
+                dense[geometry.layer_name(path)] = reason
+            if not layer_kinds.is_linen_call(module, context.method_name):
                 return next_fun(*args, **kwargs)
-            if path in seen:
-                raise ValueError(
-                    f"layer {geometry.layer_name(path)!r} is called more than once in one forward pass "
-                    "(shared weights are not supported)"
-                )
-            seen.add(path)
             inputs = geometry.layer_input(args, kwargs)
             outputs = next_fun(*args, **kwargs)
-            build = geometry.dense_layer if isinstance(module, nn.Dense) else geometry.conv_layer
-            found.append(build(module, path, inputs, outputs, len(found)))
+            name = geometry.layer_name(path)
+            if name in dense:
+                return outputs
+            try:
+                if path in found:
+                    found[path] = layer_kinds.merge_call(found[path], inputs)
+                else:
+                    found[path] = layer_kinds.linen_layer(
+                        module, context.method_name, path, inputs, outputs, len(found)
+                    )
+            except ValueError as err:
+                found.pop(path, None)
+                dense[name] = str(err)
             return outputs
 
         with nn.intercept_methods(interceptor):
             jax.eval_shape(self._call, variables, x)
-        if not found:
-            raise ValueError(f"no prunable layer (nn.Dense / nn.Conv) found in {type(self.model).__name__}")
-        geometry.check_kernels(found, variables)
-        return found
+        layers = [layer for layer in found.values()]
+        layers = [dataclasses.replace(layer, order=i) for i, layer in enumerate(layers)]
+        geometry.check_kernels(layers, variables)
+        return layers, dense
 
     def capture_inputs(
         self, variables: Mapping[str, Any], x: Any, layers: Optional[Sequence[Layer]] = None
@@ -204,7 +220,7 @@ class LinenAdapter:
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if context.method_name == "__call__" and isinstance(module, geometry.PRUNABLE):
+            if layer_kinds.is_linen_call(module, context.method_name):
                 if wanted is None or tuple(module.path) in wanted:
                     module.sow(_COLLECTION, "inputs", geometry.layer_input(args, kwargs))
             return next_fun(*args, **kwargs)
@@ -215,13 +231,8 @@ class LinenAdapter:
         flat = traverse_util.flatten_dict(dict(state.get(_COLLECTION, {})))
         captured = {}
         for key, values in flat.items():
-            path = tuple(key[:-1])
-            if len(values) != 1:
-                raise ValueError(
-                    f"layer {geometry.layer_name(path)!r} is called {len(values)} times in one forward pass "
-                    "(shared weights are not supported)"
-                )
-            captured["/".join(path)] = values[0]
+            # a shared layer: the inputs of all its calls, stacked on the batch axis
+            captured["/".join(key[:-1])] = layer_kinds.stack_calls(values)
         return check_captured(captured, layers)
 
 

@@ -99,12 +99,12 @@ def flops(params: Mapping[str, Any], layers: Sequence[Layer]) -> int:
     activations are not counted (spec §1.5).
     """
     nnz = layer_nonzero(params, layers)
-    return sum(nnz[layer.name] * layer.num_patches for layer in layers)
+    return sum(nnz[layer.name] * layer.num_patches * layer.calls for layer in layers)  # calls: shared layers
 
 
 def dense_flops(layers: Sequence[Layer]) -> int:
     """:func:`flops` of the unpruned network (every kernel entry kept)."""
-    return sum(layer.kernel_size * layer.num_patches for layer in layers)
+    return sum(layer.kernel_size * layer.num_patches * layer.calls for layer in layers)
 
 
 def sample_size(

@@ -90,11 +90,7 @@ def conv_layer(module: nn.Conv, path: Path, inputs: Any, outputs: Any, order: in
     kernel_size = module.kernel_size
     window = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     rank = len(window)
-    if module.feature_group_count != 1:
-        raise ValueError(
-            f"layer {name!r}: nn.Conv with feature_group_count={module.feature_group_count} "
-            "is not supported; " + SUPPORTED_TEXT
-        )
+    groups = int(getattr(module, "feature_group_count", 1) or 1)
     if module.mask is not None:
         raise ValueError(f"layer {name!r}: nn.Conv with a `mask` is not supported")
     if inputs.ndim < rank + 2:
@@ -122,7 +118,7 @@ def conv_layer(module: nn.Conv, path: Path, inputs: Any, outputs: Any, order: in
     return Layer(
         path=path,
         kind="conv",
-        kernel_shape=window + (int(inputs.shape[-1]), int(module.features)),
+        kernel_shape=window + (int(inputs.shape[-1]) // groups, int(module.features)),
         use_bias=bool(module.use_bias),
         input_shape=tuple(inputs.shape[1:]),
         output_shape=tuple(outputs.shape[1:]),
@@ -131,6 +127,7 @@ def conv_layer(module: nn.Conv, path: Path, inputs: Any, outputs: Any, order: in
         input_dilation=input_dilation,
         kernel_dilation=kernel_dilation,
         order=order,
+        groups=groups,
     )
 
 
@@ -150,15 +147,16 @@ def check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> None
     """Each layer's kernel must be in ``variables['params']`` with the traced shape."""
     for layer in layers:
         try:
-            kernel = paths.get_kernel(variables["params"], layer)
+            kernel = paths.get_path(variables["params"], paths.kernel_path(layer))  # the leaf itself
         except KeyError as err:
             raise ValueError(
                 f"layer {layer.name!r}: kernel not found in variables['params'] "
                 "(lifted transforms such as nn.scan / nn.vmap are not supported)"
             ) from err
-        if tuple(kernel.shape) != layer.kernel_shape:
+        expected = tuple(layer.param_shape) or layer.kernel_shape
+        if tuple(kernel.shape) != expected:
             raise ValueError(
                 f"layer {layer.name!r}: kernel in variables['params'] has shape "
-                f"{tuple(kernel.shape)}, the traced call expects {layer.kernel_shape} "
+                f"{tuple(kernel.shape)}, the traced call expects {expected} "
                 "(lifted transforms such as nn.scan / nn.vmap are not supported)"
             )

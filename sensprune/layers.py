@@ -32,13 +32,15 @@ def find_layers(
     method: Callable[..., Any] | str | None = None,
     **apply_kwargs: Any,
 ) -> list[Layer]:
-    """Every ``nn.Dense`` / ``nn.Conv`` the model calls on ``x``, in call order.
+    """Every scored linear layer the model calls on ``x``, in first-call order.
 
     ``model``: a Linen module (called as ``model.apply(variables, x,
     method=method, **apply_kwargs)`` under ``jax.eval_shape``, no FLOPs spent)
-    or a model adapter. Raises ``ValueError`` naming the layer for modules
-    called more than once (shared weights), unsupported linear layers or conv
-    options, and when no prunable layer is found.
+    or a model adapter. Dense, Conv (grouped too), DenseGeneral, linear Einsums,
+    shared layers (``Layer.calls``) and ``Embed.attend`` are found
+    (:mod:`sensprune.layer_kinds`); linear layers that cannot be scored are
+    skipped (``adapter.find_layers_report`` names them with the reason).
+    Raises ``ValueError`` when no prunable layer is found.
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
@@ -57,7 +59,8 @@ def capture_inputs(
 ) -> dict[str, jax.Array]:
     """Layer name -> the input the layer received, shape ``[B, *input_shape]``.
 
-    Pure and jittable. ``layers`` restricts the capture (default: every Dense
-    and Conv call). A layer called more than once raises ``ValueError``.
+    Pure and jittable. ``layers`` restricts the capture (default: every scored
+    layer call). The inputs of a layer called ``k`` times are stacked on the
+    batch axis (``[k * B, ...]``).
     """
     return as_adapter(model, method, apply_kwargs).capture_inputs(unbox_variables(variables), x, layers)

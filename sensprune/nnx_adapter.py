@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import jax
 from flax import nnx, traverse_util
 
-from sensprune import geometry, paths
+from sensprune import geometry, layer_kinds, paths
 from sensprune.adapter import Interceptor, LayerCall, check_captured
 from sensprune.points import as_args
 from sensprune.types import Layer, Path
@@ -38,7 +38,8 @@ REST = "nnx_state"
 """Collection of :class:`NNXAdapter` variables holding the non-``Param`` state."""
 
 PRUNABLE = (nnx.Linear, nnx.Conv)
-_UNSUPPORTED = (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)
+_SCORED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)  # Embed: its ``attend``
+_UNSUPPORTED = (nnx.ConvTranspose,)
 _SUPPORTED_TEXT = (
     "sensprune prunes nnx.Linear and nnx.Conv (feature_group_count=1, no mask, zero "
     "padding: 'SAME', 'VALID', ints or (low, high) pairs)"
@@ -110,28 +111,29 @@ _INTERCEPTED_CLASSES: dict[type, type] = {}
 
 
 def _kind(module: Any) -> str:
-    return next(c.__name__ for c in PRUNABLE + _UNSUPPORTED if isinstance(module, c))
+    return next(c.__name__ for c in _SCORED + _UNSUPPORTED if isinstance(module, c))
+
+
+def _method(cls: type) -> str:
+    """The intercepted method: ``attend`` of an Embed (its output projection), else ``__call__``."""
+    return "attend" if issubclass(cls, nnx.Embed) else "__call__"
 
 
 def _intercepted_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` goes through the active interceptor."""
+    """A subclass of ``cls`` whose layer method goes through the active interceptor."""
     if cls not in _INTERCEPTED_CLASSES:
+        method = _method(cls)
 
-        def __call__(self, *args, **kwargs):  # noqa: N807
+        def call(self, *args, **kwargs):
             active = _ACTIVE.get()
             path = None if active is None else active[0].get(id(self))
             if path is None:
-                return cls.__call__(self, *args, **kwargs)
-            if isinstance(self, _UNSUPPORTED):
-                raise ValueError(
-                    f"layer {_name(path)!r} is an nnx.{_kind(self)}, which cannot be pruned; "
-                    + _SUPPORTED_TEXT
-                )
-            next_fun = functools.partial(cls.__call__, self)
+                return getattr(cls, method)(self, *args, **kwargs)
+            next_fun = functools.partial(getattr(cls, method), self)
             return active[1](next_fun, args, kwargs, LayerCall(path, self))
 
         _INTERCEPTED_CLASSES[cls] = type(cls)(
-            cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__}
+            cls.__name__, (cls,), {method: call, "__module__": cls.__module__}
         )
     return _INTERCEPTED_CLASSES[cls]
 
@@ -146,7 +148,7 @@ def _intercepting(module: nnx.Module, interceptor: Interceptor) -> Iterator[None
     """
     modules: dict[int, Path] = {}
     for path, sub in nnx.iter_modules(module):
-        if isinstance(sub, PRUNABLE + _UNSUPPORTED):
+        if isinstance(sub, _SCORED + _UNSUPPORTED):
             modules[id(sub)] = _str_path(path)
             object.__setattr__(sub, "__class__", _intercepted_class(type(sub)))
     token = _ACTIVE.set((modules, interceptor))
@@ -178,15 +180,11 @@ class _Recorder:
         return outputs
 
     def single_calls(self) -> list[tuple[Path, _Call]]:
-        """``(path, call)`` in call order; a layer called twice raises ``ValueError``."""
+        """``(path, call)`` in call order; a shared layer's inputs stacked on the batch axis."""
         out = []
         for path, calls in self.calls.items():
-            if len(calls) != 1:
-                raise ValueError(
-                    f"layer {_name(path)!r} is called {len(calls)} times in one forward pass "
-                    "(shared weights are not supported)"
-                )
-            out.append((path, calls[0]))
+            inputs = layer_kinds.stack_calls([c.inputs for c in calls])
+            out.append((path, _Call(calls[0].module, inputs, calls[0].outputs)))
         return out
 
 
@@ -194,16 +192,37 @@ class _Recorder:
 
 
 def _layer(call: _Call, path: Path, order: int) -> Layer:
-    """The :class:`Layer` record of one nnx.Linear / nnx.Conv call."""
+    """The :class:`Layer` record of one nnx layer call (Unscorable/ValueError: left dense)."""
     module, name = call.module, _name(path)
+    if isinstance(module, _UNSUPPORTED):
+        raise layer_kinds.Unscorable(
+            f"nnx.{_kind(module)} is left dense (sensitivities of transposed convolutions are not defined "
+            "in sensprune)"
+        )
+    if isinstance(module, nnx.Embed):
+        return layer_kinds.general_layer(
+            path, call.inputs, call.outputs, (module.num_embeddings, module.features), 1, False, order,
+            transposed=True, param_name="embedding",
+        )
+    if isinstance(module, nnx.LinearGeneral):
+        shape = tuple(module.in_features) + tuple(module.out_features)
+        return layer_kinds._dense_general(
+            path, module.axis, tuple(getattr(module, "batch_axis", {}) or {}), len(module.in_features), shape,
+            call.inputs, call.outputs, module.use_bias, order, "nnx.LinearGeneral",
+        )
+    if isinstance(module, nnx.Einsum):
+        k = layer_kinds.einsum_fan_in(module.einsum_str or "")
+        if k is None:
+            raise layer_kinds.Unscorable(
+                f"nnx.Einsum {module.einsum_str!r} is not a linear map '...C,CO->...O' of its input"
+            )
+        return layer_kinds._dense_general(
+            path, tuple(range(-k, 0)), (), k, tuple(module.kernel_shape), call.inputs, call.outputs,
+            getattr(module, "bias", None) is not None, order, "nnx.Einsum",
+        )
     if isinstance(module, nnx.Linear):
         shim = types.SimpleNamespace(features=module.out_features, use_bias=module.use_bias)
         return geometry.dense_layer(shim, path, call.inputs, call.outputs, order)  # type: ignore[arg-type]  # duck-typed
-    if module.feature_group_count != 1:
-        raise ValueError(
-            f"layer {name!r}: nnx.Conv with feature_group_count={module.feature_group_count} "
-            "is not supported; " + _SUPPORTED_TEXT
-        )
     if module.mask is not None:
         raise ValueError(f"layer {name!r}: nnx.Conv with a `mask` is not supported; " + _SUPPORTED_TEXT)
     if isinstance(module.padding, str) and module.padding.upper() in ("CIRCULAR", "CAUSAL", "REFLECT"):
@@ -213,7 +232,7 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
     shim = types.SimpleNamespace(
         kernel_size=tuple(module.kernel_size),
         features=module.out_features,
-        feature_group_count=1,
+        feature_group_count=module.feature_group_count,
         mask=None,
         strides=module.strides,
         padding=module.padding,
@@ -292,19 +311,35 @@ class NNXAdapter:
             return _run(module, self.forward, x, (), dict(self.kwargs))
 
     def find_layers(self, variables: Mapping[str, Any], x: Any) -> list[Layer]:
-        """Every nnx.Linear / nnx.Conv the model calls on ``x``, in call order (no FLOPs)."""
+        """Every scored nnx layer the model calls on ``x``, in call order (no FLOPs)."""
+        found, dense = self.find_layers_report(variables, x)
+        if not found:
+            raise ValueError(
+                "no prunable layer (nnx.Linear / nnx.Conv) is called by the model"
+                + (f" ({layer_kinds.layer_report(dense)})" if dense else "")
+            )
+        return found
+
+    def find_layers_report(self, variables: Mapping[str, Any], x: Any) -> tuple[list[Layer], dict[str, str]]:
+        """``(scored layers, {name: reason} of the linear layers left dense)`` (see :mod:`sensprune.layer_kinds`)."""
         found: list[Layer] = []
+        dense: dict[str, str] = {}
 
         def trace(variables, x):
             recorder = _Recorder()
             self.intercept(variables, x, recorder)
-            found.extend(_layer(call, path, i) for i, (path, call) in enumerate(recorder.single_calls()))
+            for path, calls in recorder.calls.items():
+                try:
+                    layer = _layer(calls[0], path, len(found))
+                    for extra in calls[1:]:
+                        layer = layer_kinds.merge_call(layer, extra.inputs)
+                    found.append(layer)
+                except ValueError as err:
+                    dense[_name(path)] = str(err)
 
         jax.eval_shape(trace, variables, x)
-        if not found:
-            raise ValueError("no prunable layer (nnx.Linear / nnx.Conv) is called by the model")
         geometry.check_kernels(found, variables)
-        return found
+        return found, dense
 
     def capture_inputs(
         self, variables: Mapping[str, Any], x: Any, layers: Optional[Sequence[Layer]] = None

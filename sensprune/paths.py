@@ -34,7 +34,7 @@ def set_path(tree: Mapping[str, Any], path: Path, value: Any) -> dict:
 
 def kernel_path(layer: Layer) -> Path:
     """Path of a layer's kernel leaf in the params tree."""
-    return layer.path + ("kernel",)
+    return layer.path + (getattr(layer, "param_name", "kernel"),)
 
 
 def bias_path(layer: Layer) -> Path:
@@ -43,8 +43,16 @@ def bias_path(layer: Layer) -> Path:
 
 
 def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
-    return get_path(params, kernel_path(layer))
+    """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape."""
+    leaf = get_path(params, kernel_path(layer))
+    if not getattr(layer, "param_shape", ()) or not hasattr(leaf, "reshape"):
+        return leaf
+    return (leaf.T if layer.transposed else leaf).reshape(layer.kernel_shape)
 
 
 def set_kernel(params: Mapping[str, Any], layer: Layer, value: Any) -> dict:
+    """``params`` with the layer's kernel replaced by ``value`` (a ``kernel_shape`` view or the leaf shape)."""
+    shape = getattr(layer, "param_shape", ())
+    if shape and hasattr(value, "reshape") and tuple(value.shape) == tuple(layer.kernel_shape):
+        value = value.reshape(shape[::-1]).T if layer.transposed else value.reshape(shape)
     return set_path(params, kernel_path(layer), value)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sensprune import boxing, counting, masking, paths, reach, registry, validation
+from sensprune import boxing, counting, layer_kinds, masking, paths, reach, registry, validation
 from sensprune import budget as budget_lib
 from sensprune import points as points_lib
 from sensprune.context import PruneContext
@@ -119,6 +119,8 @@ def prune(
     fused_pass: bool = False,
     contraction: str = "auto",
     allow_dead_layers: bool = False,
+    include: layer_kinds.LayerFilter = None,
+    exclude: layer_kinds.LayerFilter = None,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -160,6 +162,15 @@ def prune(
       allow_dead_layers: let the selection leave a layer without any weight
         (or channel); by default that, and a keep ratio below the smallest
         reachable one (:mod:`sensprune.reach`), raise ``ValueError``.
+      include, exclude: which layers to prune, by name (``'/'.join(path)``): a regex
+        (``re.search``), a predicate ``name -> bool`` or a list of names; e.g.
+        ``exclude='Embed|head'``. The others stay dense and count as fixed size.
+
+    Linear layers that cannot be scored (e.g. ``nn.ConvTranspose``), layers the
+    filters leave out, and (for filter methods) layers whose channels the
+    dependency analysis does not map (attention projections, grouped convs,
+    shared layers) stay dense: ``result.info['dense_layers']`` maps their names
+    to the reason, and one log line lists them.
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -184,16 +195,18 @@ def prune(
     apply_kwargs = dict(apply_kwargs or {})
     params = variables["params"]
     validation.check_finite_params(variables)
+    dense: dict[str, str] = {}
     if layers is None:
         try:
-            layers = find_layers(model, variables, points_lib.take(points, 0, 1), method=apply_method,
-                                 **apply_kwargs)
+            layers, dense = layer_kinds.discover(
+                model, variables, points_lib.take(points, 0, 1), apply_method, apply_kwargs, find_layers
+            )
         except (flax.errors.FlaxError, NameError) as err:
             explained = validation.explain_apply_error(err, model, _shapes(points))
             if explained is None:
                 raise
             raise explained from err
-    layers = list(layers)
+    layers, dense = layer_kinds.choose_layers(layers, dense, include, exclude, spec.structured)
     ctx = PruneContext(
         model=model,
         variables=variables,
@@ -213,8 +226,9 @@ def prune(
     )
     validation.check_deterministic(ctx.adapter, variables, points_lib.take(points, 0, 2))
     reference = int(reference_size) if reference_size is not None else counting.count_params(params)
-    if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
+    if keep_ratio == 1.0 or not layers:  # keeps everything (zero-initialised biases are not "pruned")
         kept_all = validation.keep_everything(params, layers, reference, method, rtol)
+        kept_all = layer_kinds.report_dense(kept_all, dense, reachable=bool(layers) or None)
         return boxing.rebox_result(kept_all, boxed_params)
     if not allow_dead_layers:
         reach.check_reachable(method, keep_ratio, reference, params, layers, ctx.alive(), spec.structured, rtol)
@@ -232,7 +246,7 @@ def prune(
     masks = _kernel_masks_tree(params, layers, sel.masks)
     kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
-    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method)
+    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method, dense_layers=dense)
     size = counting.count_nonzero(new_params)
     flops = counting.flops(new_params, layers)
     if sel.sizes or sel.flops:

@@ -268,6 +268,10 @@ def layer_sensitivity(
     """
     _check_reduction(reduction)
     contraction = resolve_contraction(contraction)
+    if layer.groups > 1:  # per group: output filters of a group see only that group's input channels
+        from sensprune.layer_kinds import grouped_sensitivity
+
+        return grouped_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
     wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
     ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction)
     weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")

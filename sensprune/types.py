@@ -32,6 +32,19 @@ class Layer:
         resolved to explicit tuples; ``padding`` is a tuple of ``(low, high)``
         pairs. Empty tuples for Dense layers.
       order: position of the layer in the forward pass (0 = first call).
+      param_shape: shape of the parameter leaf when ``kernel_shape`` is a 2-D
+        ``[fan_in, units]`` *view* of it (``nn.DenseGeneral`` / ``nn.Einsum``:
+        contracted axes x remaining axes; ``nn.Embed.attend``: the transposed
+        table); ``()`` when the leaf has ``kernel_shape`` itself.
+        :mod:`sensprune.paths` converts between the two.
+      param_name: name of the parameter leaf in the module (``'kernel'``,
+        ``'embedding'`` for ``Embed.attend``).
+      transposed: the view is the transposed leaf (``Embed.attend``).
+      groups: ``feature_group_count`` of a conv; ``kernel_shape`` is then
+        ``(*window, in / groups, out)`` and output filters of group ``g`` read
+        only input channels of group ``g``.
+      calls: how often the model calls the layer in one forward pass (shared
+        weights); captured inputs of all calls are stacked on the batch axis.
     """
 
     path: Path
@@ -45,6 +58,11 @@ class Layer:
     input_dilation: tuple[int, ...] = ()
     kernel_dilation: tuple[int, ...] = ()
     order: int = 0
+    param_shape: tuple[int, ...] = ()
+    param_name: str = "kernel"
+    transposed: bool = False
+    groups: int = 1
+    calls: int = 1
 
     @property
     def name(self) -> str:
@@ -71,9 +89,15 @@ class Layer:
     def num_patches(self) -> int:
         """Output positions per sample (P in the papers; 1 for Dense)."""
         size = 1
-        for k in self.output_shape[:-1]:
+        for k in self.output_shape:
             size *= k
-        return size
+        return size // self.out_channels
+
+    @property
+    def channel_structured(self) -> bool:
+        """Whether filter methods may prune this layer: a plain Dense/Conv kernel,
+        called once (the channel-dependency analysis reads these only)."""
+        return not self.param_shape and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
 
     @property
     def num_neurons(self) -> int:

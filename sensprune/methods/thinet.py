@@ -82,7 +82,7 @@ def _contribution_fn(layer: Layer):
     """Jitted ``(inputs, n, p, w_sel, valid) -> [T, C]`` for one layer."""
 
     def fn(inputs, n_idx, p_idx, w_sel, valid):
-        pm = patches.input_patches(layer, inputs)  # [B, P, C * K], channel-major
+        pm = patches.input_patches(layer, jnp.asarray(inputs, jnp.float32))  # [B, P, C * K], channel-major
         rows = pm[n_idx, p_idx].reshape(n_idx.shape[0], layer.in_channels, layer.window_size)
         contrib = jnp.einsum("tck,tck->tc", rows, w_sel)
         return jnp.where(valid[:, None], contrib, 0.0)
