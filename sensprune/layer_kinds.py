@@ -56,15 +56,22 @@ def is_linen_call(module: Any, method_name: str) -> bool:
     """Whether a Linen module call is a layer call sensprune scores (or tries to)."""
     if isinstance(module, nn.Embed):
         return method_name == "attend"
+    if method_name == "__call__" and isinstance(module, nn.OptimizedLSTMCell):
+        from sensprune.validation import warn_fixed_layer  # once per kind: stays dense, and how to prune it
+
+        warn_fixed_layer(module, tuple(module.path))
     return method_name == "__call__" and isinstance(module, LINEN_SCORED)
 
 
 def linen_unscorable(module: Any, method_name: str) -> Optional[str]:
     """Why a Linen linear layer call is left dense without being traced, or None."""
     if method_name == "__call__" and isinstance(module, LINEN_DENSE_ONLY):
+        from sensprune.validation import layer_advice  # the way forward, where there is one
+
+        advice = layer_advice(module)
         return (
             f"nn.{type(module).__name__} is left dense (sensitivities of transposed/unshared "
-            "convolutions are not defined in sensprune)"
+            "convolutions are not defined in sensprune)" + (f". {advice}" if advice else "")
         )
     return None
 

@@ -350,8 +350,10 @@ def test_conv_local_and_lstm_name_a_way_forward(caplog):
             return nn.Dense(2)(nn.ConvLocal(4, (3,))(x).reshape(x.shape[0], -1))
 
     x = jnp.ones((2, 6, 3))
-    with pytest.raises(ValueError, match="ConvLocal.*Use nn.Conv"):
-        sp.find_layers(Local(), Local().init(jax.random.PRNGKey(0), x), x)
+    res = sp.prune(Local(), Local().init(jax.random.PRNGKey(0), x), x, method="wt", keep_ratio=0.99)
+    (reason,) = [r for name, r in res.info["dense_layers"].items() if "ConvLocal" in name]
+    assert "left dense" in reason and "Use nn.Conv" in reason  # kept dense, with the way forward named
+    assert set(res.layer_kept) == {"Dense_0"}
 
     class Recurrent(nn.Module):
         @nn.compact

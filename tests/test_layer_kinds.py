@@ -6,6 +6,7 @@ NumPy loops."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -193,9 +194,14 @@ def _check_result(result, params, method, keep_ratio=0.6):
 def test_every_method_runs(case):
     model, variables, x = _setup(case)
     for method in sp.available_methods():
-        result = sp.prune(
-            model, variables, x, method=method, keep_ratio=0.6, key=jax.random.PRNGKey(1), labels=LABELS
-        )
+        try:
+            result = sp.prune(
+                model, variables, x, method=method, keep_ratio=0.6, key=jax.random.PRNGKey(1), labels=LABELS
+            )
+        except ValueError as err:  # refused up front: the layers this method can prune are too small
+            match = re.search(r"smallest reachable keep ratio is ([0-9.]+)", str(err))
+            assert match and float(match.group(1)) > 0.6, (method, err)
+            continue
         _check_result(result, variables["params"], method)
         assert isinstance(result.info["dense_layers"], dict)
 
@@ -361,7 +367,12 @@ def test_nnx_every_method_runs(cls, data):
     model = cls(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     for method in sp.available_methods():
-        result = spx.prune(model, data, method=method, keep_ratio=0.6, key=jax.random.PRNGKey(1), labels=LABELS)
+        try:
+            result = spx.prune(model, data, method=method, keep_ratio=0.6, key=jax.random.PRNGKey(1), labels=LABELS)
+        except ValueError as err:  # refused up front: the layers this method can prune are too small
+            match = re.search(r"smallest reachable keep ratio is ([0-9.]+)", str(err))
+            assert match and float(match.group(1)) > 0.6, (method, err)
+            continue
         _check_result(result, before, method)
     names = [layer.name for layer in spx.find_layers(model, data)]
     assert ("attn/query" in names) if cls is NNXBlock else ("depthwise" in names)
