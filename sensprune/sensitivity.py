@@ -166,7 +166,7 @@ def compute_sensitivities(
     if fused:
         stacked = np.stack([np.asarray(c) for c in itertools.chain([first], chunks)])
         return fused_pass(adapter, variables, stacked, layers, reduction=reduction, mesh=mesh, contraction=contraction)
-    capture = capture_function(adapter, layers)
+    capture = _signed_capture_function(adapter, layers)
     geometry = {layer.name: _geometry(layer) for layer in layers}
     layer_step = _layer_step
     if mesh is not None:
@@ -178,12 +178,13 @@ def compute_sensitivities(
     for chunk in itertools.chain([first], chunks):
         if mesh is not None:
             chunk = sharding.shard_points(chunk, mesh)[0]
-        inputs = capture(variables, chunk)
+        inputs, negative = capture(variables, chunk)
+        negative = jax.device_get(negative)  # static sign split: one kernel branch compiled, not two
         for layer in layers:
             kernel = paths.get_kernel(variables["params"], layer)
             result[layer.name] = layer_step(
                 geometry[layer.name], _layer_reduction(layer, reduction), kernel, inputs[layer.name],
-                result[layer.name], contraction=contraction,
+                result[layer.name], contraction=contraction, split=bool(negative[layer.name]),
             )
     return result
 
@@ -193,12 +194,17 @@ def _layer_reduction(layer: Layer, reduction: str) -> str:
     return reduction if layer.num_patches > 1 else "max"
 
 
-def _zero_sensitivities(variables: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, LayerSensitivity]:
-    """The identity of the running max (sensitivities are >= 0) for every layer."""
+def _zero_sensitivities(
+    variables: Mapping[str, Any], layers: Sequence[Layer], xp: Any = np
+) -> dict[str, LayerSensitivity]:
+    """The identity of the running max (sensitivities are >= 0) for every layer.
+
+    ``xp``: numpy outside a trace (``jnp.zeros`` there compiles one program per
+    shape), ``jnp`` inside one (no large literals in the program)."""
     out = {}
     for layer in layers:
         shape = paths.get_kernel(variables["params"], layer).shape
-        out[layer.name] = LayerSensitivity(jnp.zeros(shape, jnp.float32), jnp.zeros(shape[-2], jnp.float32))
+        out[layer.name] = LayerSensitivity(xp.zeros(shape, xp.float32), xp.zeros(shape[-2], xp.float32))
     return out
 
 
@@ -240,7 +246,7 @@ def _fused_impl(
 
     def scan(variables, chunks):
         body = lambda running, chunk: (step(variables, chunk, running), None)  # noqa: E731
-        return lax.scan(body, _zero_sensitivities(variables, layers), chunks)[0]
+        return lax.scan(body, _zero_sensitivities(variables, layers, jnp), chunks)[0]
 
     if mesh is None:
         return scan(variables, chunks)
@@ -301,7 +307,7 @@ def _geometry(layer: Layer) -> Layer:
     return dataclasses.replace(layer, path=(), order=0)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction"))
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
 def _layer_step(
     layer: Layer,
     reduction: str,
@@ -310,14 +316,15 @@ def _layer_step(
     previous: LayerSensitivity,
     *,
     contraction: str = "auto",
+    split: bool | None = None,
 ) -> LayerSensitivity:
     """One chunk's sensitivities of one layer, maxed with the running value."""
     return max_sensitivity(
-        previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
+        previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction, split=split)
     )
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "mesh", "axis"))
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split", "mesh", "axis"))
 def _sharded_layer_step(
     layer: Layer,
     reduction: str,
@@ -326,6 +333,7 @@ def _sharded_layer_step(
     previous: LayerSensitivity,
     *,
     contraction: str = "auto",
+    split: bool | None = None,
     mesh: Any,
     axis: tuple[str, ...],
 ) -> LayerSensitivity:
@@ -336,7 +344,7 @@ def _sharded_layer_step(
     from jax.sharding import PartitionSpec as P
 
     def local(kernel, inputs, previous):
-        mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
+        mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction, split=split)
         return max_sensitivity(previous, jax.tree.map(lambda v: lax.pmax(v, axis), mine))
 
     # check_vma=False: the kernels' scans start from replicated zeros; the pmax makes the result replicated.
@@ -350,6 +358,25 @@ def _capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, 
 
 
 _cached_capture = jax.jit(_capture, static_argnames=("adapter", "layers"))
+
+
+def _signed_capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, layers: tuple[Layer, ...]):
+    """:func:`_capture`, plus per layer whether its input holds a negative entry (decides the sign split)."""
+    inputs = adapter.capture_inputs(variables, x, layers)
+    return inputs, {name: jnp.any(a < 0) for name, a in inputs.items()}
+
+
+_cached_signed_capture = jax.jit(_signed_capture, static_argnames=("adapter", "layers"))
+
+
+def _signed_capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
+    """Jitted ``(variables, chunk) -> (layer inputs, layer -> any input < 0)`` (as :func:`capture_function`)."""
+    static = dict(adapter=adapter, layers=tuple(layers))
+    try:
+        hash(tuple(static.values()))
+    except TypeError:
+        return jax.jit(functools.partial(_signed_capture, **static))
+    return functools.partial(_cached_signed_capture, **static)
 
 
 def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
