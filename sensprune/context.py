@@ -154,8 +154,12 @@ class PruneContext:
 
     @functools.cached_property
     def _input_layers(self) -> frozenset[str]:
-        x = np.asarray(self.data[:2])
-        inputs = self.adapter.capture_inputs(self.variables, x, self.layers)
+        from sensprune.sensitivity import _signed_capture_function
+
+        # The first chunk of the sensitivity pass through its compiled capture (a cache hit
+        # when the pass ran or runs; an eager forward would compile every op on its own).
+        x = np.asarray(self.data[: min(self.chunk_size, len(self.data))])
+        inputs = _signed_capture_function(self.adapter, self.layers)(self.variables, x)[0]
         flat_x = x.reshape(x.shape[0], -1)
         found = set()
         for name, a in inputs.items():
