@@ -179,14 +179,25 @@ def compute_sensitivities(
         if mesh is not None:
             chunk = sharding.shard_points(chunk, mesh)[0]
         inputs, negative = capture(variables, chunk)
-        negative = jax.device_get(negative)  # static sign split: one kernel branch compiled, not two
+        negative = _sign_flags(negative)  # static sign split: one kernel branch compiled, not two
         for layer in layers:
             kernel = paths.get_kernel(variables["params"], layer)
             result[layer.name] = layer_step(
                 geometry[layer.name], _layer_reduction(layer, reduction), kernel, inputs[layer.name],
-                result[layer.name], contraction=contraction, split=bool(negative[layer.name]),
+                result[layer.name], contraction=contraction, split=negative[layer.name],
             )
     return result
+
+
+def _sign_flags(negative: Mapping[str, jax.Array]) -> dict[str, bool | None]:
+    """Layer -> whether its chunk input holds a negative entry, read to the host; None (the kernel
+    decides per group) where this process cannot read the flag (e.g. not replicated across hosts)."""
+    readable = {
+        name: v for name, v in negative.items()
+        if getattr(v, "is_fully_addressable", True) or getattr(v, "is_fully_replicated", False)
+    }
+    values = jax.device_get(readable)
+    return {name: bool(values[name]) if name in values else None for name in negative}
 
 
 def _layer_reduction(layer: Layer, reduction: str) -> str:
