@@ -106,6 +106,10 @@ def experiment(
     # The sensitivity pass as one compiled program (one dispatch per pass; faster for small nets on
     # accelerators, longer compiles). Same results; runtime only.
     config.fused_pass = False
+    # JAX's persistent compilation cache (set once at start-up by experiments.main): a later run
+    # loads the compiled sensitivity kernels / train steps instead of compiling them. "" = off.
+    # Runtime only.
+    config.compilation_cache_dir = "~/.cache/sensprune/jax"
     # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() on every host.
     config.multihost = False
     # Its arguments where the cluster environment does not provide them (a manually launched GPU

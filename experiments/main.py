@@ -52,6 +52,24 @@ def distributed_args(config) -> dict:
     return out
 
 
+def enable_compilation_cache(config) -> str | None:
+    """Turns on JAX's persistent compilation cache at ``config.compilation_cache_dir`` ("" or
+    missing: off), for every program however short its compile (the sensitivity kernels take
+    0.1-1 s each, under JAX's default 1 s threshold). Called once, before anything compiles.
+    Returns the folder used."""
+    import jax
+
+    folder = str(config.get("compilation_cache_dir", "") or "")
+    if not folder:
+        return None
+    folder = os.path.abspath(os.path.expanduser(folder))
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -59,6 +77,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     config = _CONFIG.value  # its prng_impl names the PRNG of every key (no global JAX setting changes)
+    enable_compilation_cache(config)  # once, at start-up (never changed mid-run)
     if config.get("multihost", False):  # one process per host
         jax.distributed.initialize(**distributed_args(config))
     if jax.process_index() != 0:

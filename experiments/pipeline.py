@@ -577,7 +577,7 @@ def _run(config: Any, workdir: str | Path) -> results_lib.Results:
 
 # Where and on how many devices a run executes; not part of what it computes, so a run
 # may resume on another machine.
-RUNTIME_FIELDS = ("mesh_devices", "mesh_model", "multihost", "distributed", "fused_pass")
+RUNTIME_FIELDS = ("mesh_devices", "mesh_model", "multihost", "distributed", "fused_pass", "compilation_cache_dir")
 
 
 def _check_config_unchanged(exp: Experiment) -> None:

@@ -155,8 +155,12 @@ class PruneContext:
 
     @functools.cached_property
     def _input_layers(self) -> frozenset[str]:
-        x = points.take(self.data, 0, 2)
-        inputs = self.adapter.capture_inputs(self.variables, x, self.layers)
+        from sensprune.sensitivity import _signed_capture_function
+
+        # The first chunk of the sensitivity pass through its compiled capture (a cache hit
+        # when the pass ran or runs; an eager forward would compile every op on its own).
+        x = points.take(self.data, 0, min(self.chunk_size, points.num_points(self.data)))
+        inputs = _signed_capture_function(self.adapter, self.layers)(self.variables, x)[0]
         flats = [np.asarray(leaf).reshape(np.shape(leaf)[0], -1) for leaf in jax.tree_util.tree_leaves(x)]
         found = set()
         for name, a in inputs.items():

@@ -42,6 +42,24 @@ def _size(leaf: Any) -> int:
     return math.prod(int(d) for d in shape)
 
 
+# Arrays of at most this many entries on one device are read to the host rather than
+# reduced by a compiled program (a compile costs ~0.1-0.4 s; copying 4 M entries less).
+_HOST_READ_ENTRIES = 2**22
+
+
+def host_readable(x: jax.Array) -> bool:
+    """Whether ``x`` is cheaper to reduce with numpy than with a freshly compiled program:
+    on one device, and that device is the CPU (no copy) or the array is small."""
+    try:
+        devices = x.sharding.device_set
+    except AttributeError:  # e.g. a tracer: leave it to the device path
+        return False
+    if len(devices) != 1 or not x.is_fully_addressable:
+        return False
+    device: Any = next(iter(devices))
+    return device.platform == "cpu" or _size(x) <= _HOST_READ_ENTRIES
+
+
 @jax.jit
 def _device_nonzero(leaves: list[jax.Array]) -> list[jax.Array]:
     return [jnp.count_nonzero(x) for x in leaves]
@@ -59,7 +77,7 @@ def _nonzero_per_leaf(leaves: Sequence[Any]) -> list[int]:
     on_device = [
         i
         for i, x in enumerate(leaves)
-        if isinstance(x, jax.Array) and _size(x) <= _MAX_DEVICE_COUNT
+        if isinstance(x, jax.Array) and _size(x) <= _MAX_DEVICE_COUNT and not host_readable(x)
     ]
     if on_device:
         device_counts = jax.device_get(_device_nonzero([leaves[i] for i in on_device]))

@@ -125,7 +125,8 @@ def check_same_structure(
 
 def ones_like_masks(params: PyTree) -> PyTree:
     """All-``True`` masks (nothing pruned) with the structure of ``params``."""
-    return jax.tree.map(lambda p: jnp.ones(_shape(p), dtype=jnp.bool_), params)
+    # host ones put on the device: jnp.ones would compile one program per shape
+    return jax.tree.map(lambda p: jax.device_put(np.ones(_shape(p), dtype=bool)), params)
 
 
 def nonzero_masks(params: PyTree) -> PyTree:

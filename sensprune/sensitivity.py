@@ -170,7 +170,7 @@ def compute_sensitivities(
     if fused:
         stacked = jax.tree_util.tree_map(lambda *c: np.stack([np.asarray(a) for a in c]), first, *chunks)
         return fused_pass(adapter, variables, stacked, layers, reduction=reduction, mesh=mesh, contraction=contraction)
-    capture = capture_function(adapter, layers)
+    capture = _signed_capture_function(adapter, layers)
     geometry = {layer.name: _geometry(layer) for layer in layers}
     layer_step: Callable[..., Any] = _layer_step
     if mesh is not None:
@@ -182,14 +182,26 @@ def compute_sensitivities(
     for chunk in itertools.chain([first], chunks):
         if mesh is not None:
             chunk = jax.tree_util.tree_map(lambda a: sharding.shard_points(a, mesh)[0], chunk)
-        inputs = capture(variables, chunk)
+        inputs, negative = capture(variables, chunk)
+        negative = _sign_flags(negative)  # static sign split: one kernel branch compiled, not two
         for layer in layers:
             kernel = paths.get_kernel(variables["params"], layer)
             result[layer.name] = layer_step(
                 geometry[layer.name], _layer_reduction(layer, reduction), kernel, inputs[layer.name],
-                result[layer.name], contraction=contraction,
+                result[layer.name], contraction=contraction, split=negative[layer.name],
             )
     return result
+
+
+def _sign_flags(negative: Mapping[str, jax.Array]) -> dict[str, bool | None]:
+    """Layer -> whether its chunk input holds a negative entry, read to the host; None (the kernel
+    decides per group) where this process cannot read the flag (e.g. not replicated across hosts)."""
+    readable = {
+        name: v for name, v in negative.items()
+        if getattr(v, "is_fully_addressable", True) or getattr(v, "is_fully_replicated", False)
+    }
+    values = jax.device_get(readable)
+    return {name: bool(values[name]) if name in values else None for name in negative}
 
 
 def _layer_reduction(layer: Layer, reduction: str) -> str:
@@ -197,12 +209,17 @@ def _layer_reduction(layer: Layer, reduction: str) -> str:
     return reduction if layer.num_patches > 1 else "max"
 
 
-def _zero_sensitivities(variables: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, LayerSensitivity]:
-    """The identity of the running max (sensitivities are >= 0) for every layer."""
+def _zero_sensitivities(
+    variables: Mapping[str, Any], layers: Sequence[Layer], xp: Any = np
+) -> dict[str, LayerSensitivity]:
+    """The identity of the running max (sensitivities are >= 0) for every layer.
+
+    ``xp``: numpy outside a trace (``jnp.zeros`` there compiles one program per
+    shape), ``jnp`` inside one (no large literals in the program)."""
     out = {}
     for layer in layers:
         shape = paths.get_kernel(variables["params"], layer).shape
-        out[layer.name] = LayerSensitivity(jnp.zeros(shape, jnp.float32), jnp.zeros(shape[-2], jnp.float32))
+        out[layer.name] = LayerSensitivity(xp.zeros(shape, xp.float32), xp.zeros(shape[-2], xp.float32))
     return out
 
 
@@ -244,7 +261,7 @@ def _fused_impl(
 
     def scan(variables, chunks):
         body = lambda running, chunk: (step(variables, chunk, running), None)  # noqa: E731
-        return lax.scan(body, _zero_sensitivities(variables, layers), chunks)[0]
+        return lax.scan(body, _zero_sensitivities(variables, layers, jnp), chunks)[0]
 
     if mesh is None:
         return scan(variables, chunks)
@@ -306,7 +323,7 @@ def _geometry(layer: Layer) -> Layer:
     return dataclasses.replace(layer, path=(), order=0)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction"))
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
 def _layer_step(
     layer: Layer,
     reduction: str,
@@ -315,14 +332,15 @@ def _layer_step(
     previous: LayerSensitivity,
     *,
     contraction: str = "auto",
+    split: bool | None = None,
 ) -> LayerSensitivity:
     """One chunk's sensitivities of one layer, maxed with the running value."""
     return max_sensitivity(
-        previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
+        previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction, split=split)
     )
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "mesh", "axis"))
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split", "mesh", "axis"))
 def _sharded_layer_step(
     layer: Layer,
     reduction: str,
@@ -331,6 +349,7 @@ def _sharded_layer_step(
     previous: LayerSensitivity,
     *,
     contraction: str = "auto",
+    split: bool | None = None,
     mesh: Any,
     axis: tuple[str, ...],
 ) -> LayerSensitivity:
@@ -341,7 +360,7 @@ def _sharded_layer_step(
     from jax.sharding import PartitionSpec as P
 
     def local(kernel, inputs, previous):
-        mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
+        mine = layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction, split=split)
         return max_sensitivity(previous, jax.tree.map(lambda v: lax.pmax(v, axis), mine))
 
     # check_vma=False: the kernels' scans start from replicated zeros; the pmax makes the result replicated.
@@ -355,6 +374,25 @@ def _capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, 
 
 
 _cached_capture = jax.jit(_capture, static_argnames=("adapter", "layers"))
+
+
+def _signed_capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, layers: tuple[Layer, ...]):
+    """:func:`_capture`, plus per layer whether its input holds a negative entry (decides the sign split)."""
+    inputs = adapter.capture_inputs(variables, x, layers)
+    return inputs, {name: jnp.any(a < 0) for name, a in inputs.items()}
+
+
+_cached_signed_capture = jax.jit(_signed_capture, static_argnames=("adapter", "layers"))
+
+
+def _signed_capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
+    """Jitted ``(variables, chunk) -> (layer inputs, layer -> any input < 0)`` (as :func:`capture_function`)."""
+    frozen = tuple(layers)
+    try:
+        hash((adapter, frozen))
+    except TypeError:
+        return jax.jit(functools.partial(_signed_capture, adapter=adapter, layers=frozen))
+    return functools.partial(_cached_signed_capture, adapter=adapter, layers=frozen)
 
 
 def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:

@@ -133,7 +133,14 @@ def check_finite_params(variables: Mapping[str, Any], field: str = "variables") 
     leaves = _float_leaves(variables)
     # On the device, one compiled program for the tree (params may be split over a mesh);
     # only the counts come back.
-    counts = jax.device_get(_non_finite_counts([leaf for _, leaf in leaves]))
+    from sensprune.counting import host_readable
+
+    on_host = all(not isinstance(leaf, jax.Array) or host_readable(leaf) for _, leaf in leaves)
+    counts = (
+        [int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf)))) for _, leaf in leaves]
+        if on_host  # no compile for single-device params (issue #18)
+        else jax.device_get(_non_finite_counts([leaf for _, leaf in leaves]))
+    )
     bad = [f"{name} ({int(c)} of {int(np.size(leaf))} entries)" for (name, leaf), c in zip(leaves, counts) if c]
     if bad:
         raise ValueError(

@@ -397,3 +397,44 @@ def test_argument_validation():
     layer = find_layers(model, variables, x)[0]
     with pytest.raises(ValueError, match="reduction"):
         layer_sensitivity(layer, variables["params"]["kernel"], x, reduction="median")
+
+
+def _pair(sens: LayerSensitivity):
+    return np.asarray(sens.weight), np.asarray(sens.channel)
+
+
+def test_static_sign_split_matches_the_per_group_decision():
+    """``split=`` (decided by the caller, one kernel branch compiled) gives the per-group ``lax.cond``
+    result: True on inputs with negatives, True or False on nonnegative inputs."""
+    conv = nn.Conv(3, (3, 3), strides=(2, 1))
+    x = _inputs(7, (6, 5, 5, 2), True)
+    layer = _sole_layer(conv, x)
+    kernel = _sparse_kernel(8, layer.kernel_shape)
+    for reduction in ("mean", "max"):
+        fn = jax.jit(lambda k, a, s: layer_sensitivity(layer, k, a, reduction=reduction, split=s), static_argnums=2)
+        _close(fn(kernel, x, True), _pair(fn(kernel, x, None)))
+        _close(fn(kernel, x, None), ref_sensitivity(x, kernel, reduction, (2, 1), layer.padding))
+        nonneg = np.abs(x)
+        for split in (True, False):
+            _close(fn(kernel, nonneg, split), _pair(fn(kernel, nonneg, None)))
+
+
+def test_pass_compiles_one_kernel_branch_per_sign(monkeypatch):
+    """The streaming pass tells each kernel whether its input holds a negative entry (from the capture)."""
+    seen = []
+    real = sensitivity._layer_step
+
+    def spy(layer, reduction, kernel, inputs, previous, **kw):
+        seen.append((layer.kind, kw["split"]))
+        return real(layer, reduction, kernel, inputs, previous, **kw)
+
+    monkeypatch.setattr(sensitivity, "_layer_step", spy)
+    model = nn.Sequential([nn.Conv(3, (3, 3)), nn.relu, lambda x: x.reshape(x.shape[0], -1), nn.Dense(2)])
+    x = _inputs(8, (6, 5, 5, 2), True)
+    variables = _init(model, x)
+    got = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4)
+    assert sorted(set(seen)) == [("conv", True), ("dense", False)]
+    monkeypatch.setattr(sensitivity, "_layer_step", real)
+    fused = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4, fused=True)
+    for name in got:
+        _close(got[name], _pair(fused[name]))
