@@ -12,7 +12,7 @@ import optax
 from absl import logging
 
 from sensprune import budget as budget_lib
-from sensprune import counting, masking, paths, registry, validation
+from sensprune import counting, masking, paths, registry, validation, zeroing
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
 from sensprune.types import Layer, PruneResult
@@ -61,12 +61,15 @@ def search_selection(
     *,
     rtol: float = 0.005,
     options: Optional[Mapping[str, Any]] = None,
+    zero_dead: bool = True,
 ) -> tuple[registry.Selection, int, int, bool, int]:
     """The keep-ratio search of :func:`prune`, on an existing context.
 
     Finds the nominal kernel budget whose selection brings the model's size
     (nonzero params outside the prunable kernels + each layer's
-    ``Selection.layer_size``) to ``target`` within ``rtol``.
+    ``Selection.layer_size``) to ``target`` within ``rtol``. With ``zero_dead``
+    each selection first loses its parameters of exactly zero gradient over S
+    (:mod:`sensprune.zeroing`), so the size counts what that zeroing freed.
 
     Returns:
       ``(selection, nominal budget, achieved size, reachable, select calls)``.
@@ -81,7 +84,10 @@ def search_selection(
             selections[b] = spec.select(ctx, b, key, **dict(options or {}))
             if len(selections) == 1:  # the pass over S ran: its numbers must be finite
                 validation.check_finite_sensitivities(ctx.computed_sensitivities(), spec.name, selections[b].scores)
-        return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
+            if zero_dead:
+                selections[b] = zeroing.apply(ctx, selections[b])
+        sel = selections[b]
+        return fixed - zeroing.zeroed_other(sel) + int(sum(sel.layer_size(name) for name in sel.masks))
 
     guess = int(round(target - fixed))
     chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
@@ -111,6 +117,7 @@ def prune(
     method_options: Optional[Mapping[str, Any]] = None,
     fused_pass: bool = False,
     contraction: str = "auto",
+    zero_dead: bool = True,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -146,6 +153,10 @@ def prune(
         dispatch; for accelerators, see ``compute_sensitivities(fused=...)``).
       contraction: strategy of the sensitivity kernels' (max, x) contraction,
         one of ``sensprune.sensitivity.CONTRACTIONS`` (``'auto'`` picks by backend).
+      zero_dead: as the reference, also zero every parameter of the pruned net
+        whose gradient over S (the loss's with ``labels``, else a label-free
+        surrogate) is exactly zero, inside the keep-ratio search, so the freed
+        budget goes to entries that matter (:mod:`sensprune.zeroing`).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -198,7 +209,7 @@ def prune(
     if keep_ratio == 1.0:  # keeps everything (zero-initialised biases are not "pruned")
         return validation.keep_everything(params, layers, reference, method, rtol)
     sel, chosen, size, ok, searches = search_selection(
-        ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
+        ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options, zero_dead=zero_dead
     )
     if not ok:
         logging.warning(
@@ -207,9 +218,10 @@ def prune(
         )
     new_params = _pruned_params(params, layers, sel)
     masks = _kernel_masks_tree(params, layers, sel.masks)
+    new_params, masks, zeroed = zeroing.zero_params(new_params, masks, sel)
     kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
-    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method)
+    info.update(zero_dead=zeroed, nominal_budget=chosen, reachable=ok, searches=searches, method=method)
     size = counting.count_nonzero(new_params)
     flops = counting.flops(new_params, layers)
     if sel.sizes or sel.flops:
