@@ -10,6 +10,11 @@ norm parameters of dead units) cost budget but change no output on S, so
 removing them frees budget the keep-ratio search re-spends on entries that
 matter.
 
+One pass, as the reference, not a fixpoint: the gradient of an entry can be
+an exact zero because the points where its input is positive and those where
+its unit is active are disjoint; zeroing other entries of that unit moves its
+active set, so the zeroed net may again have a nonzero gradient there.
+
 The pattern is a property of the *pruned* net (pruning every outgoing entry of
 a unit kills the gradient of its incoming ones), so :func:`dead_params` runs
 on the selection's masked params. Its gradient program is compiled once per
