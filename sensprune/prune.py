@@ -85,7 +85,7 @@ def search_selection(
             if len(selections) == 1:  # the pass over S ran: its numbers must be finite
                 validation.check_finite_sensitivities(ctx.computed_sensitivities(), spec.name, selections[b].scores)
             if zero_dead:
-                selections[b] = zeroing.apply(ctx, selections[b])
+                selections[b] = zeroing.apply(ctx, selections[b], structured=spec.structured)
         sel = selections[b]
         return fixed - zeroing.zeroed_other(sel) + int(sum(sel.layer_size(name) for name in sel.masks))
 

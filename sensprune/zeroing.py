@@ -92,8 +92,23 @@ def _kernel_ids(ctx: PruneContext, tree: Any) -> set[int]:
     return {id(paths.get_kernel(tree, layer)) for layer in ctx.layers}
 
 
-def apply(ctx: PruneContext, sel: registry.Selection) -> registry.Selection:
+def _structured(layer, keep: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """``keep`` less whole output filters and whole input channels none of whose kept
+    entries has a nonzero gradient (filter methods stay channel-structured)."""
+    live = (keep & ~dead).reshape(-1, layer.in_channels, layer.out_channels)
+    filters = live.any(axis=(0, 1))
+    channels = live.any(axis=(0, 2))
+    shape = keep.reshape(-1, layer.in_channels, layer.out_channels).shape
+    both = np.broadcast_to(channels[None, :, None] & filters[None, None, :], shape)
+    return keep & both.reshape(keep.shape)
+
+
+def apply(ctx: PruneContext, sel: registry.Selection, structured: bool = False) -> registry.Selection:
     """``sel`` with every kept entry of exactly zero gradient over S removed.
+
+    ``structured`` (filter methods, as the reference): only whole output filters
+    and whole input channels go whose kept entries all have a zero gradient (an
+    input channel that is zero on every point of S, a filter of a dead unit).
 
     Kernel masks lose their dead entries; dead nonzero parameters outside the
     kernels (biases, norm scales of dead units) are recorded in
@@ -114,7 +129,8 @@ def apply(ctx: PruneContext, sel: registry.Selection) -> registry.Selection:
         if layer.name not in sel.masks:
             continue
         keep = np.asarray(sel.masks[layer.name], bool)
-        new = keep & ~np.asarray(paths.get_kernel(dead, layer))
+        gone = np.asarray(paths.get_kernel(dead, layer))
+        new = _structured(layer, keep, gone) if structured else keep & ~gone
         kernel_gone += int(keep.sum() - new.sum())
         masks[layer.name] = new
     kernel_leaves = _kernel_ids(ctx, dead)
@@ -123,6 +139,8 @@ def apply(ctx: PruneContext, sel: registry.Selection) -> registry.Selection:
         for p, d in zip(jax.tree.leaves(pruned), jax.tree.leaves(dead))
         if id(d) not in kernel_leaves
     )
+    for layer in ctx.layers:  # kernels go through the masks (structured methods keep some dead entries)
+        dead = paths.set_kernel(dead, layer, np.zeros(layer.kernel_shape, bool))
     info = dict(sel.info, zero_dead={"dead": dead, "other": other, "kernel": kernel_gone})
     return dataclasses.replace(sel, masks={**sel.masks, **masks}, info=info)
 
