@@ -68,6 +68,21 @@ def _abs_grad(variables, params, x, y, key, *, adapter, loss_fn):
     return jax.tree.map(jnp.abs, jax.grad(surrogate)(params))
 
 
+def _closure_program(ctx: PruneContext):
+    loss_fn = ctx.loss_fn if ctx.labels is not None else None
+    return jax.jit(functools.partial(_abs_grad.__wrapped__, adapter=ctx.adapter, loss_fn=loss_fn))
+
+
+def _program(ctx: PruneContext):
+    """The gradient program: shared across prune calls when adapter and loss hash, else one per context."""
+    loss_fn = ctx.loss_fn if ctx.labels is not None else None
+    try:
+        hash((ctx.adapter, loss_fn))
+    except TypeError:  # e.g. a model holding a list of layers or lambdas
+        return ctx.memo(_closure_program)
+    return functools.partial(_abs_grad, adapter=ctx.adapter, loss_fn=loss_fn)
+
+
 def dead_params(ctx: PruneContext, params: Any) -> Any:
     """Tree of bool like ``params``: True where the gradient over S is exactly zero.
 
@@ -75,7 +90,7 @@ def dead_params(ctx: PruneContext, params: Any) -> Any:
     (module docstring). Absolute gradients are summed over chunks of S, so
     chunks cannot cancel each other.
     """
-    loss_fn = ctx.loss_fn if ctx.labels is not None else None
+    program = _program(ctx)
     data = np.asarray(ctx.data)
     chunk = max(1, min(int(ctx.chunk_size), data.shape[0]))
     total = None
@@ -83,7 +98,7 @@ def dead_params(ctx: PruneContext, params: Any) -> Any:
         x = data[start:start + chunk]
         y = np.zeros(x.shape[0], np.int32) if ctx.labels is None else np.asarray(ctx.labels)[start:start + chunk]
         key = jax.random.fold_in(jax.random.PRNGKey(0), i)
-        g = _abs_grad(ctx.variables, params, x, y, key, adapter=ctx.adapter, loss_fn=loss_fn)
+        g = program(ctx.variables, params, x, y, key)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return jax.tree.map(lambda t: np.asarray(t) == 0, total)
 
