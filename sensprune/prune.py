@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sensprune import boxing, counting, layer_kinds, masking, paths, reach, registry, validation
+from sensprune import boxing, counting, layer_kinds, masking, paths, reach, registry, validation, zeroing
 from sensprune import budget as budget_lib
 from sensprune import points as points_lib
 from sensprune.context import PruneContext
@@ -68,12 +68,15 @@ def search_selection(
     *,
     rtol: float = 0.005,
     options: Optional[Mapping[str, Any]] = None,
+    zero_dead: bool = True,
 ) -> tuple[registry.Selection, int, int, bool, int]:
     """The keep-ratio search of :func:`prune`, on an existing context.
 
     Finds the nominal kernel budget whose selection brings the model's size
     (nonzero params outside the prunable kernels + each layer's
-    ``Selection.layer_size``) to ``target`` within ``rtol``.
+    ``Selection.layer_size``) to ``target`` within ``rtol``. With ``zero_dead``
+    each selection first loses its parameters of exactly zero gradient over S
+    (:mod:`sensprune.zeroing`), so the size counts what that zeroing freed.
 
     Returns:
       ``(selection, nominal budget, achieved size, reachable, select calls)``.
@@ -88,7 +91,10 @@ def search_selection(
             selections[b] = spec.select(ctx, b, key, **dict(options or {}))
             if len(selections) == 1:  # the pass over S ran: its numbers must be finite
                 validation.check_finite_sensitivities(ctx.computed_sensitivities(), spec.name, selections[b].scores)
-        return fixed + int(sum(selections[b].layer_size(name) for name in selections[b].masks))
+            if zero_dead:
+                selections[b] = zeroing.apply(ctx, selections[b], structured=spec.structured)
+        sel = selections[b]
+        return fixed - zeroing.zeroed_other(sel) + int(sum(sel.layer_size(name) for name in sel.masks))
 
     guess = int(round(target - fixed))
     chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
@@ -121,6 +127,7 @@ def prune(
     allow_dead_layers: bool = False,
     include: layer_kinds.LayerFilter = None,
     exclude: layer_kinds.LayerFilter = None,
+    zero_dead: bool = True,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -171,6 +178,10 @@ def prune(
     dependency analysis does not map (attention projections, grouped convs,
     shared layers) stay dense: ``result.info['dense_layers']`` maps their names
     to the reason, and one log line lists them.
+      zero_dead: as the reference, also zero every parameter of the pruned net
+        whose gradient over S (the loss's with ``labels``, else a label-free
+        surrogate) is exactly zero, inside the keep-ratio search, so the freed
+        budget goes to entries that matter (:mod:`sensprune.zeroing`).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.
@@ -233,7 +244,7 @@ def prune(
     if not allow_dead_layers:
         reach.check_reachable(method, keep_ratio, reference, params, layers, ctx.alive(), spec.structured, rtol)
     sel, chosen, size, ok, searches = search_selection(
-        ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options
+        ctx, spec, keep_ratio * reference, key, rtol=rtol, options=method_options, zero_dead=zero_dead
     )
     if not allow_dead_layers:
         reach.check_no_dead_layers(method, sel.masks, sel.sizes, ctx.alive(), spec.structured, keep_ratio)
@@ -244,9 +255,11 @@ def prune(
         )
     new_params = _pruned_params(params, layers, sel)
     masks = _kernel_masks_tree(params, layers, sel.masks)
+    new_params, masks, zeroed = zeroing.zero_params(new_params, masks, sel)
     kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
-    info.update(nominal_budget=chosen, reachable=ok, searches=searches, method=method, dense_layers=dense)
+    info.update(zero_dead=zeroed, nominal_budget=chosen, reachable=ok, searches=searches, method=method,
+                dense_layers=dense)
     size = counting.count_nonzero(new_params)
     flops = counting.flops(new_params, layers)
     if sel.sizes or sel.flops:

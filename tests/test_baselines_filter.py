@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sensprune as sp
+from sensprune import zeroing
 from sensprune.context import PruneContext
 from sensprune.layers import find_layers
 from sensprune.methods import filter_norm, random_pruning, thinet  # noqa: F401  (importing registers the methods)
@@ -57,7 +58,12 @@ def test_registered_flags():
 def test_ft_removes_smallest_l1_filters_same_fraction_and_consumer_columns():
     model, variables = mlp()
     x, _ = digits()
-    res = sp.prune(model, variables, x[:64], method="ft", keep_ratio=0.4)
+    # The pure ft selection; zeroing (the default) keeps it channel-structured (checked below).
+    res = sp.prune(model, variables, x[:64], method="ft", keep_ratio=0.4, zero_dead=False)
+    zeroed = sp.prune(model, variables, x[:64], method="ft", keep_ratio=0.4)
+    for name in zeroed.layer_kept:
+        m = kmask(zeroed, name)
+        np.testing.assert_array_equal(m, m.any(1)[:, None] & m.any(0)[None, :])
     names = list(res.layer_kept)
     frac = res.info["fraction"]
     assert res.info["skipped"] == {}
@@ -171,7 +177,7 @@ def test_uniform_filters_random_same_fraction_and_key_deterministic():
 
     def run(seed):
         key = jax.random.PRNGKey(seed)
-        return sp.prune(model, variables, x[:32], method="uniform_filters", keep_ratio=0.4, key=key)
+        return sp.prune(model, variables, x[:32], method="uniform_filters", keep_ratio=0.4, key=key, zero_dead=False)
 
     a, b, c = run(0), run(0), run(1)
     for name in ("Dense_0", "Dense_1"):
@@ -260,8 +266,12 @@ def assert_hit_or_closest(res, model, variables, data, method, target, key, grid
     dense = sp.count_params(variables["params"])
     fixed = sp.count_nonzero(variables["params"]) - sum(int(a.sum()) for a in ctx.alive().values())
     select = sp.get_method(method).select
+    if res.info["zero_dead"]:  # sizes after the reference's zeroing, as the search counts them
+        def select(c, b, k, _select=select):
+            return zeroing.apply(c, _select(c, b, k), structured=True)
     budgets = np.linspace(0.6, 1.4, grid) * (target * dense - fixed)
-    sizes = [fixed + sum(int(m.sum()) for m in select(ctx, int(b), key).masks.values()) for b in budgets]
+    sels = [select(ctx, int(b), key) for b in budgets]
+    sizes = [fixed - zeroing.zeroed_other(sel) + sum(int(m.sum()) for m in sel.masks.values()) for sel in sels]
     assert min(sizes) < target * dense < max(sizes)
     assert abs(res.keep_ratio - target) <= min(abs(s / dense - target) for s in sizes) + 1e-12
 

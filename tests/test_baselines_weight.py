@@ -206,15 +206,22 @@ def test_random_keeps_exactly_budget_and_depends_on_key():
         random_pruning.select_random(ctx, 37, None)
 
 
+@pytest.mark.parametrize("zero_dead", [False, True])
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
-def test_prune_hits_keep_ratio(method):
+def test_prune_hits_keep_ratio(method, zero_dead):
     model, variables = mlp()
     x, y = digits()
     res = sp.prune(
-        model, variables, x[:96], labels=y[:96], method=method, keep_ratio=0.3, key=jax.random.PRNGKey(0)
+        model, variables, x[:96], labels=y[:96], method=method, keep_ratio=0.3, key=jax.random.PRNGKey(0),
+        zero_dead=zero_dead,
     )
-    assert res.info["reachable"]
-    assert abs(res.keep_ratio - 0.3) <= 0.005 * 0.3
+    if zero_dead:
+        # On this 5k-parameter net one more kept entry can revive a dead unit's ~20 inputs, more
+        # than the 0.5 % tolerance (8 parameters): the closest size is then returned.
+        assert res.info["reachable"] or abs(res.keep_ratio - 0.3) <= 0.01 * 0.3
+    else:
+        assert res.info["reachable"]
+        assert abs(res.keep_ratio - 0.3) <= 0.005 * 0.3
     sp.check_same_structure(variables["params"], res.masks)
     for p, m, p0 in zip(
         jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(res.masks),

@@ -71,11 +71,21 @@ def test_sipp_keeps_global_top_sensitivities():
     model, variables = trained_mlp()
     x, _ = digits()
     pts = x[1400:1464]
-    res = sp.prune(model, variables, pts, method="sipp", keep_ratio=0.25)
     sens = sp.compute_sensitivities(model, variables, pts, reduction="mean")
+    res = sp.prune(model, variables, pts, method="sipp", keep_ratio=0.25, zero_dead=False)
     kept = np.concatenate([np.asarray(sens[n].weight)[np.asarray(m)] for n, m in _kernel_masks(res).items()])
     dropped = np.concatenate([np.asarray(sens[n].weight)[~np.asarray(m)] for n, m in _kernel_masks(res).items()])
     assert kept.min() >= dropped.max()
+    # With the reference's zeroing (default), SiPP selects the global top at the nominal budget and
+    # then loses the selected entries of exactly zero gradient over S: what it keeps is still the
+    # top, and every entry above the selection's threshold that is not kept was zeroed.
+    res = sp.prune(model, variables, pts, method="sipp", keep_ratio=0.25)
+    kept = np.concatenate([np.asarray(sens[n].weight)[np.asarray(m)] for n, m in _kernel_masks(res).items()])
+    every = np.sort(np.concatenate([np.asarray(sens[n].weight).ravel() for n in res.layer_kept]))
+    selected = kept.size + res.info["zero_dead"]["kernel"]
+    threshold = every[-selected]
+    assert res.info["zero_dead"]["kernel"] > 0 and kept.min() >= threshold
+    assert int(np.sum(every >= threshold)) - kept.size == res.info["zero_dead"]["kernel"]
     # Deterministic SiPP does not reweight.
     for n, m in _kernel_masks(res).items():
         k_new = np.asarray(res.params[n]["kernel"])

@@ -145,7 +145,9 @@ def test_ft_joint_mean_narrows_the_residual_streams_in_aligned_counts():
     """ft with joint='mean', round_to=4 drops stream channels jointly, keeps multiples of 4, shrinks unpadded."""
     model, variables, data = _setup("resnet20")
     deps = deps_lib.analyze(model, variables, data[:1], train=False)
-    kwargs = dict(method="ft", keep_ratio=0.4, apply_kwargs={"train": False}, chunk_size=8)
+    # zero_dead=False: on this random-init net ~80 % of the parameters have an exactly zero gradient over
+    # the 8 points (dead BN-shifted ReLUs), so with the reference's zeroing 0.4 is out of reach.
+    kwargs = dict(method="ft", keep_ratio=0.4, apply_kwargs={"train": False}, chunk_size=8, zero_dead=False)
     best = sp.prune(model, variables, data, **kwargs)
     joint = sp.prune(model, variables, data, method_options={"joint": "mean", "round_to": 4}, **kwargs)
 

@@ -88,19 +88,23 @@ def _channels_for(stats, eps: float) -> dict[str, int]:
 def _model_size(ctx: PruneContext, stats, counts: dict[str, int]) -> float:
     """Kernel entries kept if each layer keeps counts[l] input channels.
 
-    A layer's live output filters shrink in proportion to the channels its
-    successor (in call order) keeps; the outer keep-ratio search corrects for
-    graphs where that is not exact.
+    A layer's size is its *nonzero* entries (already sparse nets count what is
+    left, not the dense rows), scaled by the fraction of its live input
+    channels it keeps and by the fraction of its live output filters that
+    survive; the latter shrink in proportion to the channels its successor (in
+    call order) keeps. On a dense layer this is ``counts[l] * out * window``.
+    The outer keep-ratio search corrects for graphs where that is not exact.
     """
     layers = ctx.layers
     alive = ctx.alive()
     size = 0.0
     for i, layer in enumerate(layers):
-        out = float(alive[layer.name].reshape(-1, layer.out_channels).any(0).sum())
+        entries = float(alive[layer.name].sum())
+        entries *= counts[layer.name] / max(int(stats[layer.name][3].sum()), 1)
         if i + 1 < len(layers):
             nxt = layers[i + 1]
-            out *= counts[nxt.name] / max(int(stats[nxt.name][3].sum()), 1)
-        size += counts[layer.name] * out * layer.window_size
+            entries *= counts[nxt.name] / max(int(stats[nxt.name][3].sum()), 1)
+        size += entries
     return size
 
 

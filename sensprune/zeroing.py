@@ -1,0 +1,180 @@
+"""Data-dependent zeroing: parameters of the pruned net that influence nothing on S.
+
+After a method has selected its kernel entries, the reference zeroes every
+parameter whose loss gradient over S is exactly zero, then counts the size.
+Exact zeros are structural: an entry reads an input that is zero on every
+point of S (a dead ReLU unit upstream, a removed feature), or writes to a unit
+whose backward signal is zero on every point (a dead ReLU unit, a unit none of
+whose outgoing entries survived the selection). Such entries (and biases or
+norm parameters of dead units) cost budget but change no output on S, so
+removing them frees budget the keep-ratio search re-spends on entries that
+matter.
+
+One pass, as the reference, not a fixpoint: the gradient of an entry can be
+an exact zero because the points where its input is positive and those where
+its unit is active are disjoint; zeroing other entries of that unit moves its
+active set, so the zeroed net may again have a nonzero gradient there.
+
+The pattern is a property of the *pruned* net (pruning every outgoing entry of
+a unit kills the gradient of its incoming ones), so :func:`dead_params` runs
+on the selection's masked params. Its gradient program is compiled once per
+prune call (masked params are an argument); each evaluated search budget costs
+one forward/backward pass over S.
+
+Without labels, the gradient is that of a label-free surrogate with the same
+exact-zero pattern: ``sum_x <r(x), f(x)>`` with a fixed Gaussian cotangent
+``r``, i.e. a random vector-Jacobian product. A parameter gets an exact zero
+there iff its output Jacobian vanishes on every point of S (up to
+measure-zero cancellations), which is the structural zero pattern of the loss
+gradient too (softmax cross-entropy never has a zero output gradient). The sum
+of the outputs would also do on most nets, but cancels exactly when the
+outputs are normalised (e.g. softmax probabilities summing to one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sensprune import paths, registry
+from sensprune.adapter import with_params
+from sensprune.context import PruneContext
+
+
+def _abs_grad_impl(variables, params, x, y, key, *, adapter, loss_fn):
+    """|d surrogate / d params| on one chunk; ``loss_fn=None``: the label-free surrogate.
+
+    Compiled once per (adapter, loss, shapes), so repeated prune calls on one
+    model reuse it.
+    """
+
+    def surrogate(p):
+        out = adapter.apply(with_params(variables, p), x)
+        if loss_fn is not None:
+            return loss_fn(out, y)
+        leaves = jax.tree.leaves(out)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        return sum(
+            jnp.sum(leaf.astype(jnp.float32) * jax.random.normal(k, leaf.shape, jnp.float32))
+            for leaf, k in zip(leaves, keys)
+        )
+
+    return jax.tree.map(jnp.abs, jax.grad(surrogate)(params))
+
+
+_abs_grad = jax.jit(_abs_grad_impl, static_argnames=("adapter", "loss_fn"))
+
+
+def _closure_program(ctx: PruneContext):
+    loss_fn = ctx.loss_fn if ctx.labels is not None else None
+    return jax.jit(functools.partial(_abs_grad_impl, adapter=ctx.adapter, loss_fn=loss_fn))
+
+
+def _program(ctx: PruneContext):
+    """The gradient program: shared across prune calls when adapter and loss hash, else one per context."""
+    loss_fn = ctx.loss_fn if ctx.labels is not None else None
+    try:
+        hash((ctx.adapter, loss_fn))
+    except TypeError:  # e.g. a model holding a list of layers or lambdas
+        return ctx.memo(_closure_program)
+    return functools.partial(_abs_grad, adapter=ctx.adapter, loss_fn=loss_fn)
+
+
+def dead_params(ctx: PruneContext, params: Any) -> Any:
+    """Tree of bool like ``params``: True where the gradient over S is exactly zero.
+
+    The loss gradient with ``ctx.labels``, else the random-cotangent surrogate
+    (module docstring). Absolute gradients are summed over chunks of S, so
+    chunks cannot cancel each other.
+    """
+    program = _program(ctx)
+    data = np.asarray(ctx.data)
+    chunk = max(1, min(int(ctx.chunk_size), data.shape[0]))
+    total = None
+    for i, start in enumerate(range(0, data.shape[0], chunk)):
+        x = data[start:start + chunk]
+        y = np.zeros(x.shape[0], np.int32) if ctx.labels is None else np.asarray(ctx.labels)[start:start + chunk]
+        key = jax.random.fold_in(jax.random.PRNGKey(0), i)
+        g = program(ctx.variables, params, x, y, key)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    return jax.tree.map(lambda t: np.asarray(t) == 0, total)
+
+
+def _kernel_ids(ctx: PruneContext, tree: Any) -> set[int]:
+    return {id(paths.get_kernel(tree, layer)) for layer in ctx.layers}
+
+
+def _structured(layer, keep: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """``keep`` less whole output filters and whole input channels none of whose kept
+    entries has a nonzero gradient (filter methods stay channel-structured)."""
+    live = (keep & ~dead).reshape(-1, layer.in_channels, layer.out_channels)
+    filters = live.any(axis=(0, 1))
+    channels = live.any(axis=(0, 2))
+    shape = keep.reshape(-1, layer.in_channels, layer.out_channels).shape
+    both = np.broadcast_to(channels[None, :, None] & filters[None, None, :], shape)
+    return keep & both.reshape(keep.shape)
+
+
+def apply(ctx: PruneContext, sel: registry.Selection, structured: bool = False) -> registry.Selection:
+    """``sel`` with every kept entry of exactly zero gradient over S removed.
+
+    ``structured`` (filter methods, as the reference): only whole output filters
+    and whole input channels go whose kept entries all have a zero gradient (an
+    input channel that is zero on every point of S, a filter of a dead unit).
+
+    Kernel masks lose their dead entries; dead nonzero parameters outside the
+    kernels (biases, norm scales of dead units) are recorded in
+    ``info['zero_dead']`` (``'dead'``: the bool tree, ``'other'``: how many
+    nonzero ones go, ``'kernel'``: how many kept kernel entries go) for
+    :func:`zero_params`. Selections that rewrite kernels or cost a method-defined
+    size (low rank) are returned unchanged.
+    """
+    if sel.kernels or sel.sizes:
+        return sel
+    from sensprune.prune import _pruned_params
+
+    pruned = _pruned_params(ctx.params, ctx.layers, sel)
+    dead = dead_params(ctx, pruned)
+    masks = {}
+    kernel_gone = 0
+    for layer in ctx.layers:
+        if layer.name not in sel.masks:
+            continue
+        keep = np.asarray(sel.masks[layer.name], bool)
+        gone = np.asarray(paths.get_kernel(dead, layer))
+        new = _structured(layer, keep, gone) if structured else keep & ~gone
+        kernel_gone += int(keep.sum() - new.sum())
+        masks[layer.name] = new
+    kernel_leaves = _kernel_ids(ctx, dead)
+    other = sum(
+        int(np.count_nonzero(np.asarray(p)[d]))
+        for p, d in zip(jax.tree.leaves(pruned), jax.tree.leaves(dead))
+        if id(d) not in kernel_leaves
+    )
+    for layer in ctx.layers:  # kernels go through the masks (structured methods keep some dead entries)
+        dead = paths.set_kernel(dead, layer, np.zeros(layer.kernel_shape, bool))
+    info = dict(sel.info, zero_dead={"dead": dead, "other": other, "kernel": kernel_gone})
+    return dataclasses.replace(sel, masks={**sel.masks, **masks}, info=info)
+
+
+def zeroed_other(sel: registry.Selection) -> int:
+    """Nonzero parameters outside the kernels that :func:`apply` removed (0 without zeroing)."""
+    return int(sel.info.get("zero_dead", {}).get("other", 0))
+
+
+def zero_params(params: Any, masks: Any, sel: registry.Selection) -> tuple[Any, Any, dict[str, int]]:
+    """``(params, masks, counts)``: the dead parameters of ``sel`` set to zero / False,
+    and how many kept entries went (``{'kernel': .., 'other': ..}``; empty without zeroing)."""
+    record: Mapping[str, Any] = sel.info.get("zero_dead", {})
+    if "dead" not in record:
+        return params, masks, {}
+    dead = record["dead"]
+    params = jax.tree.map(lambda p, d: jnp.where(jnp.asarray(d), jnp.zeros_like(p), p), params, dead)
+    masks = jax.tree.map(lambda m, d: jnp.logical_and(jnp.asarray(m, bool), ~jnp.asarray(d)), masks, dead)
+    return params, masks, {"kernel": int(record["kernel"]), "other": int(record["other"])}
+
