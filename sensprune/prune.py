@@ -68,7 +68,7 @@ def search_selection(
     *,
     rtol: float = 0.005,
     options: Optional[Mapping[str, Any]] = None,
-    zero_dead: bool = True,
+    zero_dead: bool = False,
 ) -> tuple[registry.Selection, int, int, bool, int]:
     """The keep-ratio search of :func:`prune`, on an existing context.
 
@@ -127,7 +127,7 @@ def prune(
     allow_dead_layers: bool = False,
     include: layer_kinds.LayerFilter = None,
     exclude: layer_kinds.LayerFilter = None,
-    zero_dead: bool = True,
+    zero_dead: bool = False,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 

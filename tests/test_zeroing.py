@@ -96,7 +96,7 @@ def _zero_grad_kept(model, variables, x, params):
 def test_sipp_zeroing_reallocates_budget_on_lenet(lenet_dead_units):
     model, variables, x = lenet_dead_units
     off = sp.prune(model, variables, x, method="sipp", keep_ratio=0.1, zero_dead=False)
-    on = sp.prune(model, variables, x, method="sipp", keep_ratio=0.1)
+    on = sp.prune(model, variables, x, method="sipp", keep_ratio=0.1, zero_dead=True)
     assert off.info["reachable"] and on.info["reachable"]
     assert on.keep_ratio == pytest.approx(0.1, rel=0.005)  # the zeroed budget is re-spent
     # Without zeroing, SiPP spends budget on the dead units' inputs (their bias-free shares are positive).
@@ -118,6 +118,6 @@ def test_sipp_zeroing_reallocates_budget_on_lenet(lenet_dead_units):
 
 def test_pfp_zeroing_removes_dead_filters(lenet_dead_units):
     model, variables, x = lenet_dead_units
-    on = sp.prune(model, variables, x, method="pfp", keep_ratio=0.2)
+    on = sp.prune(model, variables, x, method="pfp", keep_ratio=0.2, zero_dead=True)
     assert _zero_grad_kept(model, variables, x, on.params) == [0, 0, 0]
     assert abs(on.keep_ratio - 0.2) <= 0.01
