@@ -76,10 +76,10 @@ def test_sipp_keeps_global_top_sensitivities():
     kept = np.concatenate([np.asarray(sens[n].weight)[np.asarray(m)] for n, m in _kernel_masks(res).items()])
     dropped = np.concatenate([np.asarray(sens[n].weight)[~np.asarray(m)] for n, m in _kernel_masks(res).items()])
     assert kept.min() >= dropped.max()
-    # With the reference's zeroing (default), SiPP selects the global top at the nominal budget and
+    # With the reference's zeroing (zero_dead=True), SiPP selects the global top at the nominal budget and
     # then loses the selected entries of exactly zero gradient over S: what it keeps is still the
     # top, and every entry above the selection's threshold that is not kept was zeroed.
-    res = sp.prune(model, variables, pts, method="sipp", keep_ratio=0.25)
+    res = sp.prune(model, variables, pts, method="sipp", keep_ratio=0.25, zero_dead=True)
     kept = np.concatenate([np.asarray(sens[n].weight)[np.asarray(m)] for n, m in _kernel_masks(res).items()])
     every = np.sort(np.concatenate([np.asarray(sens[n].weight).ravel() for n in res.layer_kept]))
     selected = kept.size + res.info["zero_dead"]["kernel"]
