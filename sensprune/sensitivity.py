@@ -385,14 +385,21 @@ def _signed_capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAd
 _cached_signed_capture = jax.jit(_signed_capture, static_argnames=("adapter", "layers"))
 
 
-def _signed_capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
-    """Jitted ``(variables, chunk) -> (layer inputs, layer -> any input < 0)`` (as :func:`capture_function`)."""
+def _bind_capture(
+    impl: Callable[..., Any], cached: Callable[..., Any], adapter: ModelAdapter, layers: Sequence[Layer]
+) -> Callable[..., Any]:
+    """``cached`` (one jit shared across calls) bound to a hashable adapter, else a fresh jit of ``impl``."""
     frozen = tuple(layers)
     try:
         hash((adapter, frozen))
     except TypeError:
-        return jax.jit(functools.partial(_signed_capture, adapter=adapter, layers=frozen))
-    return functools.partial(_cached_signed_capture, adapter=adapter, layers=frozen)
+        return jax.jit(functools.partial(impl, adapter=adapter, layers=frozen))
+    return functools.partial(cached, adapter=adapter, layers=frozen)
+
+
+def _signed_capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
+    """Jitted ``(variables, chunk) -> (layer inputs, layer -> any input < 0)`` (as :func:`capture_function`)."""
+    return _bind_capture(_signed_capture, _cached_signed_capture, adapter, layers)
 
 
 def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
@@ -404,10 +411,5 @@ def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable
     of one program per layer. Falls back to a fresh jit when the adapter is not
     hashable (e.g. an ``rngs`` dict in the apply keywords).
     """
-    frozen = tuple(layers)
-    try:
-        hash((adapter, frozen))
-    except TypeError:
-        return jax.jit(functools.partial(_capture, adapter=adapter, layers=frozen))
-    return functools.partial(_cached_capture, adapter=adapter, layers=frozen)
+    return _bind_capture(_capture, _cached_capture, adapter, layers)
 

@@ -7,7 +7,6 @@ import itertools
 import logging
 import os
 import pickle
-import socket
 import struct
 import time
 
@@ -74,18 +73,6 @@ def _write_cifar_dir(root: str, n_per_batch=8):
 
 def _rows(x: np.ndarray) -> set[bytes]:
     return {row.tobytes() for row in x}
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection or resolve a name fails the test loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f'network access attempted: {args}')
-
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
-    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 
 
 # ----------------------------------------------------------------------------- readers

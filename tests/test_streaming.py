@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tracemalloc
 
 import numpy as np
@@ -14,18 +13,6 @@ import pytest
 
 from experiments import data
 from experiments.data import sources, tfds_io
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection or resolve a name fails the test loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f'network access attempted: {args}')
-
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
-    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 
 
 def _jpeg(rng: np.random.Generator, label: int) -> bytes:
