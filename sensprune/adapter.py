@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sensprune import geometry, layer_kinds
+from sensprune import geometry, layer_kinds, validation
 from sensprune.points import as_args, check_arity
 from sensprune.types import Layer, Path
 
@@ -184,6 +184,7 @@ class LinenAdapter:
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
             path = tuple(module.path)
+            validation.warn_fixed_layer(module, path)  # e.g. an LSTM cell: stays dense, and how to prune it
             reason = layer_kinds.linen_unscorable(module, context.method_name)
             if reason is not None:
                 dense[geometry.layer_name(path)] = reason

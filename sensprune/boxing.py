@@ -62,8 +62,8 @@ def rebox_like(boxed: Any, plain: Any) -> Any:
     """
     if not has_boxes(boxed):
         return plain
-    leaves, treedef_ = jax.tree_util.tree_flatten(boxed, is_leaf=is_box)
-    treedef: Any = treedef_
+    treedef: Any  # jax's PyTreeDef stub lacks flatten_up_to
+    leaves, treedef = jax.tree_util.tree_flatten(boxed, is_leaf=is_box)
     values = treedef.flatten_up_to(plain)
     return treedef.unflatten([b.replace_boxed(v) if is_box(b) else v for b, v in zip(leaves, values)])
 

@@ -19,7 +19,6 @@ from sensprune import paths
 from sensprune.types import Layer, Path
 
 PRUNABLE = (nn.Dense, nn.Conv)
-UNSUPPORTED = (nn.DenseGeneral, nn.ConvTranspose, nn.ConvLocal, nn.Einsum)
 SUPPORTED_TEXT = (
     "sensprune prunes nn.Dense and nn.Conv (feature_group_count=1, zero padding: "
     "'SAME', 'VALID', ints or (low, high) pairs)"
@@ -129,18 +128,6 @@ def conv_layer(module: nn.Conv, path: Path, inputs: Any, outputs: Any, order: in
         order=order,
         groups=groups,
     )
-
-
-def check_supported(module: nn.Module, path: Path) -> None:
-    from sensprune.validation import layer_advice, warn_fixed_layer
-
-    warn_fixed_layer(module, path)
-    if isinstance(module, UNSUPPORTED):
-        advice = layer_advice(module)
-        raise ValueError(
-            f"layer {layer_name(path)!r} is a {type(module).__name__}, which cannot be pruned; "
-            + SUPPORTED_TEXT + (f". {advice}" if advice else "")
-        )
 
 
 def check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> None:

@@ -56,10 +56,6 @@ def is_linen_call(module: Any, method_name: str) -> bool:
     """Whether a Linen module call is a layer call sensprune scores (or tries to)."""
     if isinstance(module, nn.Embed):
         return method_name == "attend"
-    if method_name == "__call__" and isinstance(module, nn.OptimizedLSTMCell):
-        from sensprune.validation import warn_fixed_layer  # once per kind: stays dense, and how to prune it
-
-        warn_fixed_layer(module, tuple(module.path))
     return method_name == "__call__" and isinstance(module, LINEN_SCORED)
 
 
