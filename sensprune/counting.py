@@ -73,20 +73,16 @@ def _nonzero_per_leaf(leaves: Sequence[Any]) -> list[int]:
     int32 count, is counted with numpy on the host.
     """
     leaves = list(leaves)
-    counts: list[int | None] = [None] * len(leaves)
     on_device = [
         i
         for i, x in enumerate(leaves)
         if isinstance(x, jax.Array) and _size(x) <= _MAX_DEVICE_COUNT and not host_readable(x)
     ]
+    counted: dict[int, int] = {}
     if on_device:
         device_counts = jax.device_get(_device_nonzero([leaves[i] for i in on_device]))
-        for i, c in zip(on_device, device_counts):
-            counts[i] = int(c)
-    for i, x in enumerate(leaves):
-        if counts[i] is None:
-            counts[i] = int(np.count_nonzero(np.asarray(x)))
-    return [int(c) for c in counts if c is not None]
+        counted = {i: int(c) for i, c in zip(on_device, device_counts)}
+    return [counted[i] if i in counted else int(np.count_nonzero(np.asarray(x))) for i, x in enumerate(leaves)]
 
 
 def count_params(tree: PyTree) -> int:
