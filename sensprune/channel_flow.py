@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sensprune.axis_rows import Tracked, fold, tracked_rule
+
 __all__ = ["n_rows", "propagate", "zeros"]
 
 _ELEMENTWISE = frozenset(
@@ -207,8 +209,10 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
     return [_full(n, everything) for n in n_out]
 
 
-def propagate(jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
-    env: dict[Any, np.ndarray] = {}
+def propagate(jaxpr, in_rows: list[Any], const_rows: list[np.ndarray], notes: set[str]) -> list[Any]:
+    """Rows of the jaxpr's outputs: plain last-axis rows, or :class:`~sensprune.axis_rows.Tracked`
+    tables where the sources span several axes (attention heads)."""
+    env: dict[Any, Any] = {}
 
     def read(v):
         if _is_literal(v):
@@ -225,6 +229,10 @@ def propagate(jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], no
         if sub is not None:
             consts = [zeros(n_rows(_shape(c))) for c in sub.constvars]
             outs = propagate(sub, ins, consts, notes)
+        elif any(isinstance(r, Tracked) for r in ins):  # rows over several axes (attention heads)
+            outs = tracked_rule(eqn, ins, elementwise=eqn.primitive.name in _ELEMENTWISE)  # type: ignore[assignment]
+            if outs is None:
+                outs = _eqn_rule(eqn, [fold(r, _shape(v)) for r, v in zip(ins, eqn.invars)], notes)
         else:
             outs = _eqn_rule(eqn, ins, notes)
         for v, r in zip(eqn.outvars, outs):

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from sensprune.adapter import as_adapter, trace_with_markers
+from sensprune.axis_rows import Tracked, flat_rows, source_table
 from sensprune.channel_flow import n_rows, propagate, zeros
 from sensprune.types import Layer, Path
 
@@ -191,7 +192,8 @@ def analyze(
     sources = _sources(variables, x, markers, layers)
     notes: set[str] = set()
     consts = [zeros(n_rows(np.shape(c))) for c in closed.consts]
-    outputs, consumed = _split_outputs(shapes, propagate(closed.jaxpr, sources.rows, consts, notes))
+    in_channels = {layer.name: layer.in_channels for layer in layers}
+    outputs, consumed = _split_outputs(shapes, propagate(closed.jaxpr, sources.rows, consts, notes), in_channels)
     joined = _join(layers, len(sources.kinds), consumed, outputs)
     members = _members(sources, joined, layers)
     var_rank = {_path_keys(p): len(np.shape(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
@@ -203,7 +205,7 @@ class _Sources:
     """Source bits: ``kinds[b] = (kind, owner, channel)`` of bit ``b``; ``rows``: the jaxpr's input rows."""
 
     kinds: list[tuple[str, Any, int]] = dataclasses.field(default_factory=list)
-    rows: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rows: list[Any] = dataclasses.field(default_factory=list)
 
     def add(self, kind: str, owner: Any, n: int) -> None:
         """Appends the input rows of an array whose ``n`` last-axis entries are new sources."""
@@ -212,6 +214,12 @@ class _Sources:
         rows = np.empty(n, object)
         rows[:] = [1 << (start + c) for c in range(n)]
         self.rows.append(rows)
+
+    def add_units(self, kind: str, owner: Any, shape: Sequence[int], n: int) -> None:
+        """Like :meth:`add` for an array whose ``n`` units span its trailing axes (e.g. ``[.., heads, dim]``)."""
+        start = len(self.kinds)
+        self.kinds.extend((kind, owner, c) for c in range(n))
+        self.rows.append(source_table(shape, n, start))
 
     def add_none(self, shape: Sequence[int]) -> None:
         """Appends the (empty) input rows of an array that is no source."""
@@ -235,19 +243,27 @@ def _sources(variables: Mapping[str, Any], x: Any, markers: Mapping[str, Any], l
             sources.add("var", keys, shape[-1])
     for i, leaf in enumerate(jax.tree_util.tree_leaves(x)):
         sources.add("input", i, n_rows(np.shape(leaf)))
+    units = {layer.name: layer.out_channels for layer in layers}
     for name in sorted(markers):  # dict leaves flatten in sorted key order
-        sources.add("producer", name, markers[name].shape[-1])
+        sources.add_units("producer", name, markers[name].shape, units[name])
     return sources
 
 
-def _split_outputs(shapes: Any, out_rows: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """The traced function's output rows as ``(model output rows, {layer name: input rows})``."""
+def _split_outputs(
+    shapes: Any, out_rows: list[Any], in_channels: Mapping[str, int]
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The traced function's output rows as ``(model output rows, {layer name: input rows})``.
+
+    A layer's input rows are one per input feature (``in_channels``: the flattened contracted
+    axes, e.g. ``heads * head_dim`` of an attention output projection).
+    """
     outputs, consumed = [], {}
-    for (path, _), rows in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], out_rows):
+    for (path, leaf), rows in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], out_rows):
         if getattr(path[0], "idx", None) == 0:
-            outputs.append(rows)
+            outputs.append(np.asarray(rows.table, object).ravel() if isinstance(rows, Tracked) else rows)
         else:
-            consumed[_path_keys(path[1:])[0]] = rows
+            name = _path_keys(path[1:])[0]
+            consumed[name] = flat_rows(rows, np.shape(leaf), in_channels[name])
     return outputs, consumed
 
 

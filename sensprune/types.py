@@ -95,9 +95,10 @@ class Layer:
 
     @property
     def channel_structured(self) -> bool:
-        """Whether filter methods may prune this layer: a plain Dense/Conv kernel,
-        called once (the channel-dependency analysis reads these only)."""
-        return not self.param_shape and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
+        """Whether filter methods may prune this layer: a Dense/Conv kernel or the 2-D view of a
+        DenseGeneral/Einsum kernel (attention projections), called once (the channel-dependency
+        analysis reads these only)."""
+        return not self.transposed and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
 
     @property
     def num_neurons(self) -> int:
