@@ -22,8 +22,17 @@ Protocol a model follows to be shrinkable (the zoo follows it):
   from the module's fields, or from whether a submodule's params exist, e.g.
   ``self.has_variable('params', 'downsample_conv')``);
 * linear layers are ``nn.Dense`` / ``nn.Conv`` (``feature_group_count=1``),
-  each called once per forward pass; other params are per-channel vectors
-  (rank 1) or independent of the channels.
+  ``nn.DenseGeneral`` (no batch dims) or ``nn.Einsum``, each called once per
+  forward pass; other params are per-channel vectors (rank 1) or independent
+  of the channels.
+
+Attention (``nn.MultiHeadDotProductAttention``) shrinks by whole heads: a
+DenseGeneral kernel ``(*in axes, *out axes)`` loses whole slices of each axis
+(the q/k/v kernels ``[d, heads, head_dim]`` and the output kernel
+``[heads, head_dim, d]`` lose the removed heads), and the module runs with its
+original ``num_heads`` field: the head count it computes with is the kernels'.
+Groups that would cut a multi-axis kernel into a non-box shape stay (fully
+masked, so the outputs do not change).
 
 :func:`shrink` checks the shrunk model against the masked one on the example
 input and raises a ``ValueError`` naming this protocol when they disagree.
@@ -48,7 +57,7 @@ from sensprune import boxing, masking, paths
 from sensprune import dependencies as deps_lib
 from sensprune.adapter import LayerCall, LinenAdapter, ModelAdapter, as_adapter
 from sensprune.geometry import resolve_padding
-from sensprune.types import Path
+from sensprune.types import Layer, Path
 
 __all__ = [
     "Shrunk",
@@ -110,18 +119,43 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     return y.reshape(batch_shape + y.shape[1:])
 
 
+def _add_bias(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
+def _dense_general(module: nn.DenseGeneral, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """``nn.DenseGeneral`` (no batch dims) from its stored kernel: fewer heads = a narrower kernel."""
+    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    axis = tuple(a % x.ndim for a in axis)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    dims = ((axis, tuple(range(len(axis)))), ((), ()))
+    return _add_bias(lax.dot_general(x, kernel, dims, precision=module.precision), bias)
+
+
+def _einsum(module: nn.Einsum, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array],
+            einsum_str: Optional[str]) -> jax.Array:
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    spec = (einsum_str or module.einsum_str or "").replace(" ", "")
+    return _add_bias(jnp.einsum(spec, x, kernel, precision=module.precision), bias)
+
+
 def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
-    """Computes Linen Dense/Conv calls from their stored (possibly narrower) kernels.
+    """Computes Linen Dense/Conv/DenseGeneral/Einsum calls from their stored (possibly narrower) kernels.
 
     Other layers (nnx layers compute from their kernels anyway) run as they are.
     """
     module = call.module
-    if type(module) not in (nn.Dense, nn.Conv) or not module.has_variable("params", "kernel"):
+    kinds = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
+    if type(module) not in kinds or not module.has_variable("params", "kernel"):
+        return next_fun(*args, **kwargs)
+    if isinstance(module, nn.DenseGeneral) and module.batch_dims:
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     kernel = boxing.unbox(module.get_variable("params", "kernel"))
     bias = boxing.unbox(module.get_variable("params", "bias")) if module.use_bias else None
-    fn = _dense if isinstance(module, nn.Dense) else _conv
+    if isinstance(module, nn.Einsum):
+        return _einsum(module, x, kernel, bias, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
+    fn = {nn.Dense: _dense, nn.Conv: _conv, nn.DenseGeneral: _dense_general}[type(module)]
     return fn(module, x, kernel, bias)
 
 
@@ -205,11 +239,59 @@ def _kernel_masks(deps: deps_lib.DependencyMap, masks_or_params: Any) -> dict[st
     return out
 
 
+def _view_dims(layer: Layer) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(input axes, output axes)`` of the kernel leaf of a DenseGeneral/Einsum view, else None."""
+    shape = tuple(layer.param_shape)
+    if not shape or layer.transposed:
+        return None
+    size = 1
+    for k, dim in enumerate(shape):
+        size *= dim
+        if size == layer.in_channels:
+            return shape[: k + 1], shape[k + 1 :]
+    raise ValueError(f"layer {layer.name!r}: kernel {shape} has no leading axes with {layer.in_channels} inputs")
+
+
+def _axis_steps(dims: tuple[int, ...], flat: np.ndarray, first_axis: int) -> Optional[list[tuple[int, np.ndarray]]]:
+    """``[(axis, kept indices)]`` slicing a block of axes ``dims`` to the kept flat indices ``flat``,
+    or None when they are no product of per-axis index sets (e.g. half a head)."""
+    coords = np.unravel_index(np.asarray(flat, np.int64), dims)
+    kept = [np.unique(c) for c in coords]
+    if int(np.prod([len(k) for k in kept], dtype=np.int64)) != len(flat):
+        return None
+    return [(first_axis + i, k) for i, k in enumerate(kept) if len(k) != dims[i]]
+
+
+def _representable(deps: deps_lib.DependencyMap, removed: np.ndarray) -> np.ndarray:
+    """Restores removed groups that would leave a DenseGeneral/Einsum kernel with a non-box shape.
+
+    A multi-axis kernel shrinks only by whole slices of each axis (whole heads); groups that cut
+    one otherwise stay (fully masked: the outputs are unchanged).
+    """
+    removed = removed.copy()
+    changed = True
+    while changed:
+        changed = False
+        keep_in = deps_lib.consumer_masks_for(deps, removed)
+        keep_out = deps_lib.producer_masks_for(deps, removed)
+        for layer in deps.layers:
+            dims = _view_dims(layer)
+            if dims is None:
+                continue
+            for keep, block, ids in ((keep_in, dims[0], deps.in_group), (keep_out, dims[1], deps.out_group)):
+                if _axis_steps(block, np.flatnonzero(keep[layer.name]), 0) is None:
+                    gids = ids[layer.name][ids[layer.name] >= 0]
+                    changed = changed or bool(removed[gids].any())
+                    removed[gids] = False
+    return removed
+
+
 def removed_for(deps: deps_lib.DependencyMap, masks_or_params: Any, round_to: int = 1) -> np.ndarray:
     """bool ``[groups]`` that :func:`shrink` drops for these masks (or masked params)."""
     round_to = deps_lib.check_round_to(round_to)
     removed = deps_lib.removed_groups(deps, _kernel_masks(deps, masks_or_params))
-    return _round(deps, removed, round_to) if round_to > 1 else removed
+    removed = _round(deps, removed, round_to) if round_to > 1 else removed
+    return _representable(deps, removed)
 
 
 def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[tuple[int, np.ndarray]]]:
@@ -220,9 +302,18 @@ def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[
     for layer in deps.layers:
         ki, ko = np.flatnonzero(keep_in[layer.name]), np.flatnonzero(keep_out[layer.name])
         nd = len(layer.kernel_shape)
-        plan[("params",) + paths.kernel_path(layer)] = [(nd - 2, ki), (nd - 1, ko)]
+        dims = _view_dims(layer)
+        if dims is None:
+            plan[("params",) + paths.kernel_path(layer)] = [(nd - 2, ki), (nd - 1, ko)]
+            bias_steps = [(0, ko)]
+        else:  # a DenseGeneral/Einsum kernel (*in axes, *out axes): whole slices per axis
+            steps_in = _axis_steps(dims[0], ki, 0)
+            steps_out = _axis_steps(dims[1], ko, len(dims[0]))
+            bias_steps = _axis_steps(dims[1], ko, 0) or []
+            assert steps_in is not None and steps_out is not None  # _representable restored the others
+            plan[("params",) + paths.kernel_path(layer)] = steps_in + steps_out
         if layer.use_bias:
-            plan[("params",) + paths.bias_path(layer)] = [(0, ko)]
+            plan[("params",) + paths.bias_path(layer)] = bias_steps
     return plan
 
 
