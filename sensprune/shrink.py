@@ -155,8 +155,9 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
     bias = boxing.unbox(module.get_variable("params", "bias")) if module.use_bias else None
     if isinstance(module, nn.Einsum):
         return _einsum(module, x, kernel, bias, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
-    fn = {nn.Dense: _dense, nn.Conv: _conv, nn.DenseGeneral: _dense_general}[type(module)]
-    return fn(module, x, kernel, bias)
+    if isinstance(module, nn.DenseGeneral):
+        return _dense_general(module, x, kernel, bias)
+    return _dense(module, x, kernel, bias) if isinstance(module, nn.Dense) else _conv(module, x, kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)
