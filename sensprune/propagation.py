@@ -16,6 +16,7 @@ import numpy as np
 
 from sensprune import dependencies
 from sensprune.context import PruneContext
+from sensprune.types import Layer
 
 
 def column_only_groups(ctx: PruneContext) -> np.ndarray:
@@ -29,6 +30,26 @@ def column_only_groups(ctx: PruneContext) -> np.ndarray:
             if len(g.inputs) and not g.producers and not g.output:
                 allow[gid] = True
     return allow
+
+
+def channel_units(ctx: PruneContext, layer: Layer) -> np.ndarray:
+    """``[in]`` unit id (``0 .. U-1``, in channel order) of each input channel of ``layer``.
+
+    In-mode filter methods (PFP, ThiNet) choose units. A channel is its own unit, except in a
+    DenseGeneral/Einsum kernel view (an attention output projection), where the channels of one
+    removable group (a head's ``head_dim`` inputs) form one unit: a head is kept or dropped whole.
+    """
+    n = layer.in_channels
+    if not layer.param_shape or layer.transposed:
+        return np.arange(n)
+    deps = ctx.dependencies()
+    ids = deps.in_group[layer.name]
+    grouped = (ids >= 0) & deps.removable[np.maximum(ids, 0)]
+    key = np.where(grouped, ids, -1 - np.arange(n))  # channels outside removable groups stay alone
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.reshape(-1)]
 
 
 def kept_entries(deps: dependencies.DependencyMap, removed: np.ndarray, counts: Mapping[str, np.ndarray]) -> int:

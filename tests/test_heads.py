@@ -8,6 +8,10 @@ import pytest
 import sensprune as sp
 from sensprune import dependencies as deps_lib
 from sensprune import paths as sp_paths
+from sensprune import propagation
+from sensprune.context import PruneContext
+from sensprune.methods import thinet
+from sensprune.methods.thinet import greedy_removal_order
 from sensprune.shrink import predict_param_count, removed_for
 
 VOCAB, D, HEADS, HEAD_DIM, MLP, SEQ, CLASSES = 50, 32, 4, 8, 64, 8, 5
@@ -229,3 +233,32 @@ def test_multi_axis_kernel_shrinks_by_whole_slices_only():
 def paths_kernel(masks, deps, name):
     (layer,) = [layer for layer in deps.layers if layer.name == name]
     return np.asarray(sp_paths.get_kernel(masks, layer))
+
+
+def test_in_mode_units_are_whole_heads(setup):
+    """PFP and ThiNet choose the output projection's inputs by head (one unit per removable group)."""
+    model, variables, tokens = setup
+    layers = sp.find_layers(model, variables, tokens[:1])
+    ctx = PruneContext(model=model, variables=variables, layers=layers, data=tokens)
+    by_name = {layer.name: layer for layer in layers}
+    np.testing.assert_array_equal(propagation.channel_units(ctx, by_name[f"{ATTN}/out"]),
+                                  np.repeat(np.arange(HEADS), HEAD_DIM))
+    for name in (f"{ATTN}/query", "Dense_1"):  # the stream (not removable) and plain layers: per channel
+        np.testing.assert_array_equal(propagation.channel_units(ctx, by_name[name]),
+                                      np.arange(by_name[name].in_channels))
+    for ratio in (0.45, 0.7):
+        kept = sp.prune(model, variables, tokens, method="pfp", keep_ratio=ratio).info["kept_channels"]
+        per_head = np.asarray(kept[f"{ATTN}/out"]).reshape(HEADS, HEAD_DIM)
+        assert np.all(per_head.all(axis=1) | ~per_head.any(axis=1)), per_head
+
+
+def test_thinet_unit_order_is_the_greedy_order_of_summed_units():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 12))
+    units = np.repeat(np.arange(4), 3)
+    live = np.ones(12, bool)
+    live[4] = False
+    summed = np.stack([x[:, units == u][:, live[units == u]].sum(axis=1) for u in range(4)], axis=1)
+    want = np.concatenate([np.flatnonzero((units == u) & live) for u in greedy_removal_order(summed)])
+    np.testing.assert_array_equal(thinet._unit_order(x, live, units), want)
+    np.testing.assert_array_equal(thinet._unit_order(x, live, np.arange(12)), greedy_removal_order(x, live))

@@ -58,17 +58,26 @@ def channel_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
 
 
 def _layer_stats(ctx: PruneContext):
+    """Per layer ``(s, p, coef, live, protected)`` over its *units*
+    (:func:`sensprune.propagation.channel_units`: channels, or whole attention heads), and the
+    unit id of each channel. A unit's sensitivity is the sum of its channels' (its probability
+    mass in PFP's sampling distribution)."""
     sens = ctx.sensitivities("max")
     live = channel_alive(ctx)
     protected = ctx.input_layers() if ctx.protect_input_channels else set()
-    stats = {}
+    stats, units = {}, {}
     for layer in ctx.layers:
-        s = np.where(live[layer.name], np.asarray(sens[layer.name].channel, np.float64), 0.0)
+        ids = propagation.channel_units(ctx, layer)
+        n_units = int(ids.max()) + 1 if ids.size else 0
+        s_ch = np.where(live[layer.name], np.asarray(sens[layer.name].channel, np.float64), 0.0)
+        s = np.bincount(ids, weights=s_ch, minlength=n_units)
+        live_u = np.bincount(ids, weights=live[layer.name], minlength=n_units) > 0
         mass = s.sum()
         p = s / mass if mass > _EPS else np.zeros_like(s)
         coef = alpha(layer, ctx.delta, ctx.c_constant) * mass
-        stats[layer.name] = (s, p, coef, live[layer.name], layer.name in protected)
-    return stats
+        stats[layer.name] = (s, p, coef, live_u, layer.name in protected)
+        units[layer.name] = ids
+    return stats, units
 
 
 def _channels_for(stats, eps: float) -> dict[str, int]:
@@ -157,7 +166,7 @@ def _choose(variant: str, key, s, p, live, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Array]) -> registry.Selection:
-    stats = _layer_stats(ctx)
+    stats, units = _layer_stats(ctx)
     eps, counts = solve_epsilon(ctx, stats, budget)
     kernels, alive = ctx.kernels(), ctx.alive()
     keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), len(ctx.layers))
@@ -165,6 +174,8 @@ def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Arra
     for k, layer in zip(keys, ctx.layers):
         s, p, _, live, _ = stats[layer.name]
         kept, scale = _choose(variant, k, s, p, live, counts[layer.name])
+        ids = units[layer.name]
+        kept, scale = kept[ids] & channel_alive(ctx)[layer.name], scale[ids]  # units -> channels
         shape = kernels[layer.name].shape
         masks[layer.name] = channel_axis_mask(shape, kept) & alive[layer.name]
         if variant != "pfp":
@@ -172,7 +183,7 @@ def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Arra
         kept_channels[layer.name] = kept
     masks = propagation.propagate(ctx, masks)
     info = {"epsilon": eps, "channels": counts, "kept_channels": kept_channels}
-    scores = {name: st[0] for name, st in stats.items()}
+    scores = {name: st[0][units[name]] for name, st in stats.items()}
     return registry.Selection(masks=masks, scales=scales, scores=scores, info=info)
 
 

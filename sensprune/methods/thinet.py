@@ -28,6 +28,10 @@ channels are propagated to their producers by channel group
 propagation keeps. The reference's per-architecture
 keep-ratio hacks (x0.75 for ResNets, x2 for DenseNets) are not reproduced.
 
+In a DenseGeneral/Einsum kernel view (an attention output projection) the
+channels of one removable group (a head) are one unit: the greedy order runs
+over the units' summed contributions (:func:`sensprune.propagation.channel_units`).
+
 Triples are drawn with a fixed numpy seed per layer: ``SAMPLES`` triples from
 the first ``MAX_POINTS`` points of S, output filters among the alive ones.
 """
@@ -144,10 +148,25 @@ def channel_alive(ctx: PruneContext) -> dict[str, np.ndarray]:
     }
 
 
+def _unit_order(x: np.ndarray, live: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Channels in removal order when the channels of one unit (an attention head) go together:
+    the greedy order over the units' summed contributions (removing a unit removes their sum),
+    each unit expanded to its alive channels."""
+    n_units = int(units.max()) + 1
+    if n_units == units.size:
+        return greedy_removal_order(x, live)
+    summed = np.zeros((x.shape[0], n_units))
+    np.add.at(summed.T, units, np.where(live, x, 0.0).T)
+    live_u = np.bincount(units, weights=live, minlength=n_units) > 0
+    order = greedy_removal_order(summed, live_u)
+    return np.concatenate([np.flatnonzero((units == u) & live) for u in order]).astype(np.int64)
+
+
 def _removal_orders(ctx: PruneContext) -> dict[str, np.ndarray]:
     x = contributions(ctx)
     live = channel_alive(ctx)
-    return {name: greedy_removal_order(x[name], live[name]) for name in x}
+    units = {layer.name: propagation.channel_units(ctx, layer) for layer in ctx.layers}
+    return {name: _unit_order(x[name], live[name], units[name]) for name in x}
 
 
 def removal_orders(ctx: PruneContext) -> dict[str, np.ndarray]:
