@@ -245,10 +245,19 @@ def analyze(model: nnx.Module, x: Any, *, forward: Forward = None, eval_mode: bo
 
 
 def _set_shapes(module: nnx.Module) -> None:
-    """Makes the size attributes of Linear / Conv / norm layers match their (sliced) Variables."""
+    """Makes the size attributes of Linear / LinearGeneral / Conv / norm layers and the head counts
+    of ``nnx.MultiHeadAttention`` match their (sliced) Variables."""
     for _, sub in nnx.iter_modules(module):
         kernel = getattr(sub, "kernel", None)
-        if isinstance(sub, PRUNABLE) and isinstance(kernel, nnx.Variable):
+        if isinstance(sub, nnx.LinearGeneral) and isinstance(kernel, nnx.Variable):
+            shape = tuple(kernel.get_value().shape)
+            n_in = len(sub.axis)
+            sub.in_features, sub.out_features = shape[:n_in], shape[n_in:]
+        elif isinstance(sub, nnx.MultiHeadAttention) and isinstance(sub.query, nnx.LinearGeneral):
+            heads, head_dim = tuple(sub.query.kernel.get_value().shape[-2:])
+            sub.num_heads, sub.head_dim, sub.qkv_features = heads, head_dim, heads * head_dim
+            sub.num_kv_heads = int(sub.key.kernel.get_value().shape[-2])
+        elif isinstance(sub, PRUNABLE) and isinstance(kernel, nnx.Variable):
             shape = tuple(kernel.get_value().shape)
             sub.in_features, sub.out_features = shape[-2], shape[-1]
             if hasattr(sub, "kernel_shape"):

@@ -44,7 +44,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, cast
 
 import flax.linen as nn
 import jax
@@ -123,13 +123,26 @@ def _add_bias(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
-def _dense_general(module: nn.DenseGeneral, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    """``nn.DenseGeneral`` (no batch dims) from its stored kernel: fewer heads = a narrower kernel."""
+def _dense_general(module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """``nn.DenseGeneral`` / ``nnx.LinearGeneral`` (no batch dims) from its stored kernel: fewer
+    heads = a narrower kernel."""
     axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
     axis = tuple(a % x.ndim for a in axis)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
     dims = ((axis, tuple(range(len(axis)))), ((), ()))
     return _add_bias(lax.dot_general(x, kernel, dims, precision=module.precision), bias)
+
+
+def _nnx_direct(module: Any, args: tuple, kwargs: dict) -> Optional[jax.Array]:
+    """An ``nnx.LinearGeneral`` (no batch axes) computed from its (possibly narrower) kernel, else None
+    (other nnx layers compute from their kernels anyway)."""
+    from flax import nnx
+
+    if not isinstance(module, nnx.LinearGeneral) or module.batch_axis:
+        return None
+    x = args[0] if args else kwargs["inputs"]
+    bias = module.bias[...] if module.bias is not None else None
+    return _dense_general(module, x, module.kernel[...], bias)
 
 
 def _einsum(module: nn.Einsum, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array],
@@ -146,6 +159,9 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
     """
     module = call.module
     kinds = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
+    if not isinstance(module, nn.Module):
+        out = _nnx_direct(module, args, kwargs)
+        return next_fun(*args, **kwargs) if out is None else out
     if type(module) not in kinds or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
     if isinstance(module, nn.DenseGeneral) and module.batch_dims:
@@ -157,7 +173,9 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
         return _einsum(module, x, kernel, bias, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
     if isinstance(module, nn.DenseGeneral):
         return _dense_general(module, x, kernel, bias)
-    return _dense(module, x, kernel, bias) if isinstance(module, nn.Dense) else _conv(module, x, kernel, bias)
+    if isinstance(module, nn.Dense):
+        return _dense(module, x, kernel, bias)
+    return _conv(cast(nn.Conv, module), x, kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import sensprune as sp
+import sensprune.nnx as spx
 from sensprune import dependencies as deps_lib
 from sensprune import paths as sp_paths
 from sensprune import propagation
@@ -262,3 +264,37 @@ def test_thinet_unit_order_is_the_greedy_order_of_summed_units():
     want = np.concatenate([np.flatnonzero((units == u) & live) for u in greedy_removal_order(summed)])
     np.testing.assert_array_equal(thinet._unit_order(x, live, units), want)
     np.testing.assert_array_equal(thinet._unit_order(x, live, np.arange(12)), greedy_removal_order(x, live))
+
+
+class NNXBlock(nnx.Module):
+    """The nnx twin of :class:`Block`."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.ln1, self.ln2, self.ln3 = (nnx.LayerNorm(D, rngs=rngs) for _ in range(3))
+        self.attn = nnx.MultiHeadAttention(num_heads=HEADS, in_features=D, decode=False, rngs=rngs)
+        self.fc1, self.fc2 = nnx.Linear(D, MLP, rngs=rngs), nnx.Linear(MLP, D, rngs=rngs)
+        self.head = nnx.Linear(D, CLASSES, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h)
+        x = x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+        return self.head(self.ln3(x).mean(axis=1))
+
+
+def test_nnx_block_loses_whole_heads(setup):
+    tokens = setup[2]
+    model = NNXBlock(nnx.Rngs(0))
+    result = spx.prune(model, tokens, method="pfp", keep_ratio=0.45)
+    masks = spx.params_dict(result.masks)["attn"]
+    heads = [bool(np.asarray(masks["out"]["kernel"])[h].any()) for h in range(HEADS)]
+    assert sum(heads) < HEADS and result.info["dense_layers"] == {}
+    small = spx.shrink(model, result, tokens)
+    assert small.attn.num_heads == sum(heads) and small.attn.query.kernel.get_value().shape == (D, sum(heads), HEAD_DIM)
+    masked = nnx.clone(model)
+    spx.apply_result(masked, result)
+    with jax.default_matmul_precision("highest"):
+        want, got = np.asarray(masked(tokens)), np.asarray(small(tokens))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
