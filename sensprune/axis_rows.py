@@ -130,12 +130,13 @@ def flat_rows(rows: Any, shape: Sequence[int], n: int) -> np.ndarray:
 
 def source_table(shape: Sequence[int], n: int, first_bit: int) -> Any:
     """Input rows of a layer output of ``shape`` whose ``n`` units (the flattened trailing block,
-    ``first_bit`` onwards) are new sources: plain rows when the units are the last axis."""
+    ``first_bit`` onwards) are new sources: plain rows when the units are the last axis (all units
+    joined on every row when no trailing block holds them)."""
     k = _trailing_block(shape, n)
-    if k is None:
-        raise ValueError(f"an output of shape {tuple(shape)} has no trailing axes with {n} units")
     bits = _objects((n,))
     bits[:] = [1 << (first_bit + c) for c in range(n)]
+    if k is None:  # units not laid out on trailing axes: every entry may hold any unit
+        return _objects((int(shape[-1]) if len(shape) else 1,), _union(bits))
     if k == len(shape) - 1:
         return bits
     block = tuple(int(s) for s in shape[k:])

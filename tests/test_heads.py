@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -298,3 +299,41 @@ def test_nnx_block_loses_whole_heads(setup):
     with jax.default_matmul_precision("highest"):
         want, got = np.asarray(masked(tokens)), np.asarray(small(tokens))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+class HandAttention(nn.Module):
+    """Causal attention written by hand (einsums, a mask, jax.nn.softmax): heads come from the jaxpr."""
+
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (nn.DenseGeneral((HEADS, HEAD_DIM), name=n)(x) for n in ("wq", "wk", "wv"))
+        scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(HEAD_DIM)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        attn = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+        y = jnp.einsum("bhlm,bmhd->blhd", attn, v)
+        y = nn.DenseGeneral(D, axis=(-2, -1), name="wo")(y)
+        return nn.Dense(CLASSES)(nn.relu(nn.Dense(MLP)(y)).mean(axis=1))
+
+
+def test_hand_written_attention_heads_are_groups():
+    model = HandAttention()
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, SEQ, D)))
+    variables = model.init(jax.random.PRNGKey(1), x[:1])
+    deps = sp.analyze_dependencies(model, variables, x[:1])
+    heads = [g for g in deps.groups if "wo" in g.consumers]
+    assert len(heads) == HEADS and all(g.removable and set(g.producers) == {"wq", "wk", "wv"} for g in heads)
+    for g in heads:
+        h = int(g.consumers["wo"][0]) // HEAD_DIM
+        assert all(np.array_equal(u, _head_units(h)) for u in [*g.producers.values(), g.consumers["wo"]])
+    masks = _attn_masks_for(variables["params"], ("wv", "wo"), 3)
+    shrunk = sp.shrink(model, variables, masks, x=x, deps=deps)
+    assert shrunk.params["wq"]["kernel"].shape == (D, HEADS - 1, HEAD_DIM)
+    want = model.apply({"params": _masked(variables["params"], masks)}, x)
+    np.testing.assert_allclose(np.asarray(shrunk.apply(x)), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def _attn_masks_for(params, names, h):
+    masks = jax.tree_util.tree_map(lambda a: np.ones(np.shape(a), bool), params)
+    masks[names[0]]["kernel"][:, h, :] = False
+    masks[names[1]]["kernel"][h] = False
+    return masks
