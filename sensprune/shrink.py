@@ -55,9 +55,10 @@ from jax import lax
 
 from sensprune import boxing, masking, paths
 from sensprune import dependencies as deps_lib
+from sensprune import shrink_heads as heads
 from sensprune.adapter import LayerCall, LinenAdapter, ModelAdapter, as_adapter
 from sensprune.geometry import resolve_padding
-from sensprune.types import Layer, Path
+from sensprune.types import Path
 
 __all__ = [
     "Shrunk",
@@ -119,39 +120,6 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     return y.reshape(batch_shape + y.shape[1:])
 
 
-def _add_bias(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
-
-
-def _dense_general(module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    """``nn.DenseGeneral`` / ``nnx.LinearGeneral`` (no batch dims) from its stored kernel: fewer
-    heads = a narrower kernel."""
-    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-    axis = tuple(a % x.ndim for a in axis)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    dims = ((axis, tuple(range(len(axis)))), ((), ()))
-    return _add_bias(lax.dot_general(x, kernel, dims, precision=module.precision), bias)
-
-
-def _nnx_direct(module: Any, args: tuple, kwargs: dict) -> Optional[jax.Array]:
-    """An ``nnx.LinearGeneral`` (no batch axes) computed from its (possibly narrower) kernel, else None
-    (other nnx layers compute from their kernels anyway)."""
-    from flax import nnx
-
-    if not isinstance(module, nnx.LinearGeneral) or module.batch_axis:
-        return None
-    x = args[0] if args else kwargs["inputs"]
-    bias = module.bias[...] if module.bias is not None else None
-    return _dense_general(module, x, module.kernel[...], bias)
-
-
-def _einsum(module: nn.Einsum, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array],
-            einsum_str: Optional[str]) -> jax.Array:
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    spec = (einsum_str or module.einsum_str or "").replace(" ", "")
-    return _add_bias(jnp.einsum(spec, x, kernel, precision=module.precision), bias)
-
-
 def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
     """Computes Linen Dense/Conv/DenseGeneral/Einsum calls from their stored (possibly narrower) kernels.
 
@@ -160,7 +128,7 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
     module = call.module
     kinds = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
     if not isinstance(module, nn.Module):
-        out = _nnx_direct(module, args, kwargs)
+        out = heads.nnx_direct(module, args, kwargs)
         return next_fun(*args, **kwargs) if out is None else out
     if type(module) not in kinds or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
@@ -170,9 +138,9 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
     kernel = boxing.unbox(module.get_variable("params", "kernel"))
     bias = boxing.unbox(module.get_variable("params", "bias")) if module.use_bias else None
     if isinstance(module, nn.Einsum):
-        return _einsum(module, x, kernel, bias, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
+        return heads.einsum(module, x, kernel, bias, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
     if isinstance(module, nn.DenseGeneral):
-        return _dense_general(module, x, kernel, bias)
+        return heads.dense_general(module, x, kernel, bias)
     if isinstance(module, nn.Dense):
         return _dense(module, x, kernel, bias)
     return _conv(cast(nn.Conv, module), x, kernel, bias)
@@ -258,59 +226,12 @@ def _kernel_masks(deps: deps_lib.DependencyMap, masks_or_params: Any) -> dict[st
     return out
 
 
-def _view_dims(layer: Layer) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """``(input axes, output axes)`` of the kernel leaf of a DenseGeneral/Einsum view, else None."""
-    shape = tuple(layer.param_shape)
-    if not shape or layer.transposed:
-        return None
-    size = 1
-    for k, dim in enumerate(shape):
-        size *= dim
-        if size == layer.in_channels:
-            return shape[: k + 1], shape[k + 1 :]
-    raise ValueError(f"layer {layer.name!r}: kernel {shape} has no leading axes with {layer.in_channels} inputs")
-
-
-def _axis_steps(dims: tuple[int, ...], flat: np.ndarray, first_axis: int) -> Optional[list[tuple[int, np.ndarray]]]:
-    """``[(axis, kept indices)]`` slicing a block of axes ``dims`` to the kept flat indices ``flat``,
-    or None when they are no product of per-axis index sets (e.g. half a head)."""
-    coords = np.unravel_index(np.asarray(flat, np.int64), dims)
-    kept = [np.unique(c) for c in coords]
-    if int(np.prod([len(k) for k in kept], dtype=np.int64)) != len(flat):
-        return None
-    return [(first_axis + i, k) for i, k in enumerate(kept) if len(k) != dims[i]]
-
-
-def _representable(deps: deps_lib.DependencyMap, removed: np.ndarray) -> np.ndarray:
-    """Restores removed groups that would leave a DenseGeneral/Einsum kernel with a non-box shape.
-
-    A multi-axis kernel shrinks only by whole slices of each axis (whole heads); groups that cut
-    one otherwise stay (fully masked: the outputs are unchanged).
-    """
-    removed = removed.copy()
-    changed = True
-    while changed:
-        changed = False
-        keep_in = deps_lib.consumer_masks_for(deps, removed)
-        keep_out = deps_lib.producer_masks_for(deps, removed)
-        for layer in deps.layers:
-            dims = _view_dims(layer)
-            if dims is None:
-                continue
-            for keep, block, ids in ((keep_in, dims[0], deps.in_group), (keep_out, dims[1], deps.out_group)):
-                if _axis_steps(block, np.flatnonzero(keep[layer.name]), 0) is None:
-                    gids = ids[layer.name][ids[layer.name] >= 0]
-                    changed = changed or bool(removed[gids].any())
-                    removed[gids] = False
-    return removed
-
-
 def removed_for(deps: deps_lib.DependencyMap, masks_or_params: Any, round_to: int = 1) -> np.ndarray:
     """bool ``[groups]`` that :func:`shrink` drops for these masks (or masked params)."""
     round_to = deps_lib.check_round_to(round_to)
     removed = deps_lib.removed_groups(deps, _kernel_masks(deps, masks_or_params))
     removed = _round(deps, removed, round_to) if round_to > 1 else removed
-    return _representable(deps, removed)
+    return heads.representable(deps, removed)
 
 
 def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[tuple[int, np.ndarray]]]:
@@ -321,16 +242,11 @@ def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[
     for layer in deps.layers:
         ki, ko = np.flatnonzero(keep_in[layer.name]), np.flatnonzero(keep_out[layer.name])
         nd = len(layer.kernel_shape)
-        dims = _view_dims(layer)
-        if dims is None:
+        if heads.view_dims(layer) is None:
             plan[("params",) + paths.kernel_path(layer)] = [(nd - 2, ki), (nd - 1, ko)]
             bias_steps = [(0, ko)]
         else:  # a DenseGeneral/Einsum kernel (*in axes, *out axes): whole slices per axis
-            steps_in = _axis_steps(dims[0], ki, 0)
-            steps_out = _axis_steps(dims[1], ko, len(dims[0]))
-            bias_steps = _axis_steps(dims[1], ko, 0) or []
-            assert steps_in is not None and steps_out is not None  # _representable restored the others
-            plan[("params",) + paths.kernel_path(layer)] = steps_in + steps_out
+            plan[("params",) + paths.kernel_path(layer)], bias_steps = heads.view_steps(layer, ki, ko)
         if layer.use_bias:
             plan[("params",) + paths.bias_path(layer)] = bias_steps
     return plan

@@ -121,7 +121,7 @@ def test_query_key_alone_do_not_remove_a_head(setup, deps):
     out_qk = _apply(model, variables, _masked(params, qk), tokens)
     out_gone = _apply(model, variables, _masked(params, gone), tokens)
     assert np.max(np.abs(out_qk - out_gone)) > 1e-3
-    shrunk = sp.shrink(model, variables, qk, x=tokens, deps=deps)
+    shrunk = sp.shrink(model, variables, qk, deps=deps)
     assert shrunk.params[ATTN]["query"]["kernel"].shape == (D, HEADS, HEAD_DIM)
     np.testing.assert_allclose(np.asarray(shrunk.apply(tokens), np.float64), out_qk, rtol=0, atol=1e-5)
 
@@ -133,7 +133,7 @@ def test_value_and_out_slices_remove_a_head_exactly(setup, deps):
     everything = _attn_masks(params, {("query", 2), ("key", 2), ("value", 2), ("out", 2)})
     want = _apply(model, variables, _masked(params, vo), tokens)
     np.testing.assert_allclose(_apply(model, variables, _masked(params, everything), tokens), want, atol=1e-6)
-    shrunk = sp.shrink(model, variables, vo, x=tokens, deps=deps)
+    shrunk = sp.shrink(model, variables, vo, deps=deps)
     attn = shrunk.params[ATTN]
     assert attn["query"]["kernel"].shape == (D, HEADS - 1, HEAD_DIM) and attn["out"]["kernel"].shape == (
         HEADS - 1, HEAD_DIM, D)
@@ -164,7 +164,7 @@ def test_pfp_three_ratios_shrink_save_load(setup, deps, tmp_path):
         heads = sum(_heads_alive(result.masks))
         units = int(np.asarray(result.masks["Dense_0"]["kernel"]).any(axis=0).sum())
         fewer_heads |= heads < HEADS
-        shrunk = sp.shrink(model, variables, result.masks, x=tokens, deps=deps)
+        shrunk = sp.shrink(model, variables, result.masks, deps=deps)
         size = _size(shrunk.params)
         assert size == predict_param_count(deps, variables["params"], result.masks) == _expected_size(heads, units)
         assert shrunk.params[ATTN]["key"]["kernel"].shape == (D, heads, HEAD_DIM)
@@ -194,7 +194,7 @@ def test_every_filter_method_prunes_heads(setup, deps, method):
         head = 3 * (D * HEAD_DIM + HEAD_DIM) + HEAD_DIM * D
         assert abs(result.keep_ratio - ratio) <= head / _size(variables["params"]), (method, result.keep_ratio)
     _check_removed_heads_zero(result.params, result.masks)
-    shrunk = sp.shrink(model, variables, result.params, x=tokens, deps=deps)
+    shrunk = sp.shrink(model, variables, result.params, deps=deps)
     want = _apply(model, variables, result.params, tokens)
     np.testing.assert_allclose(np.asarray(shrunk.apply(tokens), np.float64), want, rtol=0, atol=1e-5)
     heads = sum(_heads_alive(result.masks))
