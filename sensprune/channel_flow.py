@@ -10,6 +10,8 @@ the channel axis and every op without a rule (convolutions and matmuls outside
 prunable layers, gathers, loops, ...) join *all* channels: an
 over-approximation, which can only make channel groups larger, never unsafe.
 Sub-jaxprs (``pjit``, ``custom_jvp_call``, ...) are interpreted recursively.
+Arrays whose sources span several axes (attention heads: :mod:`sensprune.axis_rows`)
+carry a :class:`~sensprune.axis_rows.Tracked` table instead of last-axis rows.
 """
 
 from __future__ import annotations

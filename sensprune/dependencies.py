@@ -19,6 +19,9 @@ for any model, with no per-architecture code:
    the channel axis and every op without a rule (convolutions and matmuls
    outside prunable layers, gathers, loops, ...) join *all* channels: an
    over-approximation, which can only make groups larger, never unsafe.
+   A layer output whose units span several trailing axes (a DenseGeneral's
+   ``[.., heads, head_dim]``) is followed over those axes
+   (:mod:`sensprune.axis_rows`), so each attention head is one group.
 3. Union-find builds *channel groups*: every input feature of a layer is joined
    with all the sources that feed it, so producers summed into the same
    residual stream, a stream channel read by several layers, and the
