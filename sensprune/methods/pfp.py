@@ -168,14 +168,14 @@ def _choose(variant: str, key, s, p, live, k: int) -> tuple[np.ndarray, np.ndarr
 def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Array]) -> registry.Selection:
     stats, units = _layer_stats(ctx)
     eps, counts = solve_epsilon(ctx, stats, budget)
-    kernels, alive = ctx.kernels(), ctx.alive()
+    kernels, alive, live_channels = ctx.kernels(), ctx.alive(), channel_alive(ctx)
     keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), len(ctx.layers))
     masks, scales, kept_channels = {}, {}, {}
     for k, layer in zip(keys, ctx.layers):
         s, p, _, live, _ = stats[layer.name]
         kept, scale = _choose(variant, k, s, p, live, counts[layer.name])
         ids = units[layer.name]
-        kept, scale = kept[ids] & channel_alive(ctx)[layer.name], scale[ids]  # units -> channels
+        kept, scale = kept[ids] & live_channels[layer.name], scale[ids]  # units -> channels
         shape = kernels[layer.name].shape
         masks[layer.name] = channel_axis_mask(shape, kept) & alive[layer.name]
         if variant != "pfp":
