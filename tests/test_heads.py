@@ -337,3 +337,16 @@ def _attn_masks_for(params, names, h):
     masks[names[0]]["kernel"][:, h, :] = False
     masks[names[1]]["kernel"][h] = False
     return masks
+
+
+def test_ft_round_to_keeps_whole_heads(setup, deps):
+    """``round_to`` counts a head's units: widths stay multiples of 8 and heads stay whole."""
+    model, variables, tokens = setup
+    result = sp.prune(model, variables, tokens, method="ft", keep_ratio=0.5,
+                      method_options={"round_to": HEAD_DIM, "joint": "mean"})
+    shrunk = sp.shrink(model, variables, result.masks, deps=deps, round_to=HEAD_DIM)
+    assert all(out % HEAD_DIM == 0 for name, (_, out) in shrunk.widths.items() if name != "Dense_2")
+    heads = sum(_heads_alive(result.masks))
+    assert shrunk.params[ATTN]["value"]["kernel"].shape == (D, heads, HEAD_DIM) and heads < HEADS
+    want = _apply(model, variables, result.params, tokens)
+    np.testing.assert_allclose(np.asarray(shrunk.apply(tokens), np.float64), want, rtol=0, atol=1e-5)
