@@ -37,6 +37,8 @@ is cached by :class:`~sensprune.context.PruneContext`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -294,12 +296,21 @@ def _join(layers: Sequence[Layer], n_sources: int, consumed: Mapping[str, np.nda
                 f"layer {layer.name!r}: traced input has {len(rows)} features, kernel expects {layer.in_channels}"
             )
         seen: dict[int, int] = {}
-        for j, row in enumerate(rows.tolist()):
+        row_list = rows.tolist()
+        # Sources every feature shares (a normalised stream: all of it, plus a per-feature scale)
+        # are joined once; each feature then joins one of them and its own extra sources.
+        common = functools.reduce(operator.and_, row_list) if row_list else 0
+        shared = _bits(common)
+        for b in shared[1:]:
+            uf.union(shared[0], b)
+        for j, row in enumerate(row_list):
             node = feature_base[layer.name] + j
             if row in seen:
                 uf.union(node, seen[row])
                 continue
-            for b in _bits(row):
+            if shared:
+                uf.union(node, shared[0])
+            for b in _bits(row & ~common):
                 uf.union(node, b)
             seen[row] = node
     output_bits: set[int] = set()
