@@ -19,6 +19,6 @@ def get_config():
     train = common.training(num_epochs=20, lr_milestones=(14, 18), **VIT_TRAIN)
     return common.experiment(
         network="vit_tiny", dataset="mnist_embedded", train=train,
-        retrain_overrides=dict(num_epochs=3, learning_rate=3e-4, warmup=0, lr_milestones=(2,)),
+        retrain_overrides=dict(num_epochs=3, learning_rate=1e-3, warmup=0, lr_milestones=(2,)),
         methods=("sipp", "pfp", "wt", "ft"), spacing=[common.geometric(0.6, 0.06, 4)], mode="cascade",
         retrain_iterations=-1, num_nets=1, delta_s=1e-12, plot_min=0.03, plot_max=0.7, eval_batch_size=500)
