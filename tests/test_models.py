@@ -577,3 +577,20 @@ def test_vit_pfp_shrinks_mlp_units_with_attention_dense():
         assert shrunk.params[block]["attn"]["query"]["kernel"].shape == (16, 2, 8)  # heads untouched today
     assert sum(int(r.sum()) for r in (np.asarray(res.masks[b]["mlp"]["fc2"]["kernel"]).any(axis=1)
                                       for b in ("block0", "block1"))) < 64
+
+
+def test_pipeline_records_layers_a_filter_method_left_dense():
+    import types
+
+    import sensprune as sp
+    from experiments import pipeline
+
+    model, variables, x, res = pruned_case("vit", "pfp")
+    layers = sp.find_layers(model, variables, x[:1])
+    exp = types.SimpleNamespace(layers=layers, dense_flops=sp.dense_flops(layers))
+    meta = pipeline._prune_meta(exp, res)
+    assert list(meta["layer_kept"]) == [layer.name for layer in layers]
+    assert meta["layer_kept"] == sp.layer_nonzero(res.params, layers)  # attention: every entry kept
+    assert meta["layer_kept"]["block0/attn/query"] == 16 * 16
+    assert meta["flops"] == pytest.approx(sp.flops(res.params, layers) / exp.dense_flops, rel=1e-9)
+    assert meta["flops"] > res.flops / exp.dense_flops  # the attention projections' FLOPs are counted
