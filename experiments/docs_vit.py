@@ -42,18 +42,21 @@ def size_line(res: results_lib.Results) -> str:
 
 
 def dense_layers_line(res: results_lib.Results, method: str) -> str | None:
-    """Which layers ``method`` left dense at every keep ratio (kept == total), e.g. attention under filter methods."""
+    """Which layers ``method`` left dense at every keep ratio (kept == total), e.g. attention under filter methods;
+    None when it pruned every layer (or did not run)."""
     if method not in res.methods:
         return None
     m = res.methods.index(method)
     kept = res.layer_kept[..., m, :]  # [nets, ratios, reps, layers]
     full = np.all(np.isclose(kept, res.layer_total[None, None, None, :]) | ~np.isfinite(kept), axis=(0, 1, 2))
     names = [n for n, f in zip(res.layer_names, full) if f]
+    if not names:
+        return None
     attention = [n for n in names if "/attn/" in n]
     parts = ([f"the {len(attention)} attention projections"] if attention else []) + [
         f"`{n}`" for n in names if n not in attention]
     return (f"`{method}` left {len(names)} of {len(res.layer_names)} layers dense at every keep ratio: "
-            + (", ".join(parts) if parts else "none") + ".")
+            + ", ".join(parts) + ".")
 
 
 def study_lines(name: str, res: results_lib.Results) -> list[str]:

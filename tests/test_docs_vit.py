@@ -48,4 +48,6 @@ def test_page_has_the_vit_table_and_the_lenet_companion(tmp_path):
     assert ("`pfp` left 4 of 6 layers dense at every keep ratio: the 2 attention projections, `patch_embed`, "
             "`head`.") in text
     assert "`sipp` left" not in text  # only filter methods get the note
+    assert docs_vit.dense_layers_line(_results(), "sipp") is None  # pruned every layer: no note
+    assert docs_vit.dense_layers_line(_results(), "wt") is None  # not in the study
     assert f"{int(np.sum(list(TOTAL.values()))):,} kernel entries" in text
