@@ -376,12 +376,13 @@ def _prune(ctx: ChainContext, variables: dict, *, ratio: float, key: jax.Array) 
 
 
 def _prune_meta(exp: Experiment, result: sp.PruneResult) -> dict:
-    """What the results record of a prune step: kept fraction, FLOP fraction, per-layer counts."""
-    return {
-        "keep_ratio": result.keep_ratio,
-        "flops": result.flops / max(exp.dense_flops, 1),
-        "layer_kept": dict(result.layer_kept),
-    }
+    """What the results record of a prune step: kept fraction, FLOP fraction, per-layer counts (layers
+    the method left dense, e.g. attention projections under filter pruning, counted here)."""
+    left = [layer for layer in exp.layers if layer.name not in result.layer_kept]
+    kept = {**result.layer_kept, **sp.layer_nonzero(result.params, left)}
+    return {"keep_ratio": result.keep_ratio,
+            "flops": (result.flops + sp.flops(result.params, left)) / max(exp.dense_flops, 1),
+            "layer_kept": {layer.name: kept[layer.name] for layer in exp.layers}}
 
 
 def _retrain_start(exp: Experiment, net: int, result: sp.PruneResult, variables: dict, seed: int):

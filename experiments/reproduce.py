@@ -67,6 +67,17 @@ STUDIES: dict[str, Study] = {
     "embedded_lenet300_100": Study(
         "configs.default", "LeNet300-100 on the embedded MNIST digits (the main job's data), all methods, 3 nets",
         {"experiments.num_nets": 3, "experiments.spacing": FIDELITY_SPACING}),
+    "digits_vit": Study(
+        "configs.digits.vit", "ViT-tiny on the embedded MNIST digits: SiPP, PFP, WT, FT, short Adam retraining, 1 net",
+        modes=("cascade",)),
+    "digits_lenet300_100": Study(
+        "configs.default", "LeNet300-100 on the embedded MNIST digits at the ViT study's keep ratios: SiPP, PFP, WT, "
+        "FT, 1 net", {"experiments.methods": ("sipp", "pfp", "wt", "ft"),
+                      "experiments.spacing": (common.geometric(0.6, 0.06, 4),)},
+        modes=("cascade",)),
+    "fashion_vit": Study(
+        "configs.fashion.vit", "ViT-tiny on full Fashion-MNIST: SiPP, PFP, WT, FT, one retraining epoch, 1 net",
+        modes=("cascade",)),
 }
 
 # CI's fast version: one net, two ratios, a few steps; same code path, same outputs.

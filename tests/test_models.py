@@ -134,6 +134,23 @@ def densenet_count(depth: int, growth: int, classes: int) -> int:
     return total + bn(c) + dense(c, classes)
 
 
+def vit_count(classes: int, patch: int = 7, d: int = 64, depth: int = 4, mlp: int = 128, hw: int = 28) -> int:
+    # patch conv, class token, positions (patches + 1); per block 2 LayerNorms,
+    # q/k/v/out projections (d x d + d each, heads only reshape them), MLP; final LN, head.
+    tokens = (hw // patch) ** 2 + 1
+    block = 2 * 2 * d + 4 * (d * d + d) + dense(d, mlp) + dense(mlp, d)
+    return conv(1, d, patch, bias=True) + d + tokens * d + depth * block + 2 * d + dense(d, classes)
+
+
+def mobilenet_count(classes: int, stem: int = 16, blocks=((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))) -> int:
+    # stem conv + BN; per block a depthwise 3x3 (9 weights per channel) + BN, pointwise 1x1 + BN.
+    total, cin = conv(1, stem, 3) + bn(stem), stem
+    for c, _ in blocks:
+        total += 9 * cin + bn(cin) + conv(cin, c, 1) + bn(c)
+        cin = c
+    return total + dense(cin, classes)
+
+
 # torchvision's published parameter counts (1000 classes).
 TORCHVISION_COUNTS = {
     "resnet18": 11_689_512,
@@ -164,6 +181,10 @@ def expected_count(name: str, classes: int) -> int:
     if name.startswith("wrn"):
         depth, k = map(int, name[3:].split("_"))
         return wrn_count(depth, k, classes)
+    if name == "vit_tiny":
+        return vit_count(classes)
+    if name == "mobilenet_small":
+        return mobilenet_count(classes)
     if name.startswith("densenet"):
         depth = int(name[len("densenet"):])
         return densenet_count(depth, 40 if depth == 190 else 12, classes)
@@ -227,7 +248,7 @@ def _trace_model(model: nn.Module, x: jax.ShapeDtypeStruct):
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name == "__call__":
-            if isinstance(module, (nn.Dense, nn.Conv)):
+            if isinstance(module, (nn.Dense, nn.Conv, nn.DenseGeneral)):
                 calls.append(tuple(module.path))
             if isinstance(module, nn.BatchNorm):
                 assert (module.momentum, module.epsilon) == (0.9, 1e-5)
@@ -258,6 +279,7 @@ def test_registered_model_shapes_and_counts(name):
 
 def test_input_shapes():
     assert input_shape("lenet300_100") == (28, 28, 1)
+    assert input_shape("vit_tiny") == input_shape("mobilenet_small") == (28, 28, 1)
     assert input_shape("resnet20") == (32, 32, 3)
     assert input_shape("densenet22") == (32, 32, 3)
     assert input_shape("resnet50") == (224, 224, 3)
@@ -321,6 +343,8 @@ SMALL_CASES = {
     "vgg16_bn": (lambda: get_model("vgg16_bn", 10), (32, 32, 3)),
     "wrn10_1": (lambda: models.wrn(10, 1)(num_classes=10), (32, 32, 3)),
     "densenet22": (lambda: get_model("densenet22", 10), (32, 32, 3)),
+    "vit_tiny": (lambda: get_model("vit_tiny", 10), (28, 28, 1)),
+    "mobilenet_small": (lambda: get_model("mobilenet_small", 10), (28, 28, 1)),
 }
 
 
@@ -461,3 +485,112 @@ def test_init_statistics_torch_like():
     assert float(jnp.abs(fc["bias"]).max()) > 0
     bn1 = v["params"]["bn1"]
     assert np.all(bn1["scale"] == 1) and np.all(bn1["bias"] == 0)
+
+
+# --------------------------------------------------------------------------
+# ViT and MobileNet: structure, and pruning through sp.prune (small widths).
+# --------------------------------------------------------------------------
+
+
+def test_vit_pooling_and_bad_fields():
+    x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+    mean = models.ViT(10, patch_size=4, hidden_size=8, depth=1, num_heads=2, mlp_dim=8, pool="mean")
+    v = jax.eval_shape(mean.init, rng(0), x)["params"]
+    assert "cls_token" not in v and v["pos_embed"].shape == (1, 49, 8)  # 7x7 patches, no class token
+    assert v["block0"]["attn"]["query"]["kernel"].shape == (8, 2, 4)  # [in, heads, head dim]
+    for bad, match in ((dict(pool="max"), "pool='max'; allowed: cls, mean"),
+                       (dict(num_heads=3), "divisible by num_heads=3"), (dict(patch_size=5), "patch_size=5")):
+        fields = dict(patch_size=4, hidden_size=8, depth=1, num_heads=2, mlp_dim=8) | bad
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(models.ViT(10, **fields).init, rng(0), x)
+
+
+def _small_vit():
+    return models.ViT(10, patch_size=7, hidden_size=16, depth=2, num_heads=2, mlp_dim=32)
+
+
+def _small_mobilenet():
+    return models.MobileNet(10, stem_width=8, blocks=((16, 2), (16, 1)))
+
+
+PRUNE_CASES = {"vit": _small_vit, "mobilenet": _small_mobilenet}
+ZOO_METHODS = ("sipp", "wt", "pfp", "ft")  # every registered method: tests/test_layer_kinds.py, same layer kinds
+
+
+@functools.cache
+def pruned_case(case: str, method: str, keep: float = 0.6):
+    import sensprune as sp
+
+    model = PRUNE_CASES[case]()
+    x = normal((24, 28, 28, 1), seed=3)
+    variables = synthetic_variables(model, x[:2])
+    res = sp.prune(model, variables, x, labels=np.arange(24) % 10, method=method, keep_ratio=keep,
+                   key=rng(1), allow_dead_layers=True)
+    return model, variables, x, res
+
+
+def _leaves(tree, prefix=()):
+    return {tuple(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("case", sorted(PRUNE_CASES))
+@pytest.mark.parametrize("method", ZOO_METHODS)
+def test_zoo_models_prune(case, method):
+    _, variables, _, res = pruned_case(case, method)
+    params, masks = _leaves(res.params), _leaves(res.masks)
+    for path, mask in masks.items():  # pruned entries are exactly zero, kept ones unchanged
+        kept = np.asarray(mask, bool)
+        assert np.all(np.asarray(params[path])[~kept] == 0), path
+    dense = res.info["dense_layers"]
+    if method in ("sipp", "wt"):  # weight methods reach the keep ratio and score every kernel
+        assert abs(res.keep_ratio - 0.6) <= 0.005 and not dense
+        return
+    assert res.info["reachable"] == (abs(res.keep_ratio - 0.6) <= 0.005)
+    for path, mask in masks.items():
+        name = "/".join(path[:-1])
+        kept = np.asarray(mask, bool)
+        if path[-1] != "kernel":
+            continue
+        if name in dense:  # attention projections / depthwise convs stay dense under filter pruning
+            assert kept.all(), name
+            assert ("attn" in name) if case == "vit" else name.endswith("/dw")
+        else:  # whole channels: the mask is (kept inputs) x (kept outputs, i.e. filters the consumers still read)
+            k = kept.reshape(-1, *kept.shape[-2:])
+            rows, cols = k.any(axis=(0, 2)), k.any(axis=(0, 1))
+            np.testing.assert_array_equal(k, np.broadcast_to(rows[:, None] & cols[None, :], k.shape), err_msg=name)
+    assert sum(not np.asarray(m).all() for m in masks.values()) >= 2  # something was pruned
+
+
+def test_vit_pfp_shrinks_mlp_units_with_attention_dense():
+    import sensprune as sp
+
+    model, variables, x, res = pruned_case("vit", "pfp")
+    layers = [layer for layer in sp.find_layers(model, variables, x[:1]) if layer.name not in res.info["dense_layers"]]
+    deps = sp.analyze_dependencies(model, variables, x[:1], layers=layers)
+    shrunk = sp.shrink(model, variables, res.masks, x=x[:4], deps=deps)
+    assert sp.count_params(shrunk.params) == sp.predict_param_count(deps, variables["params"], res.masks)
+    masked_out = model.apply({"params": res.params}, x)
+    np.testing.assert_allclose(shrunk.apply(x), masked_out, rtol=1e-5, atol=1e-5 * float(jnp.abs(masked_out).max()))
+    for block in ("block0", "block1"):
+        rows = np.asarray(res.masks[block]["mlp"]["fc2"]["kernel"]).any(axis=1)  # MLP units still read
+        assert shrunk.params[block]["mlp"]["fc1"]["kernel"].shape == (16, int(rows.sum()))
+        assert shrunk.params[block]["attn"]["query"]["kernel"].shape == (16, 2, 8)  # heads untouched today
+    assert sum(int(r.sum()) for r in (np.asarray(res.masks[b]["mlp"]["fc2"]["kernel"]).any(axis=1)
+                                      for b in ("block0", "block1"))) < 64
+
+
+def test_pipeline_records_layers_a_filter_method_left_dense():
+    import types
+
+    import sensprune as sp
+    from experiments import pipeline
+
+    model, variables, x, res = pruned_case("vit", "pfp")
+    layers = sp.find_layers(model, variables, x[:1])
+    exp = types.SimpleNamespace(layers=layers, dense_flops=sp.dense_flops(layers))
+    meta = pipeline._prune_meta(exp, res)
+    assert list(meta["layer_kept"]) == [layer.name for layer in layers]
+    assert meta["layer_kept"] == sp.layer_nonzero(res.params, layers)  # attention: every entry kept
+    assert meta["layer_kept"]["block0/attn/query"] == 16 * 16
+    assert meta["flops"] == pytest.approx(sp.flops(res.params, layers) / exp.dense_flops, rel=1e-9)
+    assert meta["flops"] > res.flops / exp.dense_flops  # the attention projections' FLOPs are counted

@@ -180,10 +180,11 @@ def _mesh(results: Mapping[str, Any]) -> list[str]:
 
 
 def _shrink(results: Mapping[str, Any]) -> list[str]:
-    rows = [[r["model"], r["keep_ratio"], r["params_shrunk"], f"{r['flop_ratio']:.2f}", f"{r['shrunk_flop_ratio']:.2f}",
-             fmt_t(r["dense_s"]), fmt_t(r["shrunk_s"]), f"{r['speedup']:.2f}", f"{r['speedup_over_flop_ratio']:.2f}"]
+    rows = [[r["model"], r.get("method", "-"), r["keep_ratio"], r["params_shrunk"], f"{r['flop_ratio']:.2f}",
+             f"{r['shrunk_flop_ratio']:.2f}", fmt_t(r["dense_s"]), fmt_t(r["shrunk_s"]), f"{r['speedup']:.2f}",
+             f"{r['speedup_over_flop_ratio']:.2f}"]
             for r in results["rows"]]
-    out = [table(["model", "keep", "params", "FLOP ratio", "shrunk FLOP ratio", "dense", "shrunk", "speed-up",
+    out = [table(["model", "method", "keep", "params", "FLOP ratio", "shrunk FLOP ratio", "dense", "shrunk", "speed-up",
                   "speed-up / FLOP ratio"], rows)]
     if results["controls"]:
         out += ["", "Control: dense nets built natively narrower (no pruning), timed in the same rounds:", "",

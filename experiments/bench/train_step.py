@@ -68,7 +68,7 @@ def run(name: str, cfg: StepConfig, budget: timing.Budget, num_points: int = 0) 
     batch = int(cfg.batch_size or setup.train_batch_size)
     masks = sp.prune(setup.model, setup.variables, setup.data, method=cfg.mask_method, keep_ratio=cfg.keep_ratio,
                      key=jax.random.PRNGKey(0), delta=setup.delta, chunk_size=cfg.chunk_size,
-                     apply_kwargs={"train": False})
+                     apply_kwargs={"train": False}, allow_dead_layers=True)  # timing only: a dead layer is fine
     tcfg = train_config(setup.family, batch)
     opt = Optimizer.create(tcfg, 1)
     states = {"unmasked": state_lib.state_from_params(setup.model, setup.variables, opt),

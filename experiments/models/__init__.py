@@ -3,7 +3,9 @@
 Every model is called as ``model.apply(variables, x, train=False)``; with
 ``train=True`` BatchNorm uses batch statistics and ``batch_stats`` must be
 mutable (ImageNet VGGs also need a ``'dropout'`` rng). The only linear layers
-are ``nn.Dense`` and ``nn.Conv``, each called once per forward pass.
+are ``nn.Dense`` and ``nn.Conv`` (depthwise in ``mobilenet_small``), plus the
+``nn.DenseGeneral`` projections of ``nn.MultiHeadDotProductAttention`` in
+``vit_tiny``; each is called once per forward pass.
 
 ``get_model(name, num_classes, **kwargs)`` builds a registered network;
 ``kwargs`` override module fields (e.g. ``widths=`` for the LeNets, ``width=``
@@ -19,9 +21,11 @@ import flax.linen as nn
 
 from experiments.models.densenet import DenseNet
 from experiments.models.lenet import FCNet, LeNet5
+from experiments.models.mobilenet import MobileNet
 from experiments.models.resnet_cifar import CifarResNet
 from experiments.models.resnet_imagenet import ImageNetResNet
 from experiments.models.vgg import CFGS, DEPTH_TO_CFG, CifarVGG, ImageNetVGG
+from experiments.models.vit import ViT
 from experiments.models.wrn import WideResNet
 
 __all__ = [
@@ -35,6 +39,8 @@ __all__ = [
     "LeNet5",
     "MODELS",
     "MODEL_DATASET_FAMILY",
+    "MobileNet",
+    "ViT",
     "WideResNet",
     "densenet",
     "get_model",
@@ -65,6 +71,9 @@ _MNIST: dict[str, Callable[..., nn.Module]] = {
     "lenet300_100": P(FCNet, widths=(300, 100)),
     "lenet500_300_100": P(FCNet, widths=(500, 300, 100)),
     "lenet5": LeNet5,
+    # Small modern nets for 28x28x1 inputs (embedded digits, MNIST, Fashion-MNIST).
+    "vit_tiny": P(ViT, patch_size=7, hidden_size=64, depth=4, num_heads=4, mlp_dim=128),
+    "mobilenet_small": MobileNet,
 }
 
 _CIFAR: dict[str, Callable[..., nn.Module]] = {
