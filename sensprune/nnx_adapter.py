@@ -38,8 +38,8 @@ REST = "nnx_state"
 """Collection of :class:`NNXAdapter` variables holding the non-``Param`` state."""
 
 PRUNABLE = (nnx.Linear, nnx.Conv)
-_SCORED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)  # Embed: its ``attend``
-_UNSUPPORTED = (nnx.ConvTranspose,)
+_SCORED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.ConvTranspose)  # Embed: ``attend``
+_UNSUPPORTED: tuple[type, ...] = ()  # linear layers recorded but left dense (none at present)
 _SUPPORTED_TEXT = (
     "sensprune prunes nnx.Linear and nnx.Conv (feature_group_count=1, no mask, zero "
     "padding: 'SAME', 'VALID', ints or (low, high) pairs)"
@@ -195,10 +195,9 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
     """The :class:`Layer` record of one nnx layer call (Unscorable/ValueError: left dense)."""
     module, name = call.module, _name(path)
     if isinstance(module, _UNSUPPORTED):
-        raise layer_kinds.Unscorable(
-            f"nnx.{_kind(module)} is left dense (sensitivities of transposed convolutions are not defined "
-            "in sensprune)"
-        )
+        raise layer_kinds.Unscorable(f"nnx.{_kind(module)} is left dense")
+    if isinstance(module, nnx.ConvTranspose):
+        return layer_kinds.conv_transpose_layer(module, module.out_features, path, call.inputs, call.outputs, order)
     if isinstance(module, nnx.Embed):
         return layer_kinds.general_layer(
             path, call.inputs, call.outputs, (module.num_embeddings, module.features), 1, False, order,

@@ -39,7 +39,14 @@ class Layer:
         :mod:`sensprune.paths` converts between the two.
       param_name: name of the parameter leaf in the module (``'kernel'``,
         ``'embedding'`` for ``Embed.attend``).
-      transposed: the view is the transposed leaf (``Embed.attend``).
+      transposed: the view is the leaf with its last two axes swapped and its
+        window axes reversed (``Embed.attend``: the transposed table;
+        ``ConvTranspose(transpose_kernel=True)``: the flipped, in/out-swapped kernel).
+      conv_transpose: the layer is a transposed conv (``kind='conv'`` over the
+        input dilated by its strides); filter methods leave it dense.
+      input_axes: a permutation of the per-sample input axes that makes the
+        contracted axes trailing (``nn.DenseGeneral(axis=1)`` on ``[B, F, T]``:
+        ``(1, 0)``); the patches read the permuted input. ``()``: identity.
       groups: ``feature_group_count`` of a conv; ``kernel_shape`` is then
         ``(*window, in / groups, out)`` and output filters of group ``g`` read
         only input channels of group ``g``.
@@ -61,6 +68,8 @@ class Layer:
     param_shape: tuple[int, ...] = ()
     param_name: str = "kernel"
     transposed: bool = False
+    conv_transpose: bool = False
+    input_axes: tuple[int, ...] = ()
     groups: int = 1
     calls: int = 1
 
@@ -97,7 +106,10 @@ class Layer:
     def channel_structured(self) -> bool:
         """Whether filter methods may prune this layer: a plain Dense/Conv kernel,
         called once (the channel-dependency analysis reads these only)."""
-        return not self.param_shape and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
+        return (
+            not self.param_shape and not self.transposed and not self.conv_transpose and not self.input_axes
+            and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
+        )
 
     @property
     def num_neurons(self) -> int:
