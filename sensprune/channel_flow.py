@@ -9,6 +9,7 @@ transposes that keep the last axis) maps indices exactly, and reductions over
 the channel axis and every op without a rule (convolutions and matmuls outside
 prunable layers, gathers, loops, ...) join *all* channels: an
 over-approximation, which can only make channel groups larger, never unsafe.
+Grouped and depthwise convolutions map channels exactly (group by group).
 Sub-jaxprs (``pjit``, ``custom_jvp_call``, ...) are interpreted recursively.
 """
 
@@ -120,8 +121,41 @@ def _sub_jaxpr(eqn) -> Any:
     return None
 
 
-def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
-    """Output rows of one equation from its input rows."""
+def _row_bits(row: int) -> list[int]:
+    out = []
+    while row:
+        low = row & -row
+        out.append(low.bit_length() - 1)
+        row ^= low
+    return out
+
+
+def _grouped_conv_rows(p, ins: list[np.ndarray], in_shapes, out_shapes):
+    """``(output rows, kernel rows)`` of a grouped conv (``feature_group_count = G > 1``) in the
+    channel-last layouts, else None. Output channel ``o`` of group ``g = o // (O/G)`` reads input
+    channels ``[g C/G, (g+1) C/G)`` and kernel row ``o`` (depthwise: channel ``o // (O/C)``), so a
+    removed channel group takes its producer filters, kernel rows and consumer columns together."""
+    groups = int(p.get("feature_group_count", 1))
+    dn = p.get("dimension_numbers")
+    if groups <= 1 or int(p.get("batch_group_count", 1)) != 1 or dn is None or len(in_shapes) != 2:
+        return None
+    lhs, rhs, out = (tuple(spec) for spec in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+    if lhs[1] != len(in_shapes[0]) - 1 or rhs[0] != len(in_shapes[1]) - 1 or out[1] != len(out_shapes[0]) - 1:
+        return None
+    n_in, n_out = n_rows(in_shapes[0]), n_rows(out_shapes[0])
+    if len(ins[0]) != n_in or len(ins[1]) != n_out or n_in % groups or n_out % groups:
+        return None
+    c_g, o_g = n_in // groups, n_out // groups
+    per_group = [_union_all(ins[0][g * c_g : (g + 1) * c_g]) for g in range(groups)]
+    rows = zeros(n_out)
+    for o in range(n_out):
+        rows[o] = per_group[o // o_g] | ins[1][o]
+    return rows, ins[1]
+
+
+def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str], sliced: set[int]) -> list[np.ndarray]:
+    """Output rows of one equation from its input rows; ``sliced`` collects the source bits of
+    grouped-conv kernels (their last axis is mapped exactly, so they may be sliced on it)."""
     name = eqn.primitive.name
     p = eqn.params
     in_shapes = [_shape(v) for v in eqn.invars]
@@ -200,6 +234,12 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
             for extra in ins[n_data:]:  # init values
                 fitted = [r | _fit(extra, len(r)) for r in fitted]
             return fitted
+    if name == "conv_general_dilated":
+        grouped = _grouped_conv_rows(p, ins, in_shapes, out_shapes)
+        if grouped is not None:
+            rows, kernel_rows = grouped
+            sliced.update(b for row in kernel_rows.tolist() for b in _row_bits(row))
+            return [rows]
     # Anything else (conv / matmul outside a prunable layer, gathers, loops, ...): join everything.
     if name not in ("conv_general_dilated", "dot_general"):
         notes.add(name)
@@ -207,7 +247,12 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
     return [_full(n, everything) for n in n_out]
 
 
-def propagate(jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
+def propagate(
+    jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], notes: set[str], sliced: set[int] | None = None
+) -> list[np.ndarray]:
+    """Output rows of ``jaxpr``; ``notes`` collects the primitives joined conservatively, ``sliced``
+    the source bits of grouped-conv kernels (:func:`_grouped_conv_rows`)."""
+    sliced = set() if sliced is None else sliced
     env: dict[Any, np.ndarray] = {}
 
     def read(v):
@@ -224,9 +269,9 @@ def propagate(jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], no
         sub = _sub_jaxpr(eqn)
         if sub is not None:
             consts = [zeros(n_rows(_shape(c))) for c in sub.constvars]
-            outs = propagate(sub, ins, consts, notes)
+            outs = propagate(sub, ins, consts, notes, sliced)
         else:
-            outs = _eqn_rule(eqn, ins, notes)
+            outs = _eqn_rule(eqn, ins, notes, sliced)
         for v, r in zip(eqn.outvars, outs):
             if type(v).__name__ != "DropVar":
                 env[v] = r

@@ -25,7 +25,10 @@ for any model, with no per-architecture code:
    per-channel BatchNorm entries along the way end up in one group. A group is
    removed jointly or not at all. It is *removable* only when it does not touch
    the model input or output, has a producer, and its variable entries are all
-   rank-1 per-channel leaves; other groups are listed with the reason.
+   rank-1 per-channel leaves (or kernels of grouped / depthwise convs, which are
+   traced through, not marked: a removed depthwise channel takes its producer
+   filter, its kernel slice and its consumer column); other groups are listed
+   with the reason.
 
 The result, :class:`DependencyMap`, is plain data (numpy arrays and dicts) and
 is cached by :class:`~sensprune.context.PruneContext`.
@@ -186,15 +189,19 @@ def analyze(
     adapter = as_adapter(model, method, apply_kwargs)
     if layers is None:
         layers = adapter.find_layers(variables, x)
-    layers = tuple(layers)
+    layers = tuple(layer for layer in layers if layer.groups == 1)  # grouped convs: traced through
     closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
     sources = _sources(variables, x, markers, layers)
     notes: set[str] = set()
+    sliced: set[int] = set()
     consts = [zeros(n_rows(np.shape(c))) for c in closed.consts]
-    outputs, consumed = _split_outputs(shapes, propagate(closed.jaxpr, sources.rows, consts, notes))
+    outputs, consumed = _split_outputs(shapes, propagate(closed.jaxpr, sources.rows, consts, notes, sliced))
     joined = _join(layers, len(sources.kinds), consumed, outputs)
     members = _members(sources, joined, layers)
     var_rank = {_path_keys(p): len(np.shape(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    for b in sliced:  # grouped-conv kernels: their last axis is mapped exactly, slicing it is safe
+        if sources.kinds[b][0] == "var":
+            var_rank[sources.kinds[b][1]] = 1
     return _dependency_map(layers, members, joined.output_roots, var_rank, tuple(sorted(notes)))
 
 

@@ -242,6 +242,18 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
     return geometry.conv_layer(shim, path, call.inputs, call.outputs, order)  # type: ignore[arg-type]  # duck-typed
 
 
+def fit_group_counts(module: nnx.Module) -> nnx.Module:
+    """``module`` with each grouped ``nnx.Conv`` whose kernel lost whole groups (:func:`sensprune.shrink`)
+    set to the remaining ``feature_group_count`` / ``in_features`` / ``out_features`` (in place)."""
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, nnx.Conv) and sub.feature_group_count > 1:
+            shape = tuple(sub.kernel.get_value().shape)
+            if shape[-1] != sub.out_features:
+                sub.feature_group_count = shape[-1] * sub.feature_group_count // sub.out_features
+                sub.in_features, sub.out_features = shape[-2] * sub.feature_group_count, shape[-1]
+    return module
+
+
 # --------------------------------------------------------------------------- the adapter
 
 
@@ -297,7 +309,7 @@ class NNXAdapter:
         params = variables["params"]
         flat = [(p, nnx.Param(paths.get_path(params, _str_path(p)))) for p in self.param_paths]
         rest = state_like(self.rest_template, variables[REST]) if self.plain_rest else variables[REST]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(flat), rest)
+        return fit_group_counts(nnx.merge(self.graphdef, nnx.from_flat_state(flat), rest))
 
     def apply(self, variables: Mapping[str, Any], x: Any) -> Any:
         """Runs a model copy on ``x``."""

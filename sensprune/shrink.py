@@ -21,9 +21,9 @@ Protocol a model follows to be shrinkable (the zoo follows it):
 * no Python control flow on channel counts at apply time (decide structure
   from the module's fields, or from whether a submodule's params exist, e.g.
   ``self.has_variable('params', 'downsample_conv')``);
-* linear layers are ``nn.Dense`` / ``nn.Conv`` (``feature_group_count=1``),
-  each called once per forward pass; other params are per-channel vectors
-  (rank 1) or independent of the channels.
+* linear layers are ``nn.Dense`` / ``nn.Conv`` (grouped and depthwise convs lose
+  whole groups: ``feature_group_count`` follows), each called once per forward
+  pass; other params are per-channel vectors (rank 1) or independent of the channels.
 
 :func:`shrink` checks the shrunk model against the masked one on the example
 input and raises a ``ValueError`` naming this protocol when they disagree.
@@ -88,8 +88,6 @@ def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array, bias: Optional[jax
 def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    if module.feature_group_count != 1:
-        raise ValueError(f"nn.Conv {'/'.join(module.path)!r}: feature_group_count must be 1 to shrink")
     batch_shape = x.shape[: x.ndim - rank - 1]
     x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
     strides = _as_tuple(module.strides, rank)
@@ -98,12 +96,13 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     padding = resolve_padding(
         tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
     )
+    groups = x.shape[-1] // kernel.shape[-2]  # a grouped conv keeps whole groups: fewer of them
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
     spec = (0, rank + 1) + tuple(range(1, rank + 1))
     dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
     y = lax.conv_general_dilated(
         x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-        dimension_numbers=dn, precision=module.precision,
+        dimension_numbers=dn, feature_group_count=groups, precision=module.precision,
     )
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
