@@ -189,7 +189,7 @@ def analyze(
     adapter = as_adapter(model, method, apply_kwargs)
     if layers is None:
         layers = adapter.find_layers(variables, x)
-    layers = tuple(layer for layer in layers if layer.groups == 1)  # grouped convs: traced through
+    layers = tuple(layer for layer in layers if _marked(layer))
     closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
     sources = _sources(variables, x, markers, layers)
     notes: set[str] = set()
@@ -203,6 +203,13 @@ def analyze(
         if sources.kinds[b][0] == "var":
             var_rank[sources.kinds[b][1]] = 1
     return _dependency_map(layers, members, joined.output_roots, var_rank, tuple(sorted(notes)))
+
+
+def _marked(layer: Layer) -> bool:
+    """Whether the trace replaces the layer by a marker; grouped convs (mapped group by group by
+    :mod:`sensprune.channel_flow`), DenseGenerals contracting non-trailing axes and transposed-kernel
+    ConvTransposes (views whose feature axis is not the input's last) are traced through."""
+    return layer.groups == 1 and not layer.input_axes and not (layer.conv_transpose and layer.transposed)
 
 
 @dataclasses.dataclass

@@ -337,7 +337,8 @@ def structured_layers(layers: Sequence[Layer]) -> tuple[list[Layer], dict[str, s
             kept.append(layer)
         else:
             why = (
-                "a transposed conv (sp.shrink does not rebuild it)" if layer.conv_transpose
+                "a transposed conv with transpose_kernel=True (a flipped, in/out-swapped view of its kernel)"
+                if layer.conv_transpose and layer.transposed
                 else "a view of a non-2-D parameter" if layer.param_shape or layer.transposed
                 else "a DenseGeneral contracting non-trailing axes" if layer.input_axes
                 else f"a grouped conv (groups={layer.groups})" if layer.groups > 1

@@ -257,7 +257,7 @@ def _set_shapes(module: nnx.Module) -> None:
     """Makes the size attributes of Linear / Conv / norm layers match their (sliced) Variables."""
     for _, sub in nnx.iter_modules(module):
         kernel = getattr(sub, "kernel", None)
-        if isinstance(sub, PRUNABLE) and isinstance(kernel, nnx.Variable):
+        if isinstance(sub, PRUNABLE + (nnx.ConvTranspose,)) and isinstance(kernel, nnx.Variable):
             shape = tuple(kernel.get_value().shape)
             fit_group_counts(sub)  # a grouped conv loses whole groups
             groups = sub.feature_group_count if isinstance(sub, nnx.Conv) else 1

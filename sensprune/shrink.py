@@ -10,7 +10,7 @@ like the params, when given).
 
 The shrunk network is the *original* module applied to the smaller variables
 under an ``nn.intercept_methods`` interceptor (:class:`ShrunkModel`) that
-computes every ``nn.Dense`` / ``nn.Conv`` directly from its stored kernel with
+computes every ``nn.Dense`` / ``nn.Conv`` / ``nn.ConvTranspose`` directly from its stored kernel with
 the layer's geometry (Flax would otherwise insist that the kernel has
 ``features`` columns). Norm layers infer their sizes from their inputs.
 
@@ -109,18 +109,37 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     return y.reshape(batch_shape + y.shape[1:])
 
 
+def _conv_transpose(module: nn.ConvTranspose, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """A Linen ``ConvTranspose`` (``transpose_kernel=False``) from its stored kernel."""
+    from sensprune.layer_kinds import transpose_padding
+
+    window = tuple(kernel.shape[:-2])
+    rank = len(window)
+    batch_shape = x.shape[: x.ndim - rank - 1]
+    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
+    strides = _as_tuple(module.strides, rank)
+    dilation = _as_tuple(module.kernel_dilation, rank)
+    padding = transpose_padding(module.padding, window, strides, dilation)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    y = lax.conv_transpose(x, kernel, strides, padding, rhs_dilation=dilation, precision=module.precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y.reshape(batch_shape + y.shape[1:])
+
+
 def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
     """Computes Linen Dense/Conv calls from their stored (possibly narrower) kernels.
 
     Other layers (nnx layers compute from their kernels anyway) run as they are.
     """
     module = call.module
-    if type(module) not in (nn.Dense, nn.Conv) or not module.has_variable("params", "kernel"):
+    fns: dict[type, Callable[..., jax.Array]] = {nn.Dense: _dense, nn.Conv: _conv, nn.ConvTranspose: _conv_transpose}
+    fn = fns.get(type(module))
+    if fn is None or getattr(module, "transpose_kernel", False) or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     kernel = boxing.unbox(module.get_variable("params", "kernel"))
     bias = boxing.unbox(module.get_variable("params", "bias")) if module.use_bias else None
-    fn = _dense if isinstance(module, nn.Dense) else _conv
     return fn(module, x, kernel, bias)
 
 

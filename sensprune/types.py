@@ -43,7 +43,7 @@ class Layer:
         window axes reversed (``Embed.attend``: the transposed table;
         ``ConvTranspose(transpose_kernel=True)``: the flipped, in/out-swapped kernel).
       conv_transpose: the layer is a transposed conv (``kind='conv'`` over the
-        input dilated by its strides); filter methods leave it dense.
+        input dilated by its strides).
       input_axes: a permutation of the per-sample input axes that makes the
         contracted axes trailing (``nn.DenseGeneral(axis=1)`` on ``[B, F, T]``:
         ``(1, 0)``); the patches read the permuted input. ``()``: identity.
@@ -107,7 +107,7 @@ class Layer:
         """Whether filter methods may prune this layer: a plain Dense/Conv kernel,
         called once (the channel-dependency analysis reads these only)."""
         return (
-            not self.param_shape and not self.transposed and not self.conv_transpose and not self.input_axes
+            not self.param_shape and not self.transposed and not self.input_axes
             and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
         )
 

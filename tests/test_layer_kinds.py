@@ -219,16 +219,13 @@ def test_attention_projections_are_scored_and_pruned():
     assert all("filter pruning" in r for r in filters.info["dense_layers"].values())
 
 
-def test_convtranspose_scored_by_weight_methods_left_dense_by_filter_methods():
+def test_convtranspose_scored_by_weight_and_filter_methods():
     model, variables, x = _setup("convtranspose")
-    result = sp.prune(model, variables, x, method="wt", keep_ratio=0.6)
-    assert "ConvTranspose_0" in result.layer_kept and "ConvTranspose_0" not in result.info["dense_layers"]
-    mask = np.asarray(result.masks["ConvTranspose_0"]["kernel"])
-    assert 0 < (~mask).mean() < 1
-    filters = sp.prune(model, variables, x, method="ft", keep_ratio=0.9)
-    assert "transposed conv" in filters.info["dense_layers"]["ConvTranspose_0"]
-    dense = variables["params"]["ConvTranspose_0"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(filters.params["ConvTranspose_0"]["kernel"]), np.asarray(dense))
+    for method in ("wt", "ft"):
+        result = sp.prune(model, variables, x, method=method, keep_ratio=0.7)
+        assert "ConvTranspose_0" in result.layer_kept and "ConvTranspose_0" not in result.info["dense_layers"]
+        mask = np.asarray(result.masks["ConvTranspose_0"]["kernel"])
+        assert 0 < (~mask).mean() < 1
 
 
 def test_include_exclude():
@@ -412,7 +409,7 @@ def test_nnx_tied_embedding_and_convtranspose():
     result = spx.prune(model, tok, method="sipp", keep_ratio=0.6)
     assert abs(result.keep_ratio - 0.6) <= 0.003 and not result.info["dense_layers"]
     filters = spx.prune(model, tok, method="pfp", keep_ratio=0.9, allow_dead_layers=True)
-    assert "transposed conv" in filters.info["dense_layers"]["up"]
+    assert "up" not in filters.info["dense_layers"]
     table = np.asarray(result.params["emb"]["embedding"].get_value())
     mask = np.asarray(result.masks["emb"]["embedding"].get_value())
     assert table.shape == mask.shape == (30, 8) and np.all(table[~mask] == 0) and 0 < (~mask).mean() < 1

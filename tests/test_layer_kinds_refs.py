@@ -86,7 +86,7 @@ def test_conv_transpose_sensitivity_matches_loop(case):
     model, x = _Up(kw), _RNG.normal(size=(2, 3, 4, 2)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(case), x)
     layer = {la.name: la for la in sp.find_layers(model, variables, x)}["up"]
-    assert layer.conv_transpose and not layer.channel_structured
+    assert layer.conv_transpose and layer.channel_structured == (not kw.get("transpose_kernel"))
     inputs = np.asarray(sp.capture_inputs(model, variables, x)["up"])
     leaf = np.asarray(variables["params"]["up"]["kernel"])
     # transpose_kernel=True convolves the leaf flipped in space with in/out swapped
@@ -124,6 +124,51 @@ def test_conv_transpose_pruned_by_weight_methods_and_left_dense_by_filter_method
     assert mask.shape == leaf.shape == (3, 2, 3, 2) and 0 < (~mask).mean() < 1 and np.all(leaf[~mask] == 0)
     filters = sp.prune(model, variables, x, method="pfp", keep_ratio=0.9, allow_dead_layers=True)
     assert "transposed conv" in filters.info["dense_layers"]["up"]
+
+
+class _Decoder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3))(x))
+        x = nn.relu(nn.ConvTranspose(5, (3, 3), strides=(2, 2), name="up")(x))
+        return nn.Conv(4, (3, 3))(x).reshape(x.shape[0], -1)
+
+
+class _NNXDecoder(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.up = nnx.ConvTranspose(6, 5, (3, 3), strides=(2, 2), rngs=rngs)
+        self.out = nnx.Conv(5, 4, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.up(nnx.relu(self.stem(x))))
+        return self.out(x).reshape(x.shape[0], -1)
+
+
+def test_conv_transpose_filter_pruned_and_shrunk():
+    x = _RNG.normal(size=(8, 4, 4, 3)).astype(np.float32)
+    model = _Decoder()
+    variables = model.init(jax.random.PRNGKey(0), x)
+    result = sp.prune(model, variables, x, method="pfp", keep_ratio=0.6, key=jax.random.PRNGKey(1))
+    assert result.info["dense_layers"] == {}
+    shrunk = sp.shrink(model, variables, result.params, x=x)
+    small = shrunk.variables["params"]
+    assert small["up"]["kernel"].shape[2:] == (small["Conv_0"]["kernel"].shape[-1], small["up"]["bias"].shape[0])
+    assert _size(small) < _size(variables["params"])
+    want = np.asarray(model.apply({"params": result.params}, x))
+    np.testing.assert_allclose(np.asarray(shrunk.model.apply(shrunk.variables, x)), want, rtol=1e-5, atol=1e-6)
+    nnx_model = _NNXDecoder(nnx.Rngs(0))
+    nnx_result = spx.prune(nnx_model, x, method="ft", keep_ratio=0.6)
+    nnx_small = spx.shrink(nnx_model, nnx_result, x)
+    shape = nnx_small.up.kernel.get_value().shape
+    assert (nnx_small.up.in_features, nnx_small.up.out_features) == shape[2:] and shape != (3, 3, 6, 5)
+    masked = nnx.clone(nnx_model)
+    nnx.update(masked, nnx_result.params)
+    np.testing.assert_allclose(np.asarray(nnx_small(x)), np.asarray(masked(x)), rtol=1e-5, atol=1e-6)
+
+
+def _size(tree) -> int:
+    return sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(tree))
 
 
 def test_nnx_conv_transpose_sensitivity_matches_loop():
