@@ -121,15 +121,6 @@ def _sub_jaxpr(eqn) -> Any:
     return None
 
 
-def _row_bits(row: int) -> list[int]:
-    out = []
-    while row:
-        low = row & -row
-        out.append(low.bit_length() - 1)
-        row ^= low
-    return out
-
-
 def _grouped_conv_rows(p, ins: list[np.ndarray], in_shapes, out_shapes):
     """``(output rows, kernel rows)`` of a grouped conv (``feature_group_count = G > 1``) in the
     channel-last layouts, else None. Output channel ``o`` of group ``g = o // (O/G)`` reads input
@@ -154,8 +145,8 @@ def _grouped_conv_rows(p, ins: list[np.ndarray], in_shapes, out_shapes):
 
 
 def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str], sliced: set[int]) -> list[np.ndarray]:
-    """Output rows of one equation from its input rows; ``sliced`` collects the source bits of
-    grouped-conv kernels (their last axis is mapped exactly, so they may be sliced on it)."""
+    """Output rows of one equation from its input rows; ``sliced`` collects the sources (as bitsets)
+    of grouped-conv kernels (their last axis is mapped exactly, so they may be sliced on it)."""
     name = eqn.primitive.name
     p = eqn.params
     in_shapes = [_shape(v) for v in eqn.invars]
@@ -238,7 +229,7 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str], sliced: set[int]) -> 
         grouped = _grouped_conv_rows(p, ins, in_shapes, out_shapes)
         if grouped is not None:
             rows, kernel_rows = grouped
-            sliced.update(b for row in kernel_rows.tolist() for b in _row_bits(row))
+            sliced.add(_union_all(kernel_rows))
             return [rows]
     # Anything else (conv / matmul outside a prunable layer, gathers, loops, ...): join everything.
     if name not in ("conv_general_dilated", "dot_general"):
@@ -251,7 +242,7 @@ def propagate(
     jaxpr, in_rows: list[np.ndarray], const_rows: list[np.ndarray], notes: set[str], sliced: set[int] | None = None
 ) -> list[np.ndarray]:
     """Output rows of ``jaxpr``; ``notes`` collects the primitives joined conservatively, ``sliced``
-    the source bits of grouped-conv kernels (:func:`_grouped_conv_rows`)."""
+    the sources (bitsets) of grouped-conv kernels (:func:`_grouped_conv_rows`)."""
     sliced = set() if sliced is None else sliced
     env: dict[Any, np.ndarray] = {}
 

@@ -199,9 +199,9 @@ def analyze(
     joined = _join(layers, len(sources.kinds), consumed, outputs)
     members = _members(sources, joined, layers)
     var_rank = {_path_keys(p): len(np.shape(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
-    for b in sliced:  # grouped-conv kernels: their last axis is mapped exactly, slicing it is safe
+    for b in (b for row in sliced for b in _bits(row)):  # grouped-conv kernels: last axis mapped exactly
         if sources.kinds[b][0] == "var":
-            var_rank[sources.kinds[b][1]] = 1
+            var_rank[sources.kinds[b][1]] = 1  # sliced on its last axis like a per-channel vector
     return _dependency_map(layers, members, joined.output_roots, var_rank, tuple(sorted(notes)))
 
 

@@ -114,6 +114,8 @@ def test_conv_transpose_padding_matches_lax():
             want = tuple((n - 1) * s + 1 + lo + hi - ((k - 1) * d + 1) + 1
                          for n, s, (lo, hi), k, d in zip((5, 4), strides, pads, window, dil))
             assert tuple(y.shape[1:3]) == want
+    with pytest.raises(layer_kinds.Unscorable, match="CIRCULAR"):
+        layer_kinds.transpose_padding("CIRCULAR", (3,), (2,), (1,))
 
 
 def test_conv_transpose_pruned_by_weight_methods_and_left_dense_by_filter_methods():
