@@ -181,7 +181,8 @@ def analyze(
       model: a Linen module or a model adapter (:mod:`sensprune.adapter`).
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
-      layers: the prunable layers (default: :func:`sensprune.find_layers`).
+      layers: the prunable layers (default: :func:`sensprune.find_layers`); grouped convs and
+        kernel views whose feature axis is not the input's last are traced through, not marked.
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:

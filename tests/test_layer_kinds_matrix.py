@@ -33,17 +33,16 @@ class NNXTiedLM(nnx.Module):
 
 
 class NNXDecoder(nnx.Module):
-    """Dense -> ConvTranspose (stride 2, transposed kernel) -> Conv -> Conv."""
+    """Dense -> ConvTranspose (stride 2, transposed kernel) -> Conv."""
 
     def __init__(self, rngs):
         self.fc = nnx.Linear(7, 64, rngs=rngs)
         self.up = nnx.ConvTranspose(4, 6, (3, 3), strides=(2, 2), transpose_kernel=True, rngs=rngs)
-        self.mid = nnx.Conv(6, 8, (3, 3), rngs=rngs)
-        self.out = nnx.Conv(8, 3, (3, 3), rngs=rngs)
+        self.out = nnx.Conv(6, 3, (3, 3), rngs=rngs)
 
     def __call__(self, z):
         x = nnx.relu(self.fc(z)).reshape(z.shape[0], 4, 4, 4)
-        x = self.out(nnx.relu(self.mid(nnx.relu(self.up(x)))))
+        x = self.out(nnx.relu(self.up(x)))
         return x.reshape(x.shape[0], -1)[:, :5]
 
 

@@ -121,10 +121,10 @@ def test_conv_transpose_padding_matches_lax():
 def test_conv_transpose_pruned_by_weight_methods_and_left_dense_by_filter_methods():
     model, x = _Up(_CT_CASES[3]), _RNG.normal(size=(4, 3, 4, 2)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), x)
-    result = sp.prune(model, variables, x, method="sipp", keep_ratio=0.6, include="up")
+    result = sp.prune(model, variables, x, method="wt", keep_ratio=0.6, include="up")
     leaf, mask = np.asarray(result.params["up"]["kernel"]), np.asarray(result.masks["up"]["kernel"])
     assert mask.shape == leaf.shape == (3, 2, 3, 2) and 0 < (~mask).mean() < 1 and np.all(leaf[~mask] == 0)
-    filters = sp.prune(model, variables, x, method="pfp", keep_ratio=0.9, allow_dead_layers=True)
+    filters = sp.prune(model, variables, x, method="ft", keep_ratio=0.9, allow_dead_layers=True)
     assert "transposed conv" in filters.info["dense_layers"]["up"]
 
 
@@ -151,7 +151,7 @@ def test_conv_transpose_filter_pruned_and_shrunk():
     x = _RNG.normal(size=(8, 4, 4, 3)).astype(np.float32)
     model = _Decoder()
     variables = model.init(jax.random.PRNGKey(0), x)
-    result = sp.prune(model, variables, x, method="pfp", keep_ratio=0.6, key=jax.random.PRNGKey(1))
+    result = sp.prune(model, variables, x, method="ft", keep_ratio=0.6)  # pfp: test_layer_kinds (every method)
     assert result.info["dense_layers"] == {}
     shrunk = sp.shrink(model, variables, result.params, x=x)
     small = shrunk.variables["params"]
@@ -223,7 +223,7 @@ def test_dense_general_non_trailing_axes_matches_loop(reduction):
         raw = np.asarray(variables["params"][name]["kernel"])
         want = ref_dense_general(raw, inputs[name], axes, reduction)
         _close(sens[name].weight, want.reshape(layers[name].kernel_shape))
-    result = sp.prune(model, variables, x, method="sipp", keep_ratio=72 / 121)  # 121 params in all
+    result = sp.prune(model, variables, x, method="wt", keep_ratio=72 / 121)  # 121 params in all
     assert result.info["reachable"] and abs(result.keep_ratio - 72 / 121) < 1e-9
     mask = np.asarray(result.masks["over_tc"]["kernel"])
     assert mask.shape == (3, 5, 2, 3) and np.all(np.asarray(result.params["over_tc"]["kernel"])[~mask] == 0)
