@@ -9,6 +9,7 @@ transposes that keep the last axis) maps indices exactly, and reductions over
 the channel axis and every op without a rule (convolutions and matmuls outside
 prunable layers, gathers, loops, ...) join *all* channels: an
 over-approximation, which can only make channel groups larger, never unsafe.
+Grouped and depthwise convolutions map channels exactly (group by group).
 Sub-jaxprs (``pjit``, ``custom_jvp_call``, ...) are interpreted recursively.
 Arrays whose sources span several axes (attention heads: :mod:`sensprune.axis_rows`)
 carry a :class:`~sensprune.axis_rows.Tracked` table instead of last-axis rows.
@@ -124,8 +125,32 @@ def _sub_jaxpr(eqn) -> Any:
     return None
 
 
-def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
-    """Output rows of one equation from its input rows."""
+def _grouped_conv_rows(p, ins: list[np.ndarray], in_shapes, out_shapes):
+    """``(output rows, kernel rows)`` of a grouped conv (``feature_group_count = G > 1``) in the
+    channel-last layouts, else None. Output channel ``o`` of group ``g = o // (O/G)`` reads input
+    channels ``[g C/G, (g+1) C/G)`` and kernel row ``o`` (depthwise: channel ``o // (O/C)``), so a
+    removed channel group takes its producer filters, kernel rows and consumer columns together."""
+    groups = int(p.get("feature_group_count", 1))
+    dn = p.get("dimension_numbers")
+    if groups <= 1 or int(p.get("batch_group_count", 1)) != 1 or dn is None or len(in_shapes) != 2:
+        return None
+    lhs, rhs, out = (tuple(spec) for spec in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+    if lhs[1] != len(in_shapes[0]) - 1 or rhs[0] != len(in_shapes[1]) - 1 or out[1] != len(out_shapes[0]) - 1:
+        return None
+    n_in, n_out = n_rows(in_shapes[0]), n_rows(out_shapes[0])
+    if len(ins[0]) != n_in or len(ins[1]) != n_out or n_in % groups or n_out % groups:
+        return None
+    c_g, o_g = n_in // groups, n_out // groups
+    per_group = [_union_all(ins[0][g * c_g : (g + 1) * c_g]) for g in range(groups)]
+    rows = zeros(n_out)
+    for o in range(n_out):
+        rows[o] = per_group[o // o_g] | ins[1][o]
+    return rows, ins[1]
+
+
+def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str], sliced: set[int]) -> list[np.ndarray]:
+    """Output rows of one equation from its input rows; ``sliced`` collects the sources (as bitsets)
+    of grouped-conv kernels (their last axis is mapped exactly, so they may be sliced on it)."""
     name = eqn.primitive.name
     p = eqn.params
     in_shapes = [_shape(v) for v in eqn.invars]
@@ -204,6 +229,12 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
             for extra in ins[n_data:]:  # init values
                 fitted = [r | _fit(extra, len(r)) for r in fitted]
             return fitted
+    if name == "conv_general_dilated":
+        grouped = _grouped_conv_rows(p, ins, in_shapes, out_shapes)
+        if grouped is not None:
+            rows, kernel_rows = grouped
+            sliced.add(_union_all(kernel_rows))
+            return [rows]
     # Anything else (conv / matmul outside a prunable layer, gathers, loops, ...): join everything.
     if name not in ("conv_general_dilated", "dot_general"):
         notes.add(name)
@@ -211,9 +242,14 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str]) -> list[np.ndarray]:
     return [_full(n, everything) for n in n_out]
 
 
-def propagate(jaxpr, in_rows: list[Any], const_rows: list[np.ndarray], notes: set[str]) -> list[Any]:
+def propagate(
+    jaxpr, in_rows: list[Any], const_rows: list[np.ndarray], notes: set[str], sliced: set[int] | None = None
+) -> list[Any]:
     """Rows of the jaxpr's outputs: plain last-axis rows, or :class:`~sensprune.axis_rows.Tracked`
-    tables where the sources span several axes (attention heads)."""
+    tables where the sources span several axes (attention heads); ``notes`` collects the primitives
+    joined conservatively, ``sliced`` the sources (bitsets) of grouped-conv kernels
+    (:func:`_grouped_conv_rows`)."""
+    sliced = set() if sliced is None else sliced
     env: dict[Any, Any] = {}
 
     def read(v):
@@ -230,13 +266,13 @@ def propagate(jaxpr, in_rows: list[Any], const_rows: list[np.ndarray], notes: se
         sub = _sub_jaxpr(eqn)
         if sub is not None:
             consts = [zeros(n_rows(_shape(c))) for c in sub.constvars]
-            outs = propagate(sub, ins, consts, notes)
+            outs = propagate(sub, ins, consts, notes, sliced)
         elif any(isinstance(r, Tracked) for r in ins):  # rows over several axes (attention heads)
             outs = tracked_rule(eqn, ins, elementwise=eqn.primitive.name in _ELEMENTWISE)  # type: ignore[assignment]
             if outs is None:
-                outs = _eqn_rule(eqn, [fold(r, _shape(v)) for r, v in zip(ins, eqn.invars)], notes)
+                outs = _eqn_rule(eqn, [fold(r, _shape(v)) for r, v in zip(ins, eqn.invars)], notes, sliced)
         else:
-            outs = _eqn_rule(eqn, ins, notes)
+            outs = _eqn_rule(eqn, ins, notes, sliced)
         for v, r in zip(eqn.outvars, outs):
             if type(v).__name__ != "DropVar":
                 env[v] = r

@@ -28,7 +28,10 @@ for any model, with no per-architecture code:
    per-channel BatchNorm entries along the way end up in one group. A group is
    removed jointly or not at all. It is *removable* only when it does not touch
    the model input or output, has a producer, and its variable entries are all
-   rank-1 per-channel leaves; other groups are listed with the reason.
+   rank-1 per-channel leaves (or kernels of grouped / depthwise convs, which are
+   traced through, not marked: a removed depthwise channel takes its producer
+   filter, its kernel slice and its consumer column); other groups are listed
+   with the reason.
 
 The result, :class:`DependencyMap`, is plain data (numpy arrays and dicts) and
 is cached by :class:`~sensprune.context.PruneContext`.
@@ -184,7 +187,8 @@ def analyze(
       model: a Linen module or a model adapter (:mod:`sensprune.adapter`).
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
-      layers: the prunable layers (default: :func:`sensprune.find_layers`).
+      layers: the prunable layers (default: :func:`sensprune.find_layers`); grouped convs and
+        kernel views whose feature axis is not the input's last are traced through, not marked.
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
@@ -192,17 +196,30 @@ def analyze(
     adapter = as_adapter(model, method, apply_kwargs)
     if layers is None:
         layers = adapter.find_layers(variables, x)
-    layers = tuple(layers)
+    layers = tuple(layer for layer in layers if _marked(layer))
     closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
     sources = _sources(variables, x, markers, layers)
     notes: set[str] = set()
+    sliced: set[int] = set()
     consts = [zeros(n_rows(np.shape(c))) for c in closed.consts]
     in_channels = {layer.name: layer.in_channels for layer in layers}
-    outputs, consumed = _split_outputs(shapes, propagate(closed.jaxpr, sources.rows, consts, notes), in_channels)
+    outputs, consumed = _split_outputs(
+        shapes, propagate(closed.jaxpr, sources.rows, consts, notes, sliced), in_channels
+    )
     joined = _join(layers, len(sources.kinds), consumed, outputs)
     members = _members(sources, joined, layers)
     var_rank = {_path_keys(p): len(np.shape(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    for b in (b for row in sliced for b in _bits(row)):  # grouped-conv kernels: last axis mapped exactly
+        if sources.kinds[b][0] == "var":
+            var_rank[sources.kinds[b][1]] = 1  # sliced on its last axis like a per-channel vector
     return _dependency_map(layers, members, joined.output_roots, var_rank, tuple(sorted(notes)))
+
+
+def _marked(layer: Layer) -> bool:
+    """Whether the trace replaces the layer by a marker; grouped convs (mapped group by group by
+    :mod:`sensprune.channel_flow`), DenseGenerals contracting non-trailing axes and transposed-kernel
+    ConvTransposes (views whose feature axis is not the input's last) are traced through."""
+    return layer.groups == 1 and not layer.input_axes and not (layer.conv_transpose and layer.transposed)
 
 
 @dataclasses.dataclass

@@ -7,22 +7,26 @@ plain Dense or Conv, possibly through a *view* of its parameter:
   depthwise: ``Layer.groups``).
 * ``nn.DenseGeneral`` / ``nnx.LinearGeneral`` (attention projections) and
   ``nn.Einsum`` / ``nnx.Einsum`` when they are a linear map of one input by the
-  kernel: the contracted input axes are the trailing ones, so the kernel is
-  viewed as a ``[prod(in axes), prod(out axes)]`` matrix (``Layer.param_shape``)
-  and the input as ``[batch, positions, prod(in axes)]``.
+  kernel: the kernel is viewed as a ``[prod(in axes), prod(out axes)]`` matrix
+  (``Layer.param_shape``) and the input, its contracted axes moved last
+  (``Layer.input_axes`` when they are not trailing), as ``[batch, positions, prod(in axes)]``.
 * ``nn.Embed.attend`` / ``nnx.Embed.attend`` (a tied output projection): the
   transposed table ``[features, num_embeddings]`` (``Layer.transposed``); the
   lookup reads the same (masked) table.
+* ``nn.ConvTranspose`` / ``nnx.ConvTranspose``: the stride-1 conv Flax runs over
+  the input dilated by the strides (``Layer.conv_transpose``); with
+  ``transpose_kernel=True`` its kernel is the flipped, in/out-swapped view of the leaf.
 
-Anything else (``ConvTranspose``, ``ConvLocal``, DenseGeneral with batch dims,
-an Einsum that is not such a map, a shared layer whose calls differ in shape, ...)
-stays dense: :func:`unscorable` says why, and :func:`sensprune.prune` reports it in
+Anything else (``ConvLocal``, DenseGeneral with batch dims, an Einsum that is not
+such a map, a shared layer whose calls differ in shape, ...) stays dense:
+:class:`Unscorable` says why, and :func:`sensprune.prune` reports it in
 ``result.info['dense_layers']``. Users choose layers with ``include`` / ``exclude``
 (:func:`select_layers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -42,8 +46,8 @@ __all__ = [
     "structured_layers",
 ]
 
-LINEN_SCORED = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
-LINEN_DENSE_ONLY = (nn.ConvTranspose, nn.ConvLocal)
+LINEN_SCORED = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum, nn.ConvTranspose)
+LINEN_DENSE_ONLY = (nn.ConvLocal,)
 
 LayerFilter = Union[None, str, "re.Pattern[str]", Callable[[str], bool], Iterable[str]]
 
@@ -66,8 +70,8 @@ def linen_unscorable(module: Any, method_name: str) -> Optional[str]:
 
         advice = layer_advice(module)
         return (
-            f"nn.{type(module).__name__} is left dense (sensitivities of transposed/unshared "
-            "convolutions are not defined in sensprune)" + (f". {advice}" if advice else "")
+            f"nn.{type(module).__name__} is left dense (an unshared convolution: each output position has "
+            "its own kernel, which sensprune does not score)" + (f". {advice}" if advice else "")
         )
     return None
 
@@ -118,7 +122,7 @@ def general_layer(
         input_shape=tuple(int(s) for s in inputs.shape[1:]),
         output_shape=tuple(int(s) for s in outputs.shape[1:]),
         order=order,
-        param_shape=() if view == param_shape else param_shape,
+        param_shape=() if view == param_shape and not transposed else param_shape,
         param_name=param_name,
         transposed=transposed,
     )
@@ -126,13 +130,32 @@ def general_layer(
 
 def _dense_general(path, module_axis, batch_dims, n_in, param_shape, inputs, outputs, use_bias, order, kind):
     if batch_dims:
-        raise Unscorable(f"{kind} with batch dimensions {tuple(batch_dims)} is left dense")
-    axes = _axes(module_axis, inputs.ndim)
+        raise Unscorable(
+            f"{kind} with batch dimensions {tuple(batch_dims)} is left dense: batch dimensions are leading "
+            "input axes, the data's batch axis included, so its kernel holds a separate matrix per sample "
+            "index rather than one map shared by all points"
+        )
+    axes = tuple(sorted(_axes(module_axis, inputs.ndim)))  # Flax contracts the sorted axes
     if 0 in axes:
         raise Unscorable(f"{kind} contracting the batch axis is left dense")
-    if axes != tuple(range(inputs.ndim - len(axes), inputs.ndim)):
-        raise Unscorable(f"{kind} contracting axes {axes} that are not the trailing input axes is left dense")
-    return general_layer(path, inputs, outputs, param_shape, n_in, use_bias, order)
+    layer = general_layer(path, _moved_last(inputs, axes), outputs, param_shape, n_in, use_bias, order)
+    trailing = tuple(range(inputs.ndim - len(axes), inputs.ndim))
+    if axes == trailing:
+        return layer
+    free = tuple(a for a in range(1, inputs.ndim) if a not in axes)
+    return dataclasses.replace(
+        layer,
+        input_shape=tuple(int(s) for s in inputs.shape[1:]),
+        input_axes=tuple(a - 1 for a in free + axes),
+    )
+
+
+def _moved_last(inputs: Any, axes: tuple[int, ...]) -> Any:
+    """A shape-only stand-in of ``inputs`` with the contracted ``axes`` moved last (in order)."""
+    import types
+
+    free = tuple(a for a in range(inputs.ndim) if a not in axes)
+    return types.SimpleNamespace(shape=tuple(inputs.shape[a] for a in free + axes), ndim=inputs.ndim)
 
 
 def einsum_fan_in(einsum_str: str) -> Optional[int]:
@@ -168,8 +191,10 @@ def linen_layer(module: Any, method_name: str, path: Path, inputs: Any, outputs:
         return dense_layer(module, path, inputs, outputs, order)
     if isinstance(module, nn.Conv):
         return conv_layer(module, path, inputs, outputs, order)
+    if isinstance(module, nn.ConvTranspose):
+        return conv_transpose_layer(module, module.features, path, inputs, outputs, order)
     if isinstance(module, nn.DenseGeneral):
-        axes = _axes(module.axis, inputs.ndim)
+        axes = tuple(sorted(_axes(module.axis, inputs.ndim)))
         features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
         in_dims = tuple(int(inputs.shape[a]) for a in axes)
         return _dense_general(
@@ -187,6 +212,62 @@ def linen_layer(module: Any, method_name: str, path: Path, inputs: Any, outputs:
     raise Unscorable(f"{type(module).__name__} is not a linear layer sensprune scores")
 
 
+def _tuple(value: Any, rank: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * rank
+    return (int(value),) * rank if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def transpose_padding(
+    padding: Any, window: Sequence[int], strides: Sequence[int], kernel_dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """The ``(low, high)`` zero padding of the dilated input that a Flax ``ConvTranspose`` convolves.
+
+    ``lax.conv_transpose`` reads ``'SAME'`` / ``'VALID'`` as the padding of the forward conv it
+    transposes (so the output is ``in * stride``, resp. ``in * stride + max(k - stride, 0)``, long)
+    and explicit pairs as the padding of the dilated input itself.
+    """
+    from flax.linen.linear import canonicalize_padding
+
+    padding = canonicalize_padding(padding, len(window))
+    if not isinstance(padding, str):
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
+    mode = padding.upper()
+    if mode not in ("SAME", "VALID"):
+        raise Unscorable(f"ConvTranspose with padding {padding!r} is left dense (allowed: 'SAME', 'VALID', pairs)")
+    pads = []
+    for k, s, d in zip(window, strides, kernel_dilation):
+        k = (k - 1) * d + 1  # the dilated window
+        total = k + s - 2 + (max(k - s, 0) if mode == "VALID" else 0)
+        low = k - 1 if mode == "VALID" or s > k - 1 else -(-total // 2)
+        pads.append((low, total - low))
+    return tuple(pads)
+
+
+def conv_transpose_layer(module: Any, features: int, path: Path, inputs: Any, outputs: Any, order: int) -> Layer:
+    """A transposed conv as the conv it runs: stride 1 over the input dilated by ``strides``, with
+    the padding of :func:`transpose_padding`. ``transpose_kernel=True`` convolves the leaf with its
+    window flipped and in/out swapped: the kernel is that view (``Layer.transposed``)."""
+    import types
+
+    if getattr(module, "mask", None) is not None:
+        raise Unscorable("ConvTranspose with a `mask` is left dense")
+    size = module.kernel_size
+    window = (int(size),) if isinstance(size, int) else tuple(int(k) for k in size)
+    rank = len(window)
+    strides, dilation = _tuple(module.strides, rank), _tuple(module.kernel_dilation, rank)
+    shim = types.SimpleNamespace(
+        kernel_size=window, features=features, feature_group_count=1, mask=None, strides=(1,) * rank,
+        padding=transpose_padding(module.padding, window, strides, dilation), input_dilation=strides,
+        kernel_dilation=dilation, use_bias=module.use_bias,
+    )
+    layer = conv_layer(shim, path, inputs, outputs, order)  # type: ignore[arg-type]  # duck-typed
+    if not module.transpose_kernel:
+        return dataclasses.replace(layer, conv_transpose=True)
+    leaf = window + (layer.out_channels, layer.in_channels)
+    return dataclasses.replace(layer, conv_transpose=True, transposed=True, param_shape=leaf)
+
+
 def merge_call(layer: Layer, inputs: Any) -> Layer:
     """``layer`` after one more call with ``inputs`` (weight sharing); Unscorable if the shapes differ."""
     if tuple(inputs.shape[1:]) != tuple(layer.input_shape):
@@ -194,8 +275,6 @@ def merge_call(layer: Layer, inputs: Any) -> Layer:
             f"called {layer.calls + 1} times with different input shapes {layer.input_shape} and "
             f"{tuple(inputs.shape[1:])}; left dense"
         )
-    import dataclasses
-
     return dataclasses.replace(layer, calls=layer.calls + 1)
 
 
@@ -258,7 +337,10 @@ def structured_layers(layers: Sequence[Layer]) -> tuple[list[Layer], dict[str, s
             kept.append(layer)
         else:
             why = (
-                "a view of a non-2-D parameter" if layer.param_shape or layer.transposed
+                "a transposed conv with transpose_kernel=True (a flipped, in/out-swapped view of its kernel)"
+                if layer.conv_transpose and layer.transposed
+                else "a view of a non-2-D parameter" if layer.param_shape or layer.transposed
+                else "a DenseGeneral contracting non-trailing axes" if layer.input_axes
                 else f"a grouped conv (groups={layer.groups})" if layer.groups > 1
                 else f"shared ({layer.calls} calls)"
             )
@@ -279,8 +361,6 @@ def layer_report(dense: Mapping[str, str]) -> str:
 def grouped_sensitivity(layer: Layer, kernel: Any, inputs: Any, *, reduction: str, contraction: str) -> Any:
     """Sensitivities of a grouped conv: each group is a conv of its own input channels
     (``vmap`` of the plain kernel over groups); the channel sensitivity is the max over groups."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 

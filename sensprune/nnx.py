@@ -38,7 +38,16 @@ from sensprune import dependencies as deps_lib
 from sensprune import masking
 from sensprune import sensitivity as sensitivity_lib
 from sensprune.adapter import LayerCall
-from sensprune.nnx_adapter import PRUNABLE, REST, Forward, NNXAdapter, nnx_adapter, params_dict, state_like
+from sensprune.nnx_adapter import (
+    PRUNABLE,
+    REST,
+    Forward,
+    NNXAdapter,
+    fit_group_counts,
+    nnx_adapter,
+    params_dict,
+    state_like,
+)
 from sensprune.prune import prune as _linen_prune
 from sensprune.shrink import shrink as _linen_shrink
 from sensprune.types import Layer, LayerSensitivity, PruneResult
@@ -92,8 +101,8 @@ def find_layers(model: nnx.Module, x: Any, *, forward: Forward = None, eval_mode
 
     ``Layer.path`` is the key path of the layer's kernel in
     ``nnx.state(model, nnx.Param)`` minus ``'kernel'``, with keys as strings.
-    Raises ``ValueError`` naming the layer for a layer called twice, for
-    nnx.LinearGeneral / Einsum / ConvTranspose calls and unsupported conv options.
+    Linear layers that cannot be scored are left out (``prune`` reports them in
+    ``result.info['dense_layers']``).
     """
     adapter_, variables = nnx_adapter(model, forward=forward, call_kwargs=call_kwargs, eval_mode=eval_mode)
     return adapter_.find_layers(variables, x)
@@ -257,9 +266,11 @@ def _set_shapes(module: nnx.Module) -> None:
             heads, head_dim = tuple(sub.query.kernel.get_value().shape[-2:])
             sub.num_heads, sub.head_dim, sub.qkv_features = heads, head_dim, heads * head_dim
             sub.num_kv_heads = int(sub.key.kernel.get_value().shape[-2])
-        elif isinstance(sub, PRUNABLE) and isinstance(kernel, nnx.Variable):
+        elif isinstance(sub, PRUNABLE + (nnx.ConvTranspose,)) and isinstance(kernel, nnx.Variable):
             shape = tuple(kernel.get_value().shape)
-            sub.in_features, sub.out_features = shape[-2], shape[-1]
+            fit_group_counts(sub)  # a grouped conv loses whole groups
+            groups = sub.feature_group_count if isinstance(sub, nnx.Conv) else 1
+            sub.in_features, sub.out_features = shape[-2] * groups, shape[-1]
             if hasattr(sub, "kernel_shape"):
                 sub.kernel_shape = shape
         elif isinstance(getattr(sub, "num_features", None), int):

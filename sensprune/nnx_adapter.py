@@ -38,8 +38,8 @@ REST = "nnx_state"
 """Collection of :class:`NNXAdapter` variables holding the non-``Param`` state."""
 
 PRUNABLE = (nnx.Linear, nnx.Conv)
-_SCORED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)  # Embed: its ``attend``
-_UNSUPPORTED = (nnx.ConvTranspose,)
+_SCORED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.ConvTranspose)  # Embed: ``attend``
+_UNSUPPORTED: tuple[type, ...] = ()  # linear layers recorded but left dense (none at present)
 _SUPPORTED_TEXT = (
     "sensprune prunes nnx.Linear and nnx.Conv (feature_group_count=1, no mask, zero "
     "padding: 'SAME', 'VALID', ints or (low, high) pairs)"
@@ -195,10 +195,9 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
     """The :class:`Layer` record of one nnx layer call (Unscorable/ValueError: left dense)."""
     module, name = call.module, _name(path)
     if isinstance(module, _UNSUPPORTED):
-        raise layer_kinds.Unscorable(
-            f"nnx.{_kind(module)} is left dense (sensitivities of transposed convolutions are not defined "
-            "in sensprune)"
-        )
+        raise layer_kinds.Unscorable(f"nnx.{_kind(module)} is left dense")
+    if isinstance(module, nnx.ConvTranspose):
+        return layer_kinds.conv_transpose_layer(module, module.out_features, path, call.inputs, call.outputs, order)
     if isinstance(module, nnx.Embed):
         return layer_kinds.general_layer(
             path, call.inputs, call.outputs, (module.num_embeddings, module.features), 1, False, order,
@@ -241,6 +240,18 @@ def _layer(call: _Call, path: Path, order: int) -> Layer:
         use_bias=module.use_bias,
     )
     return geometry.conv_layer(shim, path, call.inputs, call.outputs, order)  # type: ignore[arg-type]  # duck-typed
+
+
+def fit_group_counts(module: nnx.Module) -> nnx.Module:
+    """``module`` with each grouped ``nnx.Conv`` whose kernel lost whole groups (:func:`sensprune.shrink`)
+    set to the remaining ``feature_group_count`` / ``in_features`` / ``out_features`` (in place)."""
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, nnx.Conv) and sub.feature_group_count > 1:
+            shape = tuple(sub.kernel.get_value().shape)
+            if shape[-1] != sub.out_features:
+                sub.feature_group_count = shape[-1] * sub.feature_group_count // sub.out_features
+                sub.in_features, sub.out_features = shape[-2] * sub.feature_group_count, shape[-1]
+    return module
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -298,7 +309,7 @@ class NNXAdapter:
         params = variables["params"]
         flat = [(p, nnx.Param(paths.get_path(params, _str_path(p)))) for p in self.param_paths]
         rest = state_like(self.rest_template, variables[REST]) if self.plain_rest else variables[REST]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(flat), rest)
+        return fit_group_counts(nnx.merge(self.graphdef, nnx.from_flat_state(flat), rest))
 
     def apply(self, variables: Mapping[str, Any], x: Any) -> Any:
         """Runs a model copy on ``x``."""

@@ -99,6 +99,8 @@ def input_patches(layer: Layer, inputs: jax.Array, *, order: str = "channel") ->
     batch = inputs.shape[0]
     fan_in = layer.in_channels * layer.window_size
     if layer.kind == "dense":
+        if layer.input_axes:  # contracted axes not trailing: move them last (a view of the input)
+            inputs = jnp.transpose(inputs, (0,) + tuple(a + 1 for a in layer.input_axes))
         return inputs.reshape(batch, -1, fan_in)
     if layer.kind != "conv":
         raise ValueError(f"layer.kind must be 'dense' or 'conv', got {layer.kind!r}")

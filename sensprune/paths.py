@@ -42,17 +42,31 @@ def bias_path(layer: Layer) -> Path:
     return layer.path + ("bias",)
 
 
+def _swap_view(value: Any) -> Any:
+    """The leaf's last two axes swapped and its window axes reversed (an involution):
+    ``.T`` of a 2-D table, the flipped in/out-swapped kernel of a transposed conv."""
+    flip = (slice(None, None, -1),) * (value.ndim - 2)
+    return value[flip].swapaxes(-1, -2)
+
+
+def _is_view(layer: Layer) -> bool:
+    return bool(getattr(layer, "param_shape", ())) or bool(getattr(layer, "transposed", False))
+
+
 def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
     """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape."""
     leaf = get_path(params, kernel_path(layer))
-    if not getattr(layer, "param_shape", ()) or not hasattr(leaf, "reshape"):
+    if not _is_view(layer) or not hasattr(leaf, "reshape"):
         return leaf
-    return (leaf.T if layer.transposed else leaf).reshape(layer.kernel_shape)
+    return (_swap_view(leaf) if layer.transposed else leaf).reshape(layer.kernel_shape)
 
 
 def set_kernel(params: Mapping[str, Any], layer: Layer, value: Any) -> dict:
     """``params`` with the layer's kernel replaced by ``value`` (a ``kernel_shape`` view or the leaf shape)."""
-    shape = getattr(layer, "param_shape", ())
-    if shape and hasattr(value, "reshape") and tuple(value.shape) == tuple(layer.kernel_shape):
-        value = value.reshape(shape[::-1]).T if layer.transposed else value.reshape(shape)
+    shape = tuple(getattr(layer, "param_shape", ())) or tuple(layer.kernel_shape)
+    if _is_view(layer) and hasattr(value, "reshape") and tuple(value.shape) == tuple(layer.kernel_shape):
+        if layer.transposed:  # the view of a leaf whose shape has its last two axes swapped
+            value = _swap_view(value.reshape(shape[:-2] + (shape[-1], shape[-2])))
+        else:
+            value = value.reshape(shape)
     return set_path(params, kernel_path(layer), value)

@@ -173,7 +173,7 @@ def prune(
         (``re.search``), a predicate ``name -> bool`` or a list of names; e.g.
         ``exclude='Embed|head'``. The others stay dense and count as fixed size.
 
-    Linear layers that cannot be scored (e.g. ``nn.ConvTranspose``), layers the
+    Linear layers that cannot be scored (e.g. ``nn.ConvLocal``), layers the
     filters leave out, and (for filter methods) layers whose channels the
     dependency analysis does not map (attention projections, grouped convs,
     shared layers) stay dense: ``result.info['dense_layers']`` maps their names

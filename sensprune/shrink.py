@@ -10,7 +10,7 @@ like the params, when given).
 
 The shrunk network is the *original* module applied to the smaller variables
 under an ``nn.intercept_methods`` interceptor (:class:`ShrunkModel`) that
-computes every ``nn.Dense`` / ``nn.Conv`` directly from its stored kernel with
+computes every ``nn.Dense`` / ``nn.Conv`` / ``nn.ConvTranspose`` directly from its stored kernel with
 the layer's geometry (Flax would otherwise insist that the kernel has
 ``features`` columns). Norm layers infer their sizes from their inputs.
 
@@ -21,7 +21,8 @@ Protocol a model follows to be shrinkable (the zoo follows it):
 * no Python control flow on channel counts at apply time (decide structure
   from the module's fields, or from whether a submodule's params exist, e.g.
   ``self.has_variable('params', 'downsample_conv')``);
-* linear layers are ``nn.Dense`` / ``nn.Conv`` (``feature_group_count=1``),
+* linear layers are ``nn.Dense`` / ``nn.Conv`` (grouped and depthwise convs lose
+  whole groups: ``feature_group_count`` follows), ``nn.ConvTranspose``,
   ``nn.DenseGeneral`` (no batch dims) or ``nn.Einsum``, each called once per
   forward pass; other params are per-channel vectors (rank 1) or independent
   of the channels.
@@ -98,8 +99,6 @@ def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array, bias: Optional[jax
 def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    if module.feature_group_count != 1:
-        raise ValueError(f"nn.Conv {'/'.join(module.path)!r}: feature_group_count must be 1 to shrink")
     batch_shape = x.shape[: x.ndim - rank - 1]
     x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
     strides = _as_tuple(module.strides, rank)
@@ -108,13 +107,32 @@ def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.A
     padding = resolve_padding(
         tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
     )
+    groups = x.shape[-1] // kernel.shape[-2]  # a grouped conv keeps whole groups: fewer of them
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
     spec = (0, rank + 1) + tuple(range(1, rank + 1))
     dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
     y = lax.conv_general_dilated(
         x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-        dimension_numbers=dn, precision=module.precision,
+        dimension_numbers=dn, feature_group_count=groups, precision=module.precision,
     )
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+def _conv_transpose(module: nn.ConvTranspose, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """A Linen ``ConvTranspose`` (``transpose_kernel=False``) from its stored kernel."""
+    from sensprune.layer_kinds import transpose_padding
+
+    window = tuple(kernel.shape[:-2])
+    rank = len(window)
+    batch_shape = x.shape[: x.ndim - rank - 1]
+    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
+    strides = _as_tuple(module.strides, rank)
+    dilation = _as_tuple(module.kernel_dilation, rank)
+    padding = transpose_padding(module.padding, window, strides, dilation)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    y = lax.conv_transpose(x, kernel, strides, padding, rhs_dilation=dilation, precision=module.precision)
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y.reshape(batch_shape + y.shape[1:])
@@ -126,24 +144,23 @@ def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict,
     Other layers (nnx layers compute from their kernels anyway) run as they are.
     """
     module = call.module
-    kinds = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
     if not isinstance(module, nn.Module):
         out = heads.nnx_direct(module, args, kwargs)
         return next_fun(*args, **kwargs) if out is None else out
-    if type(module) not in kinds or not module.has_variable("params", "kernel"):
-        return next_fun(*args, **kwargs)
-    if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+    fns: dict[type, Callable[..., jax.Array]] = {
+        nn.Dense: _dense, nn.Conv: _conv, nn.ConvTranspose: _conv_transpose, nn.DenseGeneral: heads.dense_general,
+        nn.Einsum: heads.einsum,
+    }
+    fn = fns.get(type(module))
+    skip = getattr(module, "transpose_kernel", False) or getattr(module, "batch_dims", ())
+    if fn is None or skip or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     kernel = boxing.unbox(module.get_variable("params", "kernel"))
     bias = boxing.unbox(module.get_variable("params", "bias")) if module.use_bias else None
     if isinstance(module, nn.Einsum):
         return heads.einsum(module, x, kernel, bias, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
-    if isinstance(module, nn.DenseGeneral):
-        return heads.dense_general(module, x, kernel, bias)
-    if isinstance(module, nn.Dense):
-        return _dense(module, x, kernel, bias)
-    return _conv(cast(nn.Conv, module), x, kernel, bias)
+    return fn(module, x, kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)

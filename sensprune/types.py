@@ -39,7 +39,14 @@ class Layer:
         :mod:`sensprune.paths` converts between the two.
       param_name: name of the parameter leaf in the module (``'kernel'``,
         ``'embedding'`` for ``Embed.attend``).
-      transposed: the view is the transposed leaf (``Embed.attend``).
+      transposed: the view is the leaf with its last two axes swapped and its
+        window axes reversed (``Embed.attend``: the transposed table;
+        ``ConvTranspose(transpose_kernel=True)``: the flipped, in/out-swapped kernel).
+      conv_transpose: the layer is a transposed conv (``kind='conv'`` over the
+        input dilated by its strides).
+      input_axes: a permutation of the per-sample input axes that makes the
+        contracted axes trailing (``nn.DenseGeneral(axis=1)`` on ``[B, F, T]``:
+        ``(1, 0)``); the patches read the permuted input. ``()``: identity.
       groups: ``feature_group_count`` of a conv; ``kernel_shape`` is then
         ``(*window, in / groups, out)`` and output filters of group ``g`` read
         only input channels of group ``g``.
@@ -61,6 +68,8 @@ class Layer:
     param_shape: tuple[int, ...] = ()
     param_name: str = "kernel"
     transposed: bool = False
+    conv_transpose: bool = False
+    input_axes: tuple[int, ...] = ()
     groups: int = 1
     calls: int = 1
 
@@ -95,10 +104,13 @@ class Layer:
 
     @property
     def channel_structured(self) -> bool:
-        """Whether filter methods may prune this layer: a Dense/Conv kernel or the 2-D view of a
-        DenseGeneral/Einsum kernel (attention projections), called once (the channel-dependency
-        analysis reads these only)."""
-        return not self.transposed and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
+        """Whether filter methods may prune this layer: a Dense/Conv/ConvTranspose kernel or the 2-D
+        view of a DenseGeneral/Einsum kernel contracting its trailing axes (attention projections),
+        called once (the channel-dependency analysis reads these only)."""
+        return (
+            not self.transposed and not self.input_axes
+            and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
+        )
 
     @property
     def num_neurons(self) -> int:

@@ -1,7 +1,6 @@
 """Every linear layer kind (issue #15): attention projections (DenseGeneral / LinearGeneral),
-Einsum, grouped and depthwise convs, shared layers, tied embeddings (Embed.attend), ConvTranspose
-(left dense); include/exclude; every registered method on such models; sensitivities against slow
-NumPy loops."""
+Einsum, grouped and depthwise convs, shared layers, tied embeddings (Embed.attend), ConvTranspose;
+include/exclude; every registered method on such models; sensitivities against slow NumPy loops."""
 
 from __future__ import annotations
 
@@ -219,13 +218,13 @@ def test_attention_projections_are_scored_and_pruned():
     assert filters.info["dense_layers"] == {}  # heads are channel groups (tests/test_heads.py)
 
 
-def test_convtranspose_left_dense_and_reported():
+def test_convtranspose_scored_by_weight_and_filter_methods():
     model, variables, x = _setup("convtranspose")
-    result = sp.prune(model, variables, x, method="wt", keep_ratio=0.6)
-    assert "ConvTranspose_0" in result.info["dense_layers"]
-    assert "left dense" in result.info["dense_layers"]["ConvTranspose_0"]
-    dense = variables["params"]["ConvTranspose_0"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(result.params["ConvTranspose_0"]["kernel"]), np.asarray(dense))
+    for method in ("wt", "ft"):
+        result = sp.prune(model, variables, x, method=method, keep_ratio=0.7)
+        assert "ConvTranspose_0" in result.layer_kept and "ConvTranspose_0" not in result.info["dense_layers"]
+        mask = np.asarray(result.masks["ConvTranspose_0"]["kernel"])
+        assert 0 < (~mask).mean() < 1
 
 
 def test_include_exclude():
@@ -405,10 +404,11 @@ class NNXTied(nnx.Module):
 def test_nnx_tied_embedding_and_convtranspose():
     model, tok = NNXTied(nnx.Rngs(0)), _RNG.integers(0, 30, (8, 5))
     layers = spx.find_layers(model, tok)
-    assert [(la.name, la.kernel_shape) for la in layers] == [("mid", (8, 8)), ("emb", (8, 30))]
+    assert [(la.name, la.kernel_shape) for la in layers] == [("mid", (8, 8)), ("up", (3, 8, 4)), ("emb", (8, 30))]
     result = spx.prune(model, tok, method="sipp", keep_ratio=0.6)
-    assert abs(result.keep_ratio - 0.6) <= 0.003
-    assert "nnx.ConvTranspose is left dense" in result.info["dense_layers"]["up"]
+    assert abs(result.keep_ratio - 0.6) <= 0.003 and not result.info["dense_layers"]
+    filters = spx.prune(model, tok, method="pfp", keep_ratio=0.9, allow_dead_layers=True)
+    assert "up" not in filters.info["dense_layers"]
     table = np.asarray(result.params["emb"]["embedding"].get_value())
     mask = np.asarray(result.masks["emb"]["embedding"].get_value())
     assert table.shape == mask.shape == (30, 8) and np.all(table[~mask] == 0) and 0 < (~mask).mean() < 1

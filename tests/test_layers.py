@@ -194,7 +194,7 @@ def test_model_without_layers_is_refused():
     ],
 )
 def test_unsupported_linear_layers_are_named(make, kind):
-    # Issue #15: DenseGeneral / Einsum are scored; ConvTranspose / ConvLocal stay dense, named with the reason.
+    # Issue #15: DenseGeneral / Einsum / ConvTranspose are scored; ConvLocal stays dense, named with the reason.
     from sensprune.adapter import as_adapter
 
     class Wrapped(nn.Module):
@@ -206,7 +206,7 @@ def test_unsupported_linear_layers_are_named(make, kind):
     model, x = Wrapped(), _x(2, 5, 4)
     layers, dense = as_adapter(model).find_layers_report(_shapes(model, x), x)
     names = [layer.name for layer in layers]
-    if kind in ("DenseGeneral", "Einsum"):
+    if kind in ("DenseGeneral", "Einsum", "ConvTranspose"):
         assert names == ["fine", f"{kind}_0"] and not dense
     else:
         assert names == ["fine"]
