@@ -45,7 +45,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Callable, Mapping, Optional, cast
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
