@@ -30,9 +30,12 @@ from sensprune.sensitivity_kernels import (
     REDUCTIONS,
     _check_reduction,
     channel_from_weight,
+    layer_ratio,
     layer_sensitivity,
     max_sensitivity,
     resolve_contraction,
+    sensitivity_from_ratio,
+    split_weights,
 )
 from sensprune.types import Layer, LayerSensitivity
 
@@ -176,7 +179,12 @@ def compute_sensitivities(
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
         layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names))
-    result = _zero_sensitivities(variables, layers)
+    # Single device: plain layers keep a running max of ratios (host-side kernel prep and product).
+    host = {layer.name: _host_kernel(variables["params"], layer) for layer in layers
+            if mesh is None and layer.groups == 1}
+    split_kernels = {name: tuple(jax.device_put(split_weights(k.reshape(-1, k.shape[-1])))) for name, k in host.items()}
+    result: dict[str, Any] = _zero_sensitivities(variables, [layer for layer in layers if layer.name not in host])
+    result |= {name: np.zeros(k.reshape(-1, k.shape[-1]).shape, np.float32) for name, k in host.items()}
     if mesh is not None:
         result = sharding.replicate(result, mesh)
     for chunk in itertools.chain([first], chunks):
@@ -185,12 +193,27 @@ def compute_sensitivities(
         inputs, negative = capture(variables, chunk)
         negative = _sign_flags(negative)  # static sign split: one kernel branch compiled, not two
         for layer in layers:
+            step_args = (geometry[layer.name], _layer_reduction(layer, reduction))
+            step_kw = dict(contraction=contraction, split=negative[layer.name])
+            if layer.name in host:
+                result[layer.name] = _ratio_step(
+                    *step_args, *split_kernels[layer.name], inputs[layer.name], result[layer.name], **step_kw
+                )
+                continue
             kernel = paths.get_kernel(variables["params"], layer)
-            result[layer.name] = layer_step(
-                geometry[layer.name], _layer_reduction(layer, reduction), kernel, inputs[layer.name],
-                result[layer.name], contraction=contraction, split=negative[layer.name],
-            )
+            result[layer.name] = layer_step(*step_args, kernel, inputs[layer.name], result[layer.name], **step_kw)
+    for layer in layers:
+        if layer.name in host:
+            result[layer.name] = sensitivity_from_ratio(layer, host[layer.name], jax.device_get(result[layer.name]))
     return result
+
+
+def _host_kernel(params: Mapping[str, Any], layer: Layer) -> np.ndarray:
+    """The layer's kernel as a float32 NumPy array in ``layer.kernel_shape`` (as :func:`paths.get_kernel`)."""
+    leaf = np.asarray(paths.get_path(params, paths.kernel_path(layer)), np.float32)
+    if layer.param_shape and layer.transposed:
+        leaf = leaf.T
+    return leaf.reshape(layer.kernel_shape)
 
 
 def _sign_flags(negative: Mapping[str, jax.Array]) -> dict[str, bool | None]:
@@ -338,6 +361,28 @@ def _layer_step(
     return max_sensitivity(
         previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction, split=split)
     )
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
+def _ratio_step(
+    layer: Layer,
+    reduction: str,
+    w_split: jax.Array,
+    positive: jax.Array,
+    inputs: jax.Array,
+    previous: jax.Array,
+    *,
+    contraction: str = "auto",
+    split: bool | None = None,
+) -> jax.Array:
+    """One chunk's ``max g / |W|`` of one layer (:func:`layer_ratio`), maxed with the running value.
+
+    The kernel's split and sign pattern come from the host, and ``|W| *`` the
+    final ratio is taken there too (:func:`sensitivity_from_ratio`), so the
+    compiled program is the contraction alone (fewer fusions to compile, no
+    per-chunk kernel preparation)."""
+    mine = layer_ratio(layer, w_split, positive, inputs, reduction=reduction, contraction=contraction, split=split)
+    return jnp.maximum(previous, mine)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split", "mesh", "axis"))

@@ -235,7 +235,32 @@ def _weight_ratio(
     a nonnegative point adds only a zero pseudo-point.
     """
     w_split = jnp.concatenate([jnp.maximum(wmat, 0.0), jnp.minimum(wmat, 0.0)], axis=1)
-    positive = wmat > 0
+    return layer_ratio(layer, w_split, wmat > 0, inputs, reduction=reduction, contraction=contraction, split=split)
+
+
+def split_weights(wmat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side ``([W+, W-] [J, 2O], W > 0 [J, O])`` of a window-major kernel matrix (NumPy: no program)."""
+    wmat = np.asarray(wmat, np.float32)
+    return np.concatenate([np.maximum(wmat, 0.0), np.minimum(wmat, 0.0)], axis=1), wmat > 0
+
+
+def layer_ratio(
+    layer: Layer,
+    w_split: jax.Array,
+    positive: jax.Array,
+    inputs: jax.Array,
+    *,
+    reduction: str,
+    contraction: str,
+    split: bool | None = None,
+) -> jax.Array:
+    """:func:`_weight_ratio` from the split kernel matrix (:func:`split_weights`): ``max g / |W|``, ``[J, O]``.
+
+    The sensitivities are ``|W| * ratio`` (:func:`sensitivity_from_ratio`); a
+    running max over chunks may be kept on the ratio (``|W| >= 0`` scales
+    monotonically, so the max commutes with the product, rounding included).
+    ``contraction``: a resolved strategy (:func:`resolve_contraction`).
+    """
     ratios = functools.partial(
         _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
     )
@@ -249,13 +274,24 @@ def _weight_ratio(
             return lax.cond(jnp.any(x < 0), split_ratios, ratios, patches)
         return split_ratios(patches) if split else ratios(patches)
 
+    inputs = jnp.asarray(inputs, jnp.float32)
     batch = inputs.shape[0]
     size = _group_size(layer, batch)
     pad = -batch % size
     if pad:  # repeated points do not change a max
         inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
     groups = inputs.reshape((-1, size) + inputs.shape[1:])
-    return _scan_max(group_max, (groups,), wmat.shape)
+    return _scan_max(group_max, (groups,), tuple(positive.shape))
+
+
+def sensitivity_from_ratio(layer: Layer, kernel: np.ndarray, ratio: np.ndarray) -> LayerSensitivity:
+    """Host-side ``|W| * ratio`` in the kernel's shape and its channel maxima (what
+    :func:`layer_sensitivity` returns; float32 products, so the same numbers)."""
+    wmat = np.asarray(kernel, np.float32).reshape(-1, layer.out_channels)
+    weight = (np.abs(wmat) * np.asarray(ratio, np.float32)).reshape(layer.kernel_shape)
+    axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
+    # device_put, not jnp.asarray: the latter compiles a copy program per shape
+    return LayerSensitivity(*jax.device_put((weight, np.max(weight, axis=axes))))
 
 
 def channel_from_weight(weight: jax.Array) -> jax.Array:

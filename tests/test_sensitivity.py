@@ -422,19 +422,67 @@ def test_static_sign_split_matches_the_per_group_decision():
 def test_pass_compiles_one_kernel_branch_per_sign(monkeypatch):
     """The streaming pass tells each kernel whether its input holds a negative entry (from the capture)."""
     seen = []
-    real = sensitivity._layer_step
+    real = sensitivity._ratio_step
 
-    def spy(layer, reduction, kernel, inputs, previous, **kw):
+    def spy(layer, reduction, *args, **kw):
         seen.append((layer.kind, kw["split"]))
-        return real(layer, reduction, kernel, inputs, previous, **kw)
+        return real(layer, reduction, *args, **kw)
 
-    monkeypatch.setattr(sensitivity, "_layer_step", spy)
+    monkeypatch.setattr(sensitivity, "_ratio_step", spy)
     model = nn.Sequential([nn.Conv(3, (3, 3)), nn.relu, lambda x: x.reshape(x.shape[0], -1), nn.Dense(2)])
     x = _inputs(8, (6, 5, 5, 2), True)
     variables = _init(model, x)
     got = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4)
     assert sorted(set(seen)) == [("conv", True), ("dense", False)]
-    monkeypatch.setattr(sensitivity, "_layer_step", real)
+    monkeypatch.setattr(sensitivity, "_ratio_step", real)
     fused = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4, fused=True)
     for name in got:
         _close(got[name], _pair(fused[name]))
+
+
+class _Compiles:
+    """Names of the XLA programs compiled while active (``jax.monitoring`` compile events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.names = []
+
+    def _listen(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            self.names.append(str(kwargs.get("fun_name", "?")))
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+class _SmallConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(5, (3, 3))(x))
+        x = nn.relu(nn.Conv(7, (3, 3), strides=2)(x))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
+    """The first sp.prune compiles the capture and one kernel per layer geometry, nothing per
+    keep-ratio search iteration; later calls on the same model (any ratio, any reduction
+    already seen) compile nothing."""
+    model = _SmallConvNet()  # hashable (a Sequential's layer list is not: a fresh capture jit per call)
+    x = _inputs(11, (12, 7, 7, 3), True)
+    variables = _init(model, x)
+    pass_programs = {"jit(_signed_capture)", "jit(_ratio_step)"}
+    for method in ("sipp", "pfp"):
+        with _Compiles() as first:
+            sp.prune(model, variables, x, method=method, keep_ratio=0.4, chunk_size=8, allow_dead_layers=True)
+        assert set(first.names) <= pass_programs, first.names
+        assert first.names.count("jit(_ratio_step)") <= 3  # three layers of distinct geometry
+        for keep_ratio in (0.4, 0.15):
+            with _Compiles() as later:
+                sp.prune(model, variables, x, method=method, keep_ratio=keep_ratio, chunk_size=8,
+                         allow_dead_layers=True)
+            assert later.names == [], (method, keep_ratio, later.names)
