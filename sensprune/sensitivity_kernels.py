@@ -216,9 +216,16 @@ def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reducti
 
 def _group_size(layer: Layer, batch: int) -> int:
     """Points per scan step: about ``_GROUP_ELEMENTS`` patch entries, balanced groups."""
-    per_point = layer.num_patches * max(
-        layer.in_channels * layer.window_size, 2 * layer.out_channels
-    )
+    return _balanced_group(_point_elements(layer.num_patches, layer.in_channels * layer.window_size,
+                                           layer.out_channels), batch)
+
+
+def _point_elements(num_patches: int, fan_in: int, out: int) -> int:
+    """Largest per-point intermediate of a kernel (patches or ``[z+, z-]``), in elements."""
+    return num_patches * max(fan_in, 2 * out)
+
+
+def _balanced_group(per_point: int, batch: int) -> int:
     groups = -(-batch // max(1, _GROUP_ELEMENTS // per_point))
     return -(-batch // groups)
 
@@ -261,6 +268,48 @@ def layer_ratio(
     monotonically, so the max commutes with the product, rounding included).
     ``contraction``: a resolved strategy (:func:`resolve_contraction`).
     """
+    patch_fn = functools.partial(input_patches, layer, order="window")
+    return _ratio_over_groups(patch_fn, inputs, w_split, positive, _group_size(layer, inputs.shape[0]),
+                              reduction=reduction, contraction=contraction, split=split)
+
+
+def rows_ratio(
+    rows: jax.Array,
+    index: jax.Array,
+    w_split: jax.Array,
+    positive: jax.Array,
+    *,
+    num_patches: int,
+    reduction: str,
+    contraction: str,
+    split: bool | None = None,
+) -> jax.Array:
+    """:func:`layer_ratio` of a conv whose input is laid out as rows ``[n, R, C]``
+    (:mod:`sensprune.sensitivity_buckets`): patches are the rows at ``index
+    [num_patches * K]``, so the program depends on shapes only, not on the
+    conv's geometry."""
+    fan_in = index.shape[0] // num_patches * rows.shape[-1]
+
+    def patch_fn(x):
+        return jnp.take(x, index, axis=1, mode="clip").reshape(x.shape[0], num_patches, fan_in)
+
+    size = _balanced_group(_point_elements(num_patches, fan_in, positive.shape[1]), rows.shape[0])
+    return _ratio_over_groups(patch_fn, rows, w_split, positive, size,
+                              reduction=reduction, contraction=contraction, split=split)
+
+
+def _ratio_over_groups(
+    patch_fn: Callable[[jax.Array], jax.Array],
+    inputs: jax.Array,
+    w_split: jax.Array,
+    positive: jax.Array,
+    size: int,
+    *,
+    reduction: str,
+    contraction: str,
+    split: bool | None,
+) -> jax.Array:
+    """Max over groups of ``size`` points of :func:`_group_ratios` of ``patch_fn(group)``."""
     ratios = functools.partial(
         _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
     )
@@ -269,14 +318,13 @@ def layer_ratio(
         return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
 
     def group_max(x):
-        patches = input_patches(layer, x, order="window")
+        patches = patch_fn(x)
         if split is None:
             return lax.cond(jnp.any(x < 0), split_ratios, ratios, patches)
         return split_ratios(patches) if split else ratios(patches)
 
     inputs = jnp.asarray(inputs, jnp.float32)
     batch = inputs.shape[0]
-    size = _group_size(layer, batch)
     pad = -batch % size
     if pad:  # repeated points do not change a max
         inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
