@@ -51,7 +51,7 @@ def conv_dimension_numbers(rank: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
-def _patch_index(layer: Layer, padded_spatial: tuple[int, ...]) -> np.ndarray:
+def patch_index(layer: Layer, padded_spatial: tuple[int, ...]) -> np.ndarray:
     """Flat positions in the padded input of every (output position, window position), ``[P * K]``.
 
     Row-major over output positions, then over window positions (the order of
@@ -86,7 +86,7 @@ def _conv_patches(layer: Layer, x: jax.Array) -> jax.Array:
     padded = lax.pad(x, jnp.zeros((), x.dtype), config)
     spatial = tuple(padded.shape[1 : rank + 1])
     rows = padded.reshape(padded.shape[0], -1, padded.shape[-1])
-    index = _patch_index(layer, spatial)
+    index = patch_index(layer, spatial)
     gathered = jnp.take(rows, index, axis=1, mode="clip")  # [n, P * K, C]; every index is in bounds
     return gathered.reshape(padded.shape[0], index.size // layer.window_size, -1)
 

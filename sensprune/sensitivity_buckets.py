@@ -108,7 +108,7 @@ def to_rows(layer: Layer, bucket: Bucket, x: jax.Array) -> jax.Array:
 
 def row_index(layer: Layer, bucket: Bucket) -> np.ndarray:
     """``[P * K_b]`` rows gathered per output position: the layer's window, then the zero row."""
-    index = patches._patch_index(layer, _padded_spatial(layer)).reshape(bucket.patches, layer.window_size)
+    index = patches.patch_index(layer, _padded_spatial(layer)).reshape(bucket.patches, layer.window_size)
     fill = np.full((bucket.patches, bucket.window - layer.window_size), bucket.rows - 1, np.int32)
     return np.concatenate([index, fill], axis=1).reshape(-1)
 
