@@ -23,6 +23,7 @@ from jax import lax
 
 from sensprune import paths, sharding
 from sensprune import points as points_lib
+from sensprune import sensitivity_buckets as buckets_lib
 from sensprune.adapter import ModelAdapter, as_adapter
 from sensprune.sensitivity_kernels import (
     CONTRACTIONS,
@@ -30,9 +31,13 @@ from sensprune.sensitivity_kernels import (
     REDUCTIONS,
     _check_reduction,
     channel_from_weight,
+    layer_ratio,
     layer_sensitivity,
     max_sensitivity,
     resolve_contraction,
+    rows_ratio,
+    sensitivity_from_ratio,
+    split_weights,
 )
 from sensprune.types import Layer, LayerSensitivity
 
@@ -176,7 +181,20 @@ def compute_sensitivities(
     if mesh is not None:
         variables = sharding.shard_params(variables, mesh)
         layer_step = functools.partial(_sharded_layer_step, mesh=mesh, axis=tuple(mesh.axis_names))
-    result = _zero_sensitivities(variables, layers)
+    # Single device: plain layers keep a running max of ratios (host-side kernel prep and product);
+    # plain convs run one compiled kernel per shape bucket (sensitivity_buckets), not per geometry.
+    host = {layer.name: _host_kernel(variables["params"], layer) for layer in layers
+            if mesh is None and layer.groups == 1}
+    buckets = buckets_lib.assign([layer for layer in layers if layer.name in host])
+    matrices = {name: k.reshape(-1, k.shape[-1]) for name, k in host.items()}
+    for layer in layers:
+        if layer.name in buckets:
+            matrices[layer.name] = buckets_lib.pad_matrix(layer, buckets[layer.name], matrices[layer.name])
+    split_kernels = {name: tuple(jax.device_put(split_weights(m))) for name, m in matrices.items()}
+    indices = {layer.name: jax.device_put(buckets_lib.row_index(layer, buckets[layer.name]))
+               for layer in layers if layer.name in buckets}
+    result: dict[str, Any] = _zero_sensitivities(variables, [layer for layer in layers if layer.name not in host])
+    result |= {name: np.zeros(m.shape, np.float32) for name, m in matrices.items()}
     if mesh is not None:
         result = sharding.replicate(result, mesh)
     for chunk in itertools.chain([first], chunks):
@@ -185,12 +203,39 @@ def compute_sensitivities(
         inputs, negative = capture(variables, chunk)
         negative = _sign_flags(negative)  # static sign split: one kernel branch compiled, not two
         for layer in layers:
-            kernel = paths.get_kernel(variables["params"], layer)
-            result[layer.name] = layer_step(
-                geometry[layer.name], _layer_reduction(layer, reduction), kernel, inputs[layer.name],
-                result[layer.name], contraction=contraction, split=negative[layer.name],
-            )
+            reduction_l = _layer_reduction(layer, reduction)
+            step_kw = dict(contraction=contraction, split=negative[layer.name])
+            previous = result[layer.name]
+            if layer.name in buckets:
+                bucket = buckets[layer.name]
+                rows = _rows_step(geometry[layer.name], bucket, inputs[layer.name])
+                result[layer.name] = _bucket_step(
+                    bucket, reduction_l, rows, indices[layer.name], *split_kernels[layer.name], previous, **step_kw
+                )
+            elif layer.name in host:
+                result[layer.name] = _ratio_step(
+                    geometry[layer.name], reduction_l, *split_kernels[layer.name], inputs[layer.name], previous,
+                    **step_kw,
+                )
+            else:
+                kernel = paths.get_kernel(variables["params"], layer)
+                result[layer.name] = layer_step(geometry[layer.name], reduction_l, kernel, inputs[layer.name],
+                                                previous, **step_kw)
+    for layer in layers:
+        if layer.name in host:
+            ratio = jax.device_get(result[layer.name])
+            if layer.name in buckets:
+                ratio = buckets_lib.crop_ratio(layer, buckets[layer.name], ratio)
+            result[layer.name] = sensitivity_from_ratio(layer, host[layer.name], ratio)
     return result
+
+
+def _host_kernel(params: Mapping[str, Any], layer: Layer) -> np.ndarray:
+    """The layer's kernel as a float32 NumPy array in ``layer.kernel_shape`` (as :func:`paths.get_kernel`)."""
+    leaf = np.asarray(paths.get_path(params, paths.kernel_path(layer)), np.float32)
+    if layer.param_shape and layer.transposed:
+        leaf = leaf.T
+    return leaf.reshape(layer.kernel_shape)
 
 
 def _sign_flags(negative: Mapping[str, jax.Array]) -> dict[str, bool | None]:
@@ -338,6 +383,53 @@ def _layer_step(
     return max_sensitivity(
         previous, layer_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction, split=split)
     )
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
+def _ratio_step(
+    layer: Layer,
+    reduction: str,
+    w_split: jax.Array,
+    positive: jax.Array,
+    inputs: jax.Array,
+    previous: jax.Array,
+    *,
+    contraction: str = "auto",
+    split: bool | None = None,
+) -> jax.Array:
+    """One chunk's ``max g / |W|`` of one layer (:func:`layer_ratio`), maxed with the running value.
+
+    The kernel's split and sign pattern come from the host, and ``|W| *`` the
+    final ratio is taken there too (:func:`sensitivity_from_ratio`), so the
+    compiled program is the contraction alone (fewer fusions to compile, no
+    per-chunk kernel preparation)."""
+    mine = layer_ratio(layer, w_split, positive, inputs, reduction=reduction, contraction=contraction, split=split)
+    return jnp.maximum(previous, mine)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "bucket"))
+def _rows_step(layer: Layer, bucket: buckets_lib.Bucket, inputs: jax.Array) -> jax.Array:
+    """A conv's chunk input laid out as its bucket's rows (a small per-geometry program)."""
+    return buckets_lib.to_rows(layer, bucket, inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("bucket", "reduction", "contraction", "split"))
+def _bucket_step(
+    bucket: buckets_lib.Bucket,
+    reduction: str,
+    rows: jax.Array,
+    index: jax.Array,
+    w_split: jax.Array,
+    positive: jax.Array,
+    previous: jax.Array,
+    *,
+    contraction: str = "auto",
+    split: bool | None = None,
+) -> jax.Array:
+    """:func:`_ratio_step` of any conv of ``bucket`` (its rows, gather index and padded kernel)."""
+    mine = rows_ratio(rows, index, w_split, positive, num_patches=bucket.patches, reduction=reduction,
+                      contraction=contraction, split=split)
+    return jnp.maximum(previous, mine)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split", "mesh", "axis"))

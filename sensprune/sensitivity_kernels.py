@@ -216,9 +216,16 @@ def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reducti
 
 def _group_size(layer: Layer, batch: int) -> int:
     """Points per scan step: about ``_GROUP_ELEMENTS`` patch entries, balanced groups."""
-    per_point = layer.num_patches * max(
-        layer.in_channels * layer.window_size, 2 * layer.out_channels
-    )
+    return _balanced_group(_point_elements(layer.num_patches, layer.in_channels * layer.window_size,
+                                           layer.out_channels), batch)
+
+
+def _point_elements(num_patches: int, fan_in: int, out: int) -> int:
+    """Largest per-point intermediate of a kernel (patches or ``[z+, z-]``), in elements."""
+    return num_patches * max(fan_in, 2 * out)
+
+
+def _balanced_group(per_point: int, batch: int) -> int:
     groups = -(-batch // max(1, _GROUP_ELEMENTS // per_point))
     return -(-batch // groups)
 
@@ -235,7 +242,74 @@ def _weight_ratio(
     a nonnegative point adds only a zero pseudo-point.
     """
     w_split = jnp.concatenate([jnp.maximum(wmat, 0.0), jnp.minimum(wmat, 0.0)], axis=1)
-    positive = wmat > 0
+    return layer_ratio(layer, w_split, wmat > 0, inputs, reduction=reduction, contraction=contraction, split=split)
+
+
+def split_weights(wmat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side ``([W+, W-] [J, 2O], W > 0 [J, O])`` of a window-major kernel matrix (NumPy: no program)."""
+    wmat = np.asarray(wmat, np.float32)
+    return np.concatenate([np.maximum(wmat, 0.0), np.minimum(wmat, 0.0)], axis=1), wmat > 0
+
+
+def layer_ratio(
+    layer: Layer,
+    w_split: jax.Array,
+    positive: jax.Array,
+    inputs: jax.Array,
+    *,
+    reduction: str,
+    contraction: str,
+    split: bool | None = None,
+) -> jax.Array:
+    """:func:`_weight_ratio` from the split kernel matrix (:func:`split_weights`): ``max g / |W|``, ``[J, O]``.
+
+    The sensitivities are ``|W| * ratio`` (:func:`sensitivity_from_ratio`); a
+    running max over chunks may be kept on the ratio (``|W| >= 0`` scales
+    monotonically, so the max commutes with the product, rounding included).
+    ``contraction``: a resolved strategy (:func:`resolve_contraction`).
+    """
+    patch_fn = functools.partial(input_patches, layer, order="window")
+    return _ratio_over_groups(patch_fn, inputs, w_split, positive, _group_size(layer, inputs.shape[0]),
+                              reduction=reduction, contraction=contraction, split=split)
+
+
+def rows_ratio(
+    rows: jax.Array,
+    index: jax.Array,
+    w_split: jax.Array,
+    positive: jax.Array,
+    *,
+    num_patches: int,
+    reduction: str,
+    contraction: str,
+    split: bool | None = None,
+) -> jax.Array:
+    """:func:`layer_ratio` of a conv whose input is laid out as rows ``[n, R, C]``
+    (:mod:`sensprune.sensitivity_buckets`): patches are the rows at ``index
+    [num_patches * K]``, so the program depends on shapes only, not on the
+    conv's geometry."""
+    fan_in = index.shape[0] // num_patches * rows.shape[-1]
+
+    def patch_fn(x):
+        return jnp.take(x, index, axis=1, mode="clip").reshape(x.shape[0], num_patches, fan_in)
+
+    size = _balanced_group(_point_elements(num_patches, fan_in, positive.shape[1]), rows.shape[0])
+    return _ratio_over_groups(patch_fn, rows, w_split, positive, size,
+                              reduction=reduction, contraction=contraction, split=split)
+
+
+def _ratio_over_groups(
+    patch_fn: Callable[[jax.Array], jax.Array],
+    inputs: jax.Array,
+    w_split: jax.Array,
+    positive: jax.Array,
+    size: int,
+    *,
+    reduction: str,
+    contraction: str,
+    split: bool | None,
+) -> jax.Array:
+    """Max over groups of ``size`` points of :func:`_group_ratios` of ``patch_fn(group)``."""
     ratios = functools.partial(
         _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
     )
@@ -244,18 +318,28 @@ def _weight_ratio(
         return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
 
     def group_max(x):
-        patches = input_patches(layer, x, order="window")
+        patches = patch_fn(x)
         if split is None:
             return lax.cond(jnp.any(x < 0), split_ratios, ratios, patches)
         return split_ratios(patches) if split else ratios(patches)
 
+    inputs = jnp.asarray(inputs, jnp.float32)
     batch = inputs.shape[0]
-    size = _group_size(layer, batch)
     pad = -batch % size
     if pad:  # repeated points do not change a max
         inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
     groups = inputs.reshape((-1, size) + inputs.shape[1:])
-    return _scan_max(group_max, (groups,), wmat.shape)
+    return _scan_max(group_max, (groups,), tuple(positive.shape))
+
+
+def sensitivity_from_ratio(layer: Layer, kernel: np.ndarray, ratio: np.ndarray) -> LayerSensitivity:
+    """Host-side ``|W| * ratio`` in the kernel's shape and its channel maxima (what
+    :func:`layer_sensitivity` returns; float32 products, so the same numbers)."""
+    wmat = np.asarray(kernel, np.float32).reshape(-1, layer.out_channels)
+    weight = (np.abs(wmat) * np.asarray(ratio, np.float32)).reshape(layer.kernel_shape)
+    axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
+    # device_put, not jnp.asarray: the latter compiles a copy program per shape
+    return LayerSensitivity(*jax.device_put((weight, np.max(weight, axis=axes))))
 
 
 def channel_from_weight(weight: jax.Array) -> jax.Array:

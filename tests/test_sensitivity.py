@@ -422,19 +422,142 @@ def test_static_sign_split_matches_the_per_group_decision():
 def test_pass_compiles_one_kernel_branch_per_sign(monkeypatch):
     """The streaming pass tells each kernel whether its input holds a negative entry (from the capture)."""
     seen = []
-    real = sensitivity._layer_step
+    real, real_bucket = sensitivity._ratio_step, sensitivity._bucket_step
 
-    def spy(layer, reduction, kernel, inputs, previous, **kw):
+    def spy(layer, reduction, *args, **kw):
         seen.append((layer.kind, kw["split"]))
-        return real(layer, reduction, kernel, inputs, previous, **kw)
+        return real(layer, reduction, *args, **kw)
 
-    monkeypatch.setattr(sensitivity, "_layer_step", spy)
+    def bucket_spy(bucket, reduction, *args, **kw):  # plain convs run their shape bucket's kernel
+        seen.append(("conv", kw["split"]))
+        return real_bucket(bucket, reduction, *args, **kw)
+
+    monkeypatch.setattr(sensitivity, "_ratio_step", spy)
+    monkeypatch.setattr(sensitivity, "_bucket_step", bucket_spy)
     model = nn.Sequential([nn.Conv(3, (3, 3)), nn.relu, lambda x: x.reshape(x.shape[0], -1), nn.Dense(2)])
     x = _inputs(8, (6, 5, 5, 2), True)
     variables = _init(model, x)
     got = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4)
     assert sorted(set(seen)) == [("conv", True), ("dense", False)]
-    monkeypatch.setattr(sensitivity, "_layer_step", real)
+    monkeypatch.setattr(sensitivity, "_ratio_step", real)
+    monkeypatch.setattr(sensitivity, "_bucket_step", real_bucket)
     fused = sensitivity.compute_sensitivities(model, variables, x, reduction="max", chunk_size=4, fused=True)
     for name in got:
         _close(got[name], _pair(fused[name]))
+
+
+class _Compiles:
+    """Names of the XLA programs compiled while active (``jax.monitoring`` compile events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.names = []
+
+    def _listen(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            self.names.append(str(kwargs.get("fun_name", "?")))
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+class _SmallConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(5, (3, 3))(x))
+        x = nn.relu(nn.Conv(7, (3, 3), strides=2)(x))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
+    """The first sp.prune compiles the capture and one kernel per layer geometry, nothing per
+    keep-ratio search iteration; later calls on the same model (any ratio, any reduction
+    already seen) compile nothing."""
+    model = _SmallConvNet()  # hashable (a Sequential's layer list is not: a fresh capture jit per call)
+    x = _inputs(11, (12, 7, 7, 3), True)
+    variables = _init(model, x)
+    pass_programs = {"jit(_signed_capture)", "jit(_ratio_step)", "jit(_rows_step)", "jit(_bucket_step)"}
+    for method in ("sipp", "pfp"):
+        with _Compiles() as first:
+            sp.prune(model, variables, x, method=method, keep_ratio=0.4, chunk_size=8, allow_dead_layers=True)
+        assert set(first.names) <= pass_programs, first.names
+        kernels = [n for n in first.names if n in ("jit(_ratio_step)", "jit(_bucket_step)")]
+        assert len(kernels) <= 3  # three layers of distinct geometry
+        for keep_ratio in (0.4, 0.15):
+            with _Compiles() as later:
+                sp.prune(model, variables, x, method=method, keep_ratio=keep_ratio, chunk_size=8,
+                         allow_dead_layers=True)
+            assert later.names == [], (method, keep_ratio, later.names)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[0]}s{c[1]}p{c[2]}d{c[3]}i{c[4]}")
+def test_bucket_rows_gather_the_patches_and_zeros(case):
+    """Rows at the bucket's index are the layer's patches in the leading window/channel slots and
+    exact zeros in the padded ones (so padding adds nothing to any z)."""
+    from sensprune import sensitivity_buckets as buckets
+
+    window, strides, padding, kdil, idil, spatial = case
+    conv = nn.Conv(3, window, strides=strides, padding=padding, kernel_dilation=kdil, input_dilation=idil)
+    x = _inputs(21, (2,) + spatial + (2,), True)
+    layer = _sole_layer(conv, x)
+    rows = int(np.prod(buckets._padded_spatial(layer)))
+    bucket = buckets.Bucket(patches=layer.num_patches, out=3, rows=rows + 4, window=layer.window_size + 2,
+                            channels=layer.in_channels + 3)
+    laid = np.asarray(buckets.to_rows(layer, bucket, x))
+    assert laid.shape == (2, bucket.rows, bucket.channels)
+    gathered = laid[:, buckets.row_index(layer, bucket)].reshape(2, layer.num_patches, bucket.window, -1)
+    want = np.asarray(sensitivity_kernels.input_patches(layer, x, order="window"))
+    got = gathered[:, :, : layer.window_size, : layer.in_channels].reshape(want.shape)
+    np.testing.assert_array_equal(got, want)
+    padded = gathered.copy()
+    padded[:, :, : layer.window_size, : layer.in_channels] = 0
+    assert not padded.any()
+    matrix = np.arange(layer.window_size * layer.in_channels * 3, dtype=np.float32).reshape(-1, 3)
+    np.testing.assert_array_equal(
+        buckets.crop_ratio(layer, bucket, buckets.pad_matrix(layer, bucket, matrix)), matrix
+    )
+
+
+class _BucketNet(nn.Module):
+    """Two convs of different geometry with 16 output positions and 8 outputs (one bucket)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))  # [8, 8, 4] -> [4, 4, 8], K * C = 36
+        x = nn.relu(nn.Conv(8, (3, 3))(x))  # [4, 4, 8] -> [4, 4, 8], K * C = 72
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_layers_of_a_bucket_share_one_kernel_and_match_the_reference(monkeypatch, reduction):
+    from sensprune import sensitivity_buckets as buckets
+
+    calls = []
+    real = sensitivity._bucket_step
+
+    def spy(bucket, *args, **kw):
+        calls.append(bucket)
+        return real(bucket, *args, **kw)
+
+    monkeypatch.setattr(sensitivity, "_bucket_step", spy)
+    model = _BucketNet()
+    x = _inputs(22, (5, 8, 8, 4), False)  # nonnegative: both convs take the same (unsplit) program
+    variables = _init(model, x)
+    layers = find_layers(model, variables, x)
+    assigned = buckets.assign(layers)
+    assert set(assigned) == {"Conv_0", "Conv_1"} and assigned["Conv_0"] == assigned["Conv_1"]
+    with _Compiles() as compiles:
+        got = compute_sensitivities(model, variables, x, reduction=reduction, chunk_size=2)
+    assert len(calls) == 2 * 3 and len(set(calls)) == 1  # both convs, 3 chunks, one static bucket
+    assert compiles.names.count("jit(_bucket_step)") <= 1
+    inputs = jax.jit(lambda v, a: capture_inputs(model, v, a))(variables, x)
+    for layer in layers:
+        kernel = np.asarray(paths.get_kernel(variables["params"], layer))
+        strides = layer.strides if layer.kind == "conv" else None
+        padding = layer.padding if layer.kind == "conv" else "VALID"
+        _close(got[layer.name], ref_sensitivity(np.asarray(inputs[layer.name]), kernel, reduction, strides, padding))

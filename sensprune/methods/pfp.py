@@ -165,11 +165,19 @@ def _choose(variant: str, key, s, p, live, k: int) -> tuple[np.ndarray, np.ndarr
     return kept, scale
 
 
+def _layer_keys(variant: str, key: Optional[jax.Array], count: int) -> list[Optional[jax.Array]]:
+    """One key per layer for the sampling variants; none for ``pfp``, which reads no key (so its
+    first call compiles no key-splitting programs)."""
+    if variant == "pfp":
+        return [None] * count
+    return list(jax.random.split(key if key is not None else jax.random.PRNGKey(0), count))
+
+
 def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Array]) -> registry.Selection:
     stats, units = _layer_stats(ctx)
     eps, counts = solve_epsilon(ctx, stats, budget)
     kernels, alive, live_channels = ctx.kernels(), ctx.alive(), channel_alive(ctx)
-    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), len(ctx.layers))
+    keys = _layer_keys(variant, key, len(ctx.layers))
     masks, scales, kept_channels = {}, {}, {}
     for k, layer in zip(keys, ctx.layers):
         s, p, _, live, _ = stats[layer.name]
