@@ -258,10 +258,20 @@ def _weight_ratio(
     return _scan_max(group_max, (groups,), wmat.shape)
 
 
-def channel_from_weight(weight: jax.Array) -> jax.Array:
-    """Input-channel sensitivity: max over window positions and outputs -> ``(in,)``."""
-    axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
-    return jnp.max(weight, axis=axes)
+def channel_from_weight(weight: jax.Array, reduction: str = "max") -> jax.Array:
+    """Input-channel sensitivity ``(in,)``: the window positions reduced as the patches
+    (``reduction``: mean or max, as the reference's tracker), then the max over outputs.
+
+    The weight sensitivity is already maxed over the points of S, so for ``'mean'`` this is
+    the mean over window positions of per-position maxima over S, an upper bound of the
+    reference's max over S of the per-point mean (equal for one point, or when one point
+    attains every position's max). Taking the mean per point would need the per-point
+    ratios inside the contraction kernels, which only the max reduction keeps cheap.
+    """
+    _check_reduction(reduction)
+    window = tuple(range(weight.ndim - 2))
+    per_output = jnp.mean(weight, axis=window) if reduction == "mean" else jnp.max(weight, axis=window)
+    return jnp.max(per_output, axis=-1)
 
 
 def layer_sensitivity(
@@ -296,4 +306,4 @@ def layer_sensitivity(
     wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
     ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction, split)
     weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")
-    return LayerSensitivity(weight=weight, channel=channel_from_weight(weight))
+    return LayerSensitivity(weight=weight, channel=channel_from_weight(weight, reduction))
