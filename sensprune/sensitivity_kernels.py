@@ -61,7 +61,7 @@ group), so memory is ``O(group * P * J + J * O)`` whatever the chunk size.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,15 +116,21 @@ def _guarded_inverse(z: jax.Array) -> jax.Array:
     return jnp.where(ok, 1.0 / jnp.where(ok, mag, 1.0), 0.0)
 
 
-def _scan_max(fn: Callable[..., jax.Array], xs: tuple, shape: tuple[int, ...]) -> jax.Array:
-    """``max_k fn(*[x[k] for x in xs])`` as a scan with a running-max carry."""
+def _like(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _scan_max(fn: Callable[..., Any], xs: tuple, like: Any) -> Any:
+    """``max_k fn(*[x[k] for x in xs])`` (a pytree of arrays shaped as the
+    ``ShapeDtypeStruct`` leaves of ``like``) as a scan with a running-max carry."""
     if xs[0].shape[0] == 1:
         return fn(*(x[0] for x in xs))
 
     def step(carry, x):
-        return jnp.maximum(carry, fn(*x)), None
+        return jax.tree_util.tree_map(jnp.maximum, carry, fn(*x)), None
 
-    return lax.scan(step, jnp.zeros(shape, jnp.float32), xs)[0]
+    init = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), like)
+    return lax.scan(step, init, xs)[0]
 
 
 def _pow2_floor(n: int) -> int:
@@ -196,22 +202,29 @@ def _max_contract(
     if use_carry:
         # XLA:CPU runs reductions slowly but elementwise updates fast: keep a
         # [rows, O, J] running max and reduce it once at the end.
-        carry = _scan_max(products, (a, q_plus, q_minus), (rows, out, fan_in))
+        carry = _scan_max(products, (a, q_plus, q_minus), _like((rows, out, fan_in)))
         return jnp.max(carry, axis=0).T
     block_max = lambda *x: jnp.max(products(*x), axis=0)  # noqa: E731  (one fused reduce)
-    return _scan_max(block_max, (a, q_plus, q_minus), (out, fan_in)).T
+    return _scan_max(block_max, (a, q_plus, q_minus), _like((out, fan_in))).T
 
 
-def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str, contraction: str):
-    """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``."""
+def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str, contraction: str,
+                  in_channels: int):
+    """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``, and
+    for ``'mean'`` the reference's channel sensitivity ``[in]``: per point, the patch-reduced
+    ``g`` averaged over window positions, maxed over outputs, then over points (``None`` for
+    ``'max'``, where :func:`channel_from_weight` gives it exactly)."""
     _, num_patches, fan_in = a.shape
     out = positive.shape[1]
     q = _guarded_inverse(jnp.einsum("gpj,jo->gpo", a, w_split, precision=_HIGHEST))
     if reduction == "mean" and num_patches > 1:
         sums = jnp.einsum("gpj,gpo->gjo", a, q, precision=_HIGHEST) / num_patches
-        return jnp.max(jnp.where(positive, sums[..., :out], sums[..., out:]), axis=0)
+        per_point = jnp.where(positive, sums[..., :out], sums[..., out:])
+        g = per_point * (w_split[:, :out] - w_split[:, out:])  # [g, (window, in), O]
+        g = g.reshape(g.shape[0], -1, in_channels, out)
+        return jnp.max(per_point, axis=0), jnp.max(jnp.mean(g, axis=1), axis=(0, 2))
     q = q.reshape(-1, 2 * out)
-    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive, contraction)
+    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive, contraction), None
 
 
 def _group_size(layer: Layer, batch: int) -> int:
@@ -226,7 +239,8 @@ def _group_size(layer: Layer, batch: int) -> int:
 def _weight_ratio(
     layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: str, contraction: str, split: bool | None = None
 ) -> jax.Array:
-    """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``.
+    """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``, and the
+    channel sensitivity or None (:func:`_group_ratios`).
 
     ``split``: None decides the sign split per group of points (``lax.cond``,
     both branches compiled); True/False splits every group or none, for a
@@ -237,11 +251,15 @@ def _weight_ratio(
     w_split = jnp.concatenate([jnp.maximum(wmat, 0.0), jnp.minimum(wmat, 0.0)], axis=1)
     positive = wmat > 0
     ratios = functools.partial(
-        _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
+        _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction,
+        in_channels=layer.in_channels,
     )
 
     def split_ratios(a):
         return ratios(jnp.concatenate([jnp.maximum(a, 0.0), jnp.maximum(-a, 0.0)], axis=0))
+
+    per_point_channel = reduction == "mean" and layer.num_patches > 1
+    like = (_like(wmat.shape), _like((layer.in_channels,)) if per_point_channel else None)
 
     def group_max(x):
         patches = input_patches(layer, x, order="window")
@@ -255,18 +273,18 @@ def _weight_ratio(
     if pad:  # repeated points do not change a max
         inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
     groups = inputs.reshape((-1, size) + inputs.shape[1:])
-    return _scan_max(group_max, (groups,), wmat.shape)
+    return _scan_max(group_max, (groups,), like)
 
 
 def channel_from_weight(weight: jax.Array, reduction: str = "max") -> jax.Array:
-    """Input-channel sensitivity ``(in,)``: the window positions reduced as the patches
-    (``reduction``: mean or max, as the reference's tracker), then the max over outputs.
+    """Input-channel sensitivity ``(in,)`` from a weight sensitivity: the window positions
+    reduced as the patches (``reduction``: the reference's tracker reduces both alike), then
+    the max over outputs.
 
-    The weight sensitivity is already maxed over the points of S, so for ``'mean'`` this is
-    the mean over window positions of per-position maxima over S, an upper bound of the
-    reference's max over S of the per-point mean (equal for one point, or when one point
-    attains every position's max). Taking the mean per point would need the per-point
-    ratios inside the contraction kernels, which only the max reduction keeps cheap.
+    Exact for ``'max'`` (maxima commute). For ``'mean'`` the reference averages per point,
+    before the max over S; :func:`layer_sensitivity` does that in its kernel when the layer
+    has several output positions, and uses this (the mean of per-position maxima over S, an
+    upper bound) only for layers with one output position and a window (Dense: exact).
     """
     _check_reduction(reduction)
     window = tuple(range(weight.ndim - 2))
@@ -304,6 +322,8 @@ def layer_sensitivity(
 
         return grouped_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
     wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
-    ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction, split)
+    ratio, channel = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction, split)
     weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")
-    return LayerSensitivity(weight=weight, channel=channel_from_weight(weight, reduction))
+    if channel is None:
+        channel = channel_from_weight(weight, reduction)
+    return LayerSensitivity(weight=weight, channel=channel)

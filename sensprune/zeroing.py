@@ -133,16 +133,17 @@ def _bias(tree: Any, layer) -> Any:
 
 
 def _dead_biases(ctx: PruneContext, pruned: Any, dead: Any, names: Any) -> tuple[Any, int]:
-    """``(tree, count)``: a bool tree like ``pruned``, True only at the dead nonzero biases of
-    the layers in ``names``; and how many there are."""
+    """``(tree, count)``: a bool tree like ``pruned``, True only at the dead biases of the
+    layers in ``names`` (zero ones too, so that their masks hold them at zero in a cascade);
+    and how many of them are nonzero (what zeroing them saves)."""
     tree = jax.tree.map(lambda p: np.zeros(np.shape(p), bool), pruned)
     count = 0
     for layer in ctx.layers:
         bias, gone = _bias(pruned, layer), _bias(dead, layer)
         if layer.name not in names or bias is None or gone is None:
             continue
-        drop = np.asarray(gone, bool) & (np.asarray(bias) != 0)
-        count += int(drop.sum())
+        drop = np.asarray(gone, bool)
+        count += int(np.count_nonzero(np.asarray(bias)[drop]))
         tree = paths.set_path(tree, paths.bias_path(layer), drop)
     return tree, count
 
