@@ -13,9 +13,14 @@ matter.
 Scope. Only the prunable (scored) layers' kernels and their biases are
 zeroed, never embeddings, norm parameters or layers left dense: an embedding
 row of a token absent from S has an exactly zero gradient too, yet matters on
-any other input. [tp] zeroes every parameter of zero gradient, norms included;
-so here a zeroed filter followed by a norm layer leaves the norm's constant
-output (a ReLU after it may pass it) where [tp] leaves zero.
+any other input. [tp] zeroes every parameter of zero gradient, norms included.
+Leaving the norm is exact on S in the usual case: a filter dead on S (its
+ReLU after an eval-mode norm never fires) goes whole, its norm then sees 0
+and outputs norm(0), which lies between the norm's outputs on S (an affine map
+of one channel) when the filter's pre-norm output takes both signs on S, so
+the ReLU still gives 0. Only a filter whose pre-norm output has one sign on
+every point, with a norm scale of the opposite sign, can pass a constant
+where [tp] (zeroing the norm too) passes zero.
 
 Constant input channels (filter methods). [tp] also removes input channels
 that are constant over S. A channel that is *zero* on every point of S gives
