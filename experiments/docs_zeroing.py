@@ -1,6 +1,6 @@
 """docs/zeroing.md: prune-only accuracy with the reference's data-dependent zeroing on vs. off (issue #16).
 
-  python -m experiments.docs_zeroing --workdir=/work/runs/zeroing --out=docs/
+  python -m experiments.docs_zeroing --workdir=runs/zeroing --out=docs/
 
 ``WORKDIR/on`` and ``WORKDIR/off`` are two pipeline workdirs of the same config (``COMMANDS``), differing
 only in ``coresets.zero_dead``. Without both ``results.npz`` the page is left as it is.
@@ -22,11 +22,11 @@ PAIRS = (("sipp", "wt"), ("pfp", "ft"))
 COMMANDS = """```bash
 for z in on off; do
   zd=$([ $z = on ] && echo True || echo False)
-  nice -n 10 python -m experiments.main --config=configs/fashion/lenet300_100.py --workdir=/work/runs/zeroing/$z \\
+  nice -n 10 python -m experiments.main --config=configs/fashion/lenet300_100.py --workdir=runs/zeroing/$z \\
     --config.experiments.mode=prune-only --config.experiments.methods=sipp,wt,pfp,ft \\
     --config.experiments.num_nets=3 --config.coresets.zero_dead=$zd
 done
-python -m experiments.docs_zeroing --workdir=/work/runs/zeroing --out=docs/
+python -m experiments.docs_zeroing --workdir=runs/zeroing --out=docs/
 ```"""
 
 
@@ -96,6 +96,18 @@ def layer_lines(runs: dict[str, results_lib.Results], keeps: Sequence[float] = (
     return lines
 
 
+def summary_line(runs: dict[str, results_lib.Results], keep: float = 0.1) -> str:
+    """One sentence: how the SiPP - WT and PFP - FT gaps move at ``keep`` (empty if it is not on the grid)."""
+    r = reproduce._ratio_index(runs["off"], keep)
+    if r is None:
+        return ""
+    parts = []
+    for a, b in PAIRS:
+        off, on = (float(_acc(runs[m], a)[r] - _acc(runs[m], b)[r]) for m in MODES)
+        parts.append(f"`{a}` - `{b}` goes from {off:+.2f} to {on:+.2f} pp")
+    return f"At keep {keep:g}, turning zeroing on: " + "; ".join(parts) + "."
+
+
 def render(workdir: Path, out: Path) -> bool:
     """Writes ``out/zeroing.md`` from ``workdir/{on,off}/results.npz``; False (page untouched) if missing."""
     runs = _load(Path(workdir))
@@ -118,6 +130,8 @@ def render(workdir: Path, out: Path) -> bool:
         *accuracy_lines(runs),
         "",
         "## SiPP vs. WT and PFP vs. FT (accuracy difference, pp)",
+        "",
+        " ".join(summary_line(runs, keep) for keep in (0.1, 0.05)),
         "",
         *pair_lines(runs),
         "",
@@ -147,6 +161,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", "/work/runs/zeroing", "holds on/ and off/ pipeline workdirs")
+    flags.DEFINE_string("workdir", "runs/zeroing", "holds on/ and off/ pipeline workdirs")
     flags.DEFINE_string("out", "docs", "folder of zeroing.md")
     app.run(main)
