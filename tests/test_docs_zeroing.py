@@ -30,5 +30,5 @@ def test_render_writes_the_tables_and_leaves_the_page_without_results(tmp_path):
     assert "| `sipp` - `wt`, zeroing off | -40.00 | -40.00 |" in page
     assert "| `sipp` - `wt`, zeroing on | -34.00 | -33.00 |" in page
     assert "| `sipp` | 0.1 | 51 -> 61 | 5 -> 5 |" in page
-    assert "`sipp` - `wt` goes from -40.00 to -34.00 pp; `pfp` - `ft` goes from -4.00 to -4.00 pp" in page
+    assert "`sipp` - `wt` goes from -40.00 to -34.00 pp; `pfp` - `ft` goes from -3.00 to -3.00 pp" in page
     assert "--config.coresets.zero_dead" in page
