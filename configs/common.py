@@ -94,7 +94,8 @@ def experiment(
         )
     )
     config.coresets = ml_collections.ConfigDict(
-        dict(delta_s=delta_s, c_constant=c_constant, size=-1, chunk_size=32)
+        # zero_dead: the reference's data-dependent zeroing inside the keep-ratio search (sensprune.zeroing)
+        dict(delta_s=delta_s, c_constant=c_constant, size=-1, chunk_size=32, zero_dead=True)
     )
     config.eval_batch_size = eval_batch_size
     # Data-parallel devices: -1 = every device (of every process), n = the first n. Batch sizes

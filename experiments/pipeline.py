@@ -372,6 +372,7 @@ def _prune(ctx: ChainContext, variables: dict, *, ratio: float, key: jax.Array) 
         method_options=dict((exp.config.experiments.get("method_options") or {}).get(method) or {}),
         fused_pass=bool(exp.config.get("fused_pass", False)),
         allow_dead_layers=True,  # a study records what a method does, a layer emptied at extreme ratios included
+        zero_dead=bool(co.get("zero_dead", True)),
     )
 
 

@@ -110,7 +110,8 @@ def ablation(exp: Any, variables: Mapping[str, Any], opts: Options) -> dict[str,
 
     def prune(method: str) -> sp.PruneResult:
         return sp.prune(exp.model, variables, s_x, method=method, keep_ratio=opts.keep_ratio,
-                        key=guarantees.make_key(opts.seed), layers=exp.layers, apply_kwargs={"train": False})
+                        key=guarantees.make_key(opts.seed), layers=exp.layers, apply_kwargs={"train": False},
+                        zero_dead=False)  # the plain selections the NumPy allocations are compared with
 
     own = {m: prune(m) for m in ("sipp", "wt")}
     kernels = {layer.name: np.asarray(paths.get_kernel(params, layer)) for layer in layers}

@@ -68,7 +68,7 @@ def search_selection(
     *,
     rtol: float = 0.005,
     options: Optional[Mapping[str, Any]] = None,
-    zero_dead: bool = False,
+    zero_dead: bool = True,
 ) -> tuple[registry.Selection, int, int, bool, int]:
     """The keep-ratio search of :func:`prune`, on an existing context.
 
@@ -127,7 +127,7 @@ def prune(
     allow_dead_layers: bool = False,
     include: layer_kinds.LayerFilter = None,
     exclude: layer_kinds.LayerFilter = None,
-    zero_dead: bool = False,
+    zero_dead: bool = True,
 ) -> PruneResult:
     """Prunes the Dense/Conv kernels of a Flax Linen model to a keep ratio.
 
@@ -172,16 +172,19 @@ def prune(
       include, exclude: which layers to prune, by name (``'/'.join(path)``): a regex
         (``re.search``), a predicate ``name -> bool`` or a list of names; e.g.
         ``exclude='Embed|head'``. The others stay dense and count as fixed size.
+      zero_dead: as the reference (on by default; ``False`` turns it off), also
+        zero every kernel entry and bias of the pruned layers whose gradient
+        over S (the loss's with ``labels``, else a label-free surrogate) is
+        exactly zero (filter methods: whole filters and input channels), inside
+        the keep-ratio search, so the freed budget goes to entries that matter
+        (:mod:`sensprune.zeroing`; embeddings, norms and dense layers are never
+        zeroed). Low-rank methods are unaffected.
 
     Linear layers that cannot be scored (e.g. ``nn.ConvLocal``), layers the
     filters leave out, and (for filter methods) layers whose channels the
     dependency analysis does not map (attention projections, grouped convs,
     shared layers) stay dense: ``result.info['dense_layers']`` maps their names
     to the reason, and one log line lists them.
-      zero_dead: as the reference, also zero every parameter of the pruned net
-        whose gradient over S (the loss's with ``labels``, else a label-free
-        surrogate) is exactly zero, inside the keep-ratio search, so the freed
-        budget goes to entries that matter (:mod:`sensprune.zeroing`).
 
     Returns:
       A :class:`~sensprune.types.PruneResult`.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +194,8 @@ def compute_sensitivities(
     indices = {layer.name: jax.device_put(buckets_lib.row_index(layer, buckets[layer.name]))
                for layer in layers if layer.name in buckets}
     result: dict[str, Any] = _zero_sensitivities(variables, [layer for layer in layers if layer.name not in host])
-    result |= {name: np.zeros(m.shape, np.float32) for name, m in matrices.items()}
+    result |= {layer.name: _zero_ratio(layer, matrices[layer.name], buckets.get(layer.name), reduction)
+               for layer in layers if layer.name in matrices}
     if mesh is not None:
         result = sharding.replicate(result, mesh)
     for chunk in itertools.chain([first], chunks):
@@ -223,11 +224,20 @@ def compute_sensitivities(
                                                 previous, **step_kw)
     for layer in layers:
         if layer.name in host:
-            ratio = jax.device_get(result[layer.name])
+            ratio, sums = jax.device_get(result[layer.name])
             if layer.name in buckets:
                 ratio = buckets_lib.crop_ratio(layer, buckets[layer.name], ratio)
-            result[layer.name] = sensitivity_from_ratio(layer, host[layer.name], ratio)
+            result[layer.name] = sensitivity_from_ratio(layer, host[layer.name], ratio, sums)
     return result
+
+
+def _zero_ratio(layer: Layer, matrix: np.ndarray, bucket: Optional[buckets_lib.Bucket], reduction: str) -> tuple:
+    """The running value of :func:`_ratio_step` / :func:`_bucket_step` before any chunk:
+    ``(ratio, window sums)``, the sums only for the ``'mean'`` channel sensitivity."""
+    if _layer_reduction(layer, reduction) != "mean":
+        return np.zeros(matrix.shape, np.float32), None
+    channels = bucket.channels if bucket is not None else layer.in_channels
+    return np.zeros(matrix.shape, np.float32), np.zeros(channels, np.float32)
 
 
 def _host_kernel(params: Mapping[str, Any], layer: Layer) -> np.ndarray:
@@ -392,11 +402,11 @@ def _ratio_step(
     w_split: jax.Array,
     positive: jax.Array,
     inputs: jax.Array,
-    previous: jax.Array,
+    previous: tuple,
     *,
     contraction: str = "auto",
     split: bool | None = None,
-) -> jax.Array:
+) -> tuple:
     """One chunk's ``max g / |W|`` of one layer (:func:`layer_ratio`), maxed with the running value.
 
     The kernel's split and sign pattern come from the host, and ``|W| *`` the
@@ -404,7 +414,7 @@ def _ratio_step(
     compiled program is the contraction alone (fewer fusions to compile, no
     per-chunk kernel preparation)."""
     mine = layer_ratio(layer, w_split, positive, inputs, reduction=reduction, contraction=contraction, split=split)
-    return jnp.maximum(previous, mine)
+    return jax.tree_util.tree_map(jnp.maximum, previous, mine)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "bucket"))
@@ -421,15 +431,15 @@ def _bucket_step(
     index: jax.Array,
     w_split: jax.Array,
     positive: jax.Array,
-    previous: jax.Array,
+    previous: tuple,
     *,
     contraction: str = "auto",
     split: bool | None = None,
-) -> jax.Array:
+) -> tuple:
     """:func:`_ratio_step` of any conv of ``bucket`` (its rows, gather index and padded kernel)."""
     mine = rows_ratio(rows, index, w_split, positive, num_patches=bucket.patches, reduction=reduction,
                       contraction=contraction, split=split)
-    return jnp.maximum(previous, mine)
+    return jax.tree_util.tree_map(jnp.maximum, previous, mine)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split", "mesh", "axis"))

@@ -61,7 +61,7 @@ group), so memory is ``O(group * P * J + J * O)`` whatever the chunk size.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,15 +116,21 @@ def _guarded_inverse(z: jax.Array) -> jax.Array:
     return jnp.where(ok, 1.0 / jnp.where(ok, mag, 1.0), 0.0)
 
 
-def _scan_max(fn: Callable[..., jax.Array], xs: tuple, shape: tuple[int, ...]) -> jax.Array:
-    """``max_k fn(*[x[k] for x in xs])`` as a scan with a running-max carry."""
+def _like(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _scan_max(fn: Callable[..., Any], xs: tuple, like: Any) -> Any:
+    """``max_k fn(*[x[k] for x in xs])`` (a pytree of arrays shaped as the
+    ``ShapeDtypeStruct`` leaves of ``like``) as a scan with a running-max carry."""
     if xs[0].shape[0] == 1:
         return fn(*(x[0] for x in xs))
 
     def step(carry, x):
-        return jnp.maximum(carry, fn(*x)), None
+        return jax.tree_util.tree_map(jnp.maximum, carry, fn(*x)), None
 
-    return lax.scan(step, jnp.zeros(shape, jnp.float32), xs)[0]
+    init = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), like)
+    return lax.scan(step, init, xs)[0]
 
 
 def _pow2_floor(n: int) -> int:
@@ -196,22 +202,36 @@ def _max_contract(
     if use_carry:
         # XLA:CPU runs reductions slowly but elementwise updates fast: keep a
         # [rows, O, J] running max and reduce it once at the end.
-        carry = _scan_max(products, (a, q_plus, q_minus), (rows, out, fan_in))
+        carry = _scan_max(products, (a, q_plus, q_minus), _like((rows, out, fan_in)))
         return jnp.max(carry, axis=0).T
     block_max = lambda *x: jnp.max(products(*x), axis=0)  # noqa: E731  (one fused reduce)
-    return _scan_max(block_max, (a, q_plus, q_minus), (out, fan_in)).T
+    return _scan_max(block_max, (a, q_plus, q_minus), _like((out, fan_in))).T
 
 
-def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str, contraction: str):
-    """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``."""
+def _group_ratios(a: jax.Array, w_split: jax.Array, positive: jax.Array, reduction: str, contraction: str,
+                  channels: int):
+    """Max over the points of ``a [g, P, J] >= 0`` of the reduced ``g / |W|`` -> ``[J, O]``, and
+    for ``'mean'`` the reference's channel sensitivity times the window size, ``[channels]``: per
+    point, the patch-reduced ``g`` summed over window positions, maxed over outputs, then over
+    points (:func:`channel_from_sums` divides by the layer's window; ``None`` for ``'max'``, where
+    :func:`channel_from_weight` gives it exactly). ``J`` is window-major: ``(window, channels)``."""
     _, num_patches, fan_in = a.shape
     out = positive.shape[1]
     q = _guarded_inverse(jnp.einsum("gpj,jo->gpo", a, w_split, precision=_HIGHEST))
     if reduction == "mean" and num_patches > 1:
         sums = jnp.einsum("gpj,gpo->gjo", a, q, precision=_HIGHEST) / num_patches
-        return jnp.max(jnp.where(positive, sums[..., :out], sums[..., out:]), axis=0)
+        per_point = jnp.where(positive, sums[..., :out], sums[..., out:])
+        g = per_point * (w_split[:, :out] - w_split[:, out:])  # [g, (window, channels), O]
+        g = g.reshape(g.shape[0], -1, channels, out)
+        return jnp.max(per_point, axis=0), jnp.max(jnp.sum(g, axis=1), axis=(0, 2))
     q = q.reshape(-1, 2 * out)
-    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive, contraction)
+    return _max_contract(a.reshape(-1, fan_in), q[:, :out], q[:, out:], positive, contraction), None
+
+
+def channel_from_sums(layer: Layer, sums: Any) -> Any:
+    """The ``'mean'`` channel sensitivity ``[in]`` from :func:`_group_ratios`' window sums
+    (possibly over padded channels), or None."""
+    return None if sums is None else sums[: layer.in_channels] / layer.window_size
 
 
 def _group_size(layer: Layer, batch: int) -> int:
@@ -232,8 +252,9 @@ def _balanced_group(per_point: int, batch: int) -> int:
 
 def _weight_ratio(
     layer: Layer, wmat: jax.Array, inputs: jax.Array, reduction: str, contraction: str, split: bool | None = None
-) -> jax.Array:
-    """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``.
+) -> tuple[jax.Array, Any]:
+    """Max over points (and pseudo-points) of the reduced ``g / |W|`` -> ``[J, O]``, and the
+    ``'mean'`` channel window sums or None (:func:`_group_ratios`).
 
     ``split``: None decides the sign split per group of points (``lax.cond``,
     both branches compiled); True/False splits every group or none, for a
@@ -260,8 +281,9 @@ def layer_ratio(
     reduction: str,
     contraction: str,
     split: bool | None = None,
-) -> jax.Array:
-    """:func:`_weight_ratio` from the split kernel matrix (:func:`split_weights`): ``max g / |W|``, ``[J, O]``.
+) -> tuple[jax.Array, Any]:
+    """:func:`_weight_ratio` from the split kernel matrix (:func:`split_weights`): ``max g / |W|``,
+    ``[J, O]``, and the ``'mean'`` channel window sums (or None; :func:`channel_from_sums`).
 
     The sensitivities are ``|W| * ratio`` (:func:`sensitivity_from_ratio`); a
     running max over chunks may be kept on the ratio (``|W| >= 0`` scales
@@ -270,7 +292,7 @@ def layer_ratio(
     """
     patch_fn = functools.partial(input_patches, layer, order="window")
     return _ratio_over_groups(patch_fn, inputs, w_split, positive, _group_size(layer, inputs.shape[0]),
-                              reduction=reduction, contraction=contraction, split=split)
+                              channels=layer.in_channels, reduction=reduction, contraction=contraction, split=split)
 
 
 def rows_ratio(
@@ -283,7 +305,7 @@ def rows_ratio(
     reduction: str,
     contraction: str,
     split: bool | None = None,
-) -> jax.Array:
+) -> tuple[jax.Array, Any]:
     """:func:`layer_ratio` of a conv whose input is laid out as rows ``[n, R, C]``
     (:mod:`sensprune.sensitivity_buckets`): patches are the rows at ``index
     [num_patches * K]``, so the program depends on shapes only, not on the
@@ -294,7 +316,7 @@ def rows_ratio(
         return jnp.take(x, index, axis=1, mode="clip").reshape(x.shape[0], num_patches, fan_in)
 
     size = _balanced_group(_point_elements(num_patches, fan_in, positive.shape[1]), rows.shape[0])
-    return _ratio_over_groups(patch_fn, rows, w_split, positive, size,
+    return _ratio_over_groups(patch_fn, rows, w_split, positive, size, channels=rows.shape[-1],
                               reduction=reduction, contraction=contraction, split=split)
 
 
@@ -305,13 +327,15 @@ def _ratio_over_groups(
     positive: jax.Array,
     size: int,
     *,
+    channels: int,
     reduction: str,
     contraction: str,
     split: bool | None,
-) -> jax.Array:
+) -> tuple[jax.Array, Any]:
     """Max over groups of ``size`` points of :func:`_group_ratios` of ``patch_fn(group)``."""
     ratios = functools.partial(
-        _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction
+        _group_ratios, w_split=w_split, positive=positive, reduction=reduction, contraction=contraction,
+        channels=channels,
     )
 
     def split_ratios(a):
@@ -329,23 +353,39 @@ def _ratio_over_groups(
     if pad:  # repeated points do not change a max
         inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
     groups = inputs.reshape((-1, size) + inputs.shape[1:])
-    return _scan_max(group_max, (groups,), tuple(positive.shape))
+    like = jax.eval_shape(group_max, groups[0])  # (ratio, window sums or None)
+    return _scan_max(group_max, (groups,), like)
 
 
-def sensitivity_from_ratio(layer: Layer, kernel: np.ndarray, ratio: np.ndarray) -> LayerSensitivity:
-    """Host-side ``|W| * ratio`` in the kernel's shape and its channel maxima (what
-    :func:`layer_sensitivity` returns; float32 products, so the same numbers)."""
+def sensitivity_from_ratio(
+    layer: Layer, kernel: np.ndarray, ratio: np.ndarray, sums: np.ndarray | None = None
+) -> LayerSensitivity:
+    """Host-side ``|W| * ratio`` in the kernel's shape and its channel sensitivity (what
+    :func:`layer_sensitivity` returns; float32 products, so the same numbers): from the
+    ``'mean'`` window ``sums`` when given (:func:`channel_from_sums`), else the max over window
+    positions and outputs (exact for ``'max'`` and for layers with one output position)."""
     wmat = np.asarray(kernel, np.float32).reshape(-1, layer.out_channels)
     weight = (np.abs(wmat) * np.asarray(ratio, np.float32)).reshape(layer.kernel_shape)
     axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
+    channel = np.max(weight, axis=axes) if sums is None else channel_from_sums(layer, np.asarray(sums, np.float32))
     # device_put, not jnp.asarray: the latter compiles a copy program per shape
-    return LayerSensitivity(*jax.device_put((weight, np.max(weight, axis=axes))))
+    return LayerSensitivity(*jax.device_put((weight, channel)))
 
 
-def channel_from_weight(weight: jax.Array) -> jax.Array:
-    """Input-channel sensitivity: max over window positions and outputs -> ``(in,)``."""
-    axes = tuple(i for i in range(weight.ndim) if i != weight.ndim - 2)
-    return jnp.max(weight, axis=axes)
+def channel_from_weight(weight: jax.Array, reduction: str = "max") -> jax.Array:
+    """Input-channel sensitivity ``(in,)`` from a weight sensitivity: the window positions
+    reduced as the patches (``reduction``: the reference's tracker reduces both alike), then
+    the max over outputs.
+
+    Exact for ``'max'`` (maxima commute). For ``'mean'`` the reference averages per point,
+    before the max over S; :func:`layer_sensitivity` does that in its kernel when the layer
+    has several output positions, and uses this (the mean of per-position maxima over S, an
+    upper bound) only for layers with one output position and a window (Dense: exact).
+    """
+    _check_reduction(reduction)
+    window = tuple(range(weight.ndim - 2))
+    per_output = jnp.mean(weight, axis=window) if reduction == "mean" else jnp.max(weight, axis=window)
+    return jnp.max(per_output, axis=-1)
 
 
 def layer_sensitivity(
@@ -378,6 +418,9 @@ def layer_sensitivity(
 
         return grouped_sensitivity(layer, kernel, inputs, reduction=reduction, contraction=contraction)
     wmat = kernel_matrix(layer, jnp.asarray(kernel, jnp.float32), order="window")
-    ratio = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction, split)
+    ratio, sums = _weight_ratio(layer, wmat, jnp.asarray(inputs, jnp.float32), reduction, contraction, split)
     weight = matrix_to_kernel(layer, jnp.abs(wmat) * ratio, order="window")
-    return LayerSensitivity(weight=weight, channel=channel_from_weight(weight))
+    channel = channel_from_sums(layer, sums)
+    if channel is None:
+        channel = channel_from_weight(weight, reduction)
+    return LayerSensitivity(weight=weight, channel=channel)

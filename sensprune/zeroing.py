@@ -10,6 +10,27 @@ norm parameters of dead units) cost budget but change no output on S, so
 removing them frees budget the keep-ratio search re-spends on entries that
 matter.
 
+Scope. Only the prunable (scored) layers' kernels and their biases are
+zeroed, never embeddings, norm parameters or layers left dense: an embedding
+row of a token absent from S has an exactly zero gradient too, yet matters on
+any other input. [tp] zeroes every parameter of zero gradient, norms included.
+Leaving the norm is exact on S in the usual case: a filter dead on S (its
+ReLU after an eval-mode norm never fires) goes whole, its norm then sees 0
+and outputs norm(0), which lies between the norm's outputs on S (an affine map
+of one channel) when the filter's pre-norm output takes both signs on S, so
+the ReLU still gives 0. Only a filter whose pre-norm output has one sign on
+every point, with a norm scale of the opposite sign, can pass a constant
+where [tp] (zeroing the norm too) passes zero.
+
+Constant input channels (filter methods). [tp] also removes input channels
+that are constant over S. A channel that is *zero* on every point of S gives
+its entries an exactly zero gradient, so the rule above removes it (as a whole
+channel for filter methods). A *nonzero* constant channel is kept: removing it
+is only exact if its contribution is folded into the consumer's bias, which
+this module does not do (a padded conv does not even see a constant there).
+Filter methods keep the input channels of layers that read the model input
+while ``protect_input_channels`` is on, as their selection does.
+
 One pass, as the reference, not a fixpoint: the gradient of an entry can be
 an exact zero because the points where its input is positive and those where
 its unit is active are disjoint; zeroing other entries of that unit moves its
@@ -42,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensprune import paths, registry
+from sensprune import points as points_lib
 from sensprune.adapter import with_params
 from sensprune.context import PruneContext
 
@@ -90,31 +112,54 @@ def dead_params(ctx: PruneContext, params: Any) -> Any:
 
     The loss gradient with ``ctx.labels``, else the random-cotangent surrogate
     (module docstring). Absolute gradients are summed over chunks of S, so
-    chunks cannot cancel each other.
+    chunks cannot cancel each other. The points may be any pytree
+    (:mod:`sensprune.points`).
     """
     program = _program(ctx)
-    data = np.asarray(ctx.data)
-    chunk = max(1, min(int(ctx.chunk_size), data.shape[0]))
+    n = points_lib.num_points(ctx.data)
+    chunk = max(1, min(int(ctx.chunk_size), n))
     total = None
-    for i, start in enumerate(range(0, data.shape[0], chunk)):
-        x = data[start:start + chunk]
-        y = np.zeros(x.shape[0], np.int32) if ctx.labels is None else np.asarray(ctx.labels)[start:start + chunk]
+    for i, start in enumerate(range(0, n, chunk)):
+        x = points_lib.take(ctx.data, start, start + chunk)
+        stop = min(start + chunk, n)
+        y = np.zeros(stop - start, np.int32) if ctx.labels is None else np.asarray(ctx.labels)[start:stop]
         key = jax.random.fold_in(jax.random.PRNGKey(0), i)
         g = program(ctx.variables, params, x, y, key)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return jax.tree.map(lambda t: np.asarray(t) == 0, total)
 
 
-def _kernel_ids(ctx: PruneContext, tree: Any) -> set[int]:
-    return {id(paths.get_kernel(tree, layer)) for layer in ctx.layers}
+def _bias(tree: Any, layer) -> Any:
+    """The layer's bias leaf in ``tree``, or None."""
+    try:
+        return paths.get_path(tree, paths.bias_path(layer))
+    except KeyError:
+        return None
 
 
-def _structured(layer, keep: np.ndarray, dead: np.ndarray) -> np.ndarray:
+def _dead_biases(ctx: PruneContext, pruned: Any, dead: Any, names: Any) -> tuple[Any, int]:
+    """``(tree, count)``: a bool tree like ``pruned``, True only at the dead biases of the
+    layers in ``names`` (zero ones too, so that their masks hold them at zero in a cascade);
+    and how many of them are nonzero (what zeroing them saves)."""
+    tree = jax.tree.map(lambda p: np.zeros(np.shape(p), bool), pruned)
+    count = 0
+    for layer in ctx.layers:
+        bias, gone = _bias(pruned, layer), _bias(dead, layer)
+        if layer.name not in names or bias is None or gone is None:
+            continue
+        drop = np.asarray(gone, bool)
+        count += int(np.count_nonzero(np.asarray(bias)[drop]))
+        tree = paths.set_path(tree, paths.bias_path(layer), drop)
+    return tree, count
+
+
+def _structured(layer, keep: np.ndarray, dead: np.ndarray, protect_inputs: bool) -> np.ndarray:
     """``keep`` less whole output filters and whole input channels none of whose kept
-    entries has a nonzero gradient (filter methods stay channel-structured)."""
+    entries has a nonzero gradient (filter methods stay channel-structured);
+    ``protect_inputs``: the input channels stay."""
     live = (keep & ~dead).reshape(-1, layer.in_channels, layer.out_channels)
     filters = live.any(axis=(0, 1))
-    channels = live.any(axis=(0, 2))
+    channels = live.any(axis=(0, 2)) | protect_inputs
     shape = keep.reshape(-1, layer.in_channels, layer.out_channels).shape
     both = np.broadcast_to(channels[None, :, None] & filters[None, None, :], shape)
     return keep & both.reshape(keep.shape)
@@ -123,16 +168,16 @@ def _structured(layer, keep: np.ndarray, dead: np.ndarray) -> np.ndarray:
 def apply(ctx: PruneContext, sel: registry.Selection, structured: bool = False) -> registry.Selection:
     """``sel`` with every kept entry of exactly zero gradient over S removed.
 
+    Only the scored layers' kernels and biases (module docstring).
     ``structured`` (filter methods, as the reference): only whole output filters
     and whole input channels go whose kept entries all have a zero gradient (an
     input channel that is zero on every point of S, a filter of a dead unit).
 
-    Kernel masks lose their dead entries; dead nonzero parameters outside the
-    kernels (biases, norm scales of dead units) are recorded in
-    ``info['zero_dead']`` (``'dead'``: the bool tree, ``'other'``: how many
-    nonzero ones go, ``'kernel'``: how many kept kernel entries go) for
-    :func:`zero_params`. Selections that rewrite kernels or cost a method-defined
-    size (low rank) are returned unchanged.
+    Kernel masks lose their dead entries; dead nonzero biases of the scored
+    layers are recorded in ``info['zero_dead']`` (``'dead'``: the bool tree of
+    them, ``'other'``: how many, ``'kernel'``: how many kept kernel entries go)
+    for :func:`zero_params`. Selections that rewrite kernels or cost a
+    method-defined size (low rank) are returned unchanged.
     """
     if sel.kernels or sel.sizes:
         return sel
@@ -142,33 +187,27 @@ def apply(ctx: PruneContext, sel: registry.Selection, structured: bool = False) 
     dead = dead_params(ctx, pruned)
     masks = {}
     kernel_gone = 0
+    protected = ctx.input_layers() if structured and ctx.protect_input_channels else frozenset()
     for layer in ctx.layers:
         if layer.name not in sel.masks:
             continue
         keep = np.asarray(sel.masks[layer.name], bool)
         gone = np.asarray(paths.get_kernel(dead, layer))
-        new = _structured(layer, keep, gone) if structured else keep & ~gone
+        new = _structured(layer, keep, gone, layer.name in protected) if structured else keep & ~gone
         kernel_gone += int(keep.sum() - new.sum())
         masks[layer.name] = new
-    kernel_leaves = _kernel_ids(ctx, dead)
-    other = sum(
-        int(np.count_nonzero(np.asarray(p)[d]))
-        for p, d in zip(jax.tree.leaves(pruned), jax.tree.leaves(dead))
-        if id(d) not in kernel_leaves
-    )
-    for layer in ctx.layers:  # kernels go through the masks (structured methods keep some dead entries)
-        dead = paths.set_kernel(dead, layer, np.zeros(layer.kernel_shape, bool))
-    info = dict(sel.info, zero_dead={"dead": dead, "other": other, "kernel": kernel_gone})
+    biases, other = _dead_biases(ctx, pruned, dead, masks)
+    info = dict(sel.info, zero_dead={"dead": biases, "other": other, "kernel": kernel_gone})
     return dataclasses.replace(sel, masks={**sel.masks, **masks}, info=info)
 
 
 def zeroed_other(sel: registry.Selection) -> int:
-    """Nonzero parameters outside the kernels that :func:`apply` removed (0 without zeroing)."""
+    """Nonzero biases of scored layers that :func:`apply` removed (0 without zeroing)."""
     return int(sel.info.get("zero_dead", {}).get("other", 0))
 
 
 def zero_params(params: Any, masks: Any, sel: registry.Selection) -> tuple[Any, Any, dict[str, int]]:
-    """``(params, masks, counts)``: the dead parameters of ``sel`` set to zero / False,
+    """``(params, masks, counts)``: the dead biases of ``sel`` set to zero / False,
     and how many kept entries went (``{'kernel': .., 'other': ..}``; empty without zeroing)."""
     record: Mapping[str, Any] = sel.info.get("zero_dead", {})
     if "dead" not in record:

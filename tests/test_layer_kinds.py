@@ -186,7 +186,12 @@ def _check_result(result, params, method, keep_ratio=0.6):
         # filter methods and svd: granularity; sampling SiPP on these tiny nets: discrete samples
         # (the search's closest size, flagged reachable=False, within 1 %)
         sampled = spec.stochastic and abs(result.keep_ratio - keep_ratio) <= 0.01
-        assert structured or method == "svd" or sampled, (method, result.keep_ratio)
+        # the reference's zeroing (on by default) removed what is dead on S: below the target when more
+        # than the rest of this random net is; sampled selections then move the size in coarser steps
+        gap = abs(result.keep_ratio - keep_ratio)
+        zeroed = sum(result.info["zero_dead"].values()) > 0 and (
+            result.keep_ratio < keep_ratio or spec.stochastic and gap <= 0.02)
+        assert structured or method == "svd" or sampled or zeroed, (method, result.keep_ratio)
 
 
 @pytest.mark.parametrize("case", sorted(LINEN))
@@ -325,7 +330,8 @@ def test_shared_layer_sensitivity_is_max_over_calls():
     k = p["twice"]["kernel"]
     want = np.maximum(ref_general(k, first, 1), ref_general(k, second, 1))
     _close(sens["twice"].weight, want)
-    result = sp.prune(model, variables, x, method="sipp", keep_ratio=0.6)
+    # zero_dead=False: on 4 points the reference's zeroing moves this tiny net's size in steps of several params
+    result = sp.prune(model, variables, x, method="sipp", keep_ratio=0.6, zero_dead=False)
     assert abs(result.keep_ratio - 0.6) <= 0.003 and result.masks["twice"]["kernel"].shape == k.shape
     assert "twice" in sp.prune(model, variables, x, method="ft", keep_ratio=0.8).info["dense_layers"]
 

@@ -8,7 +8,7 @@ import pytest
 
 import sensprune as sp
 from experiments.models import get_model
-from sensprune import zeroing
+from sensprune import points, zeroing
 from sensprune.context import PruneContext
 from sensprune.prune import default_loss
 from tests.fixtures import np_init
@@ -37,7 +37,7 @@ def _tiny():
 
 
 def _ctx(model, variables, x, labels=None):
-    layers = sp.find_layers(model, variables, x[:1])
+    layers = sp.find_layers(model, variables, points.take(x, 0, 1))  # x: any pytree of points
     return PruneContext(model=model, variables=variables, layers=layers, data=x, loss_fn=default_loss,
                         labels=labels, chunk_size=5)
 
@@ -121,3 +121,49 @@ def test_pfp_zeroing_removes_dead_filters(lenet_dead_units):
     on = sp.prune(model, variables, x, method="pfp", keep_ratio=0.2, zero_dead=True)
     assert _zero_grad_kept(model, variables, x, on.params) == [0, 0, 0]
     assert abs(on.keep_ratio - 0.2) <= 0.01
+
+
+class TwoInputs(nn.Module):
+    @nn.compact
+    def __call__(self, a, b):
+        h = nn.relu(nn.Dense(8, name="da")(a)) + nn.relu(nn.Dense(8, name="db")(b["x"]))
+        return nn.Dense(3, name="out")(h)
+
+
+def test_zeroing_with_tuple_and_dict_points_matches_jax_grad():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((12, 4)).astype(np.float32)
+    a[:, 1] = 0.0  # zero on S: its entries have a zero gradient
+    b = {"x": rng.standard_normal((12, 5)).astype(np.float32)}
+    model = TwoInputs()
+    variables = model.init(jax.random.PRNGKey(0), a[:1], {"x": b["x"][:1]})
+    y = np.arange(12) % 3
+    ctx = _ctx(model, variables, (a, b), y)
+    dead = zeroing.dead_params(ctx, variables["params"])
+    grad = jax.grad(lambda p: default_loss(model.apply({"params": p}, a, b), y))(variables["params"])
+    for d, g in zip(jax.tree.leaves(dead), jax.tree.leaves(grad)):
+        np.testing.assert_array_equal(d, np.asarray(g) == 0)
+    assert dead["da"]["kernel"][1].all()
+    res = sp.prune(model, variables, (a, b), method="sipp", keep_ratio=0.5, labels=y)  # zeroing on by default
+    assert not np.asarray(res.params["da"]["kernel"])[1].any()
+    assert res.info["zero_dead"]["kernel"] >= 0 and abs(res.keep_ratio - 0.5) <= 0.05
+
+
+class Tokens(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(200, 16, name="embed")(tokens).mean(axis=1)
+        return nn.Dense(4, name="head")(nn.relu(nn.Dense(32, name="hidden")(h)))
+
+
+def test_zeroing_leaves_embedding_rows_unused_by_s():
+    tokens = np.random.default_rng(4).integers(0, 20, (32, 6))  # S uses 20 of the 200 tokens
+    model = Tokens()
+    variables = model.init(jax.random.PRNGKey(0), tokens[:1])
+    table = np.asarray(variables["params"]["embed"]["embedding"])
+    res = sp.prune(model, variables, tokens, method="sipp", keep_ratio=0.9)
+    np.testing.assert_array_equal(np.asarray(res.params["embed"]["embedding"]), table)
+    assert np.asarray(res.masks["embed"]["embedding"]).all()
+    assert res.keep_ratio == pytest.approx(0.9, rel=0.005)
+    # the zero-gradient pattern of those rows is real; only the scope keeps them
+    assert zeroing.dead_params(_ctx(model, variables, tokens), variables["params"])["embed"]["embedding"][20:].all()
