@@ -56,7 +56,7 @@ def _pruned_params(params, layers: Sequence[Layer], sel: registry.Selection):
         new = np.asarray(sel.kernels.get(layer.name, kernel)) * sel.masks[layer.name]
         if layer.name in sel.scales:
             new = new * np.asarray(sel.scales[layer.name])
-        params = paths.set_kernel(params, layer, jnp.asarray(new, kernel.dtype))
+        params = paths.set_kernel(params, layer, jax.device_put(np.asarray(new, kernel.dtype)))
     return params
 
 

@@ -68,12 +68,14 @@ from sensprune.adapter import with_params
 from sensprune.context import PruneContext
 
 
-def _abs_grad_impl(variables, params, x, y, key, *, adapter, loss_fn):
-    """|d surrogate / d params| on one chunk; ``loss_fn=None``: the label-free surrogate.
+def _abs_grad_impl(variables, params, x, y, index, *, adapter, loss_fn):
+    """|d surrogate / d params| on one chunk; ``loss_fn=None``: the label-free surrogate
+    (its cotangent keyed by the chunk ``index``).
 
     Compiled once per (adapter, loss, shapes), so repeated prune calls on one
     model reuse it.
     """
+    key = jax.random.fold_in(jax.random.PRNGKey(0), index)
 
     def surrogate(p):
         out = adapter.apply(with_params(variables, p), x)
@@ -118,14 +120,16 @@ def dead_params(ctx: PruneContext, params: Any) -> Any:
     program = _program(ctx)
     n = points_lib.num_points(ctx.data)
     chunk = max(1, min(int(ctx.chunk_size), n))
+    labels = np.zeros(n, np.int32) if ctx.labels is None else np.asarray(ctx.labels)
     total = None
     for i, start in enumerate(range(0, n, chunk)):
-        x = points_lib.take(ctx.data, start, start + chunk)
         stop = min(start + chunk, n)
-        y = np.zeros(stop - start, np.int32) if ctx.labels is None else np.asarray(ctx.labels)[start:stop]
-        key = jax.random.fold_in(jax.random.PRNGKey(0), i)
-        g = program(ctx.variables, params, x, y, key)
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
+        # The last chunk repeats its first point up to the chunk size: one compiled shape, and a
+        # repeated point adds the same |gradient| again, which keeps the exact-zero pattern.
+        rows = np.concatenate([np.arange(start, stop), np.full(chunk - (stop - start), start)])
+        x = jax.tree.map(lambda a: np.asarray(a)[rows], ctx.data)
+        g = jax.device_get(program(ctx.variables, params, x, labels[rows], np.int32(i)))
+        total = g if total is None else jax.tree.map(np.add, total, g)  # host sums: no add programs
     return jax.tree.map(lambda t: np.asarray(t) == 0, total)
 
 
@@ -213,7 +217,22 @@ def zero_params(params: Any, masks: Any, sel: registry.Selection) -> tuple[Any, 
     if "dead" not in record:
         return params, masks, {}
     dead = record["dead"]
-    params = jax.tree.map(lambda p, d: jnp.where(jnp.asarray(d), jnp.zeros_like(p), p), params, dead)
-    masks = jax.tree.map(lambda m, d: jnp.logical_and(jnp.asarray(m, bool), ~jnp.asarray(d)), masks, dead)
+    params = jax.tree.map(_where_dead(lambda p, d: np.where(d, np.zeros_like(p), p)), params, dead)
+    masks = jax.tree.map(_where_dead(lambda m, d: np.logical_and(np.asarray(m, bool), ~d)), masks, dead)
     return params, masks, {"kernel": int(record["kernel"]), "other": int(record["other"])}
 
+
+
+def _where_dead(fn: Any) -> Any:
+    """``fn(leaf, dead)`` on the host for leaves with a dead entry, back on the leaf's device;
+    other leaves unchanged (no per-leaf programs)."""
+
+    def update(leaf: Any, dead: Any) -> Any:
+        dead = np.asarray(dead, bool)
+        if not dead.any():
+            return leaf
+        new = fn(np.asarray(leaf), dead)
+        sharding = getattr(leaf, "sharding", None)
+        return jax.device_put(new, sharding) if sharding is not None else jax.device_put(new)
+
+    return update

@@ -480,17 +480,19 @@ class _SmallConvNet(nn.Module):
 
 
 def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
-    """The first sp.prune compiles the capture and one kernel per layer geometry, nothing per
-    keep-ratio search iteration; later calls on the same model (any ratio, any reduction
-    already seen) compile nothing."""
+    """The first sp.prune compiles the capture, one kernel per layer geometry and the zeroing's
+    gradient program (one chunk shape), nothing per keep-ratio search iteration; later calls on
+    the same model (any ratio, any reduction already seen) compile nothing."""
     model = _SmallConvNet()  # hashable (a Sequential's layer list is not: a fresh capture jit per call)
     x = _inputs(11, (12, 7, 7, 3), True)
     variables = _init(model, x)
-    pass_programs = {"jit(_signed_capture)", "jit(_ratio_step)", "jit(_rows_step)", "jit(_bucket_step)"}
+    pass_programs = {"jit(_signed_capture)", "jit(_ratio_step)", "jit(_rows_step)", "jit(_bucket_step)",
+                     "jit(_abs_grad_impl)"}
     for method in ("sipp", "pfp"):
         with _Compiles() as first:
             sp.prune(model, variables, x, method=method, keep_ratio=0.4, chunk_size=8, allow_dead_layers=True)
         assert set(first.names) <= pass_programs, first.names
+        assert first.names.count("jit(_abs_grad_impl)") <= 1, first.names  # 11 points, chunks of 8: padded
         kernels = [n for n in first.names if n in ("jit(_ratio_step)", "jit(_bucket_step)")]
         assert len(kernels) <= 3  # three layers of distinct geometry
         for keep_ratio in (0.4, 0.15):
