@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from sensprune.types import Layer, Path
 
 
@@ -42,9 +46,22 @@ def bias_path(layer: Layer) -> Path:
     return layer.path + ("bias",)
 
 
+def _set_slice(leaf: Any, index: tuple[int, ...], value: Any) -> Any:
+    """``leaf`` with ``leaf[index]`` replaced (numpy leaves stay numpy; nothing is mutated)."""
+    if isinstance(leaf, np.ndarray) and not isinstance(value, jax.core.Tracer):
+        out = leaf.copy()
+        out[index] = np.asarray(value)
+        return out
+    return jnp.asarray(leaf).at[index].set(value)
+
+
 def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
-    """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape."""
+    """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape
+    (and its own slice of a leaf stacked by ``nn.scan``: ``layer.index``)."""
     leaf = get_path(params, kernel_path(layer))
+    index = getattr(layer, "index", ())
+    if index and hasattr(leaf, "shape"):
+        leaf = leaf[index]
     if not getattr(layer, "param_shape", ()) or not hasattr(leaf, "reshape"):
         return leaf
     return (leaf.T if layer.transposed else leaf).reshape(layer.kernel_shape)
@@ -55,4 +72,7 @@ def set_kernel(params: Mapping[str, Any], layer: Layer, value: Any) -> dict:
     shape = getattr(layer, "param_shape", ())
     if shape and hasattr(value, "reshape") and tuple(value.shape) == tuple(layer.kernel_shape):
         value = value.reshape(shape[::-1]).T if layer.transposed else value.reshape(shape)
+    index = getattr(layer, "index", ())
+    if index:
+        value = _set_slice(get_path(params, kernel_path(layer)), index, value)
     return set_path(params, kernel_path(layer), value)

@@ -44,7 +44,12 @@ class Layer:
         ``(*window, in / groups, out)`` and output filters of group ``g`` read
         only input channels of group ``g``.
       calls: how often the model calls the layer in one forward pass (shared
-        weights); captured inputs of all calls are stacked on the batch axis.
+        weights; every step of an ``nn.RNN`` / ``nn.scan`` over a broadcast
+        kernel is a call); captured inputs of all calls are stacked on the batch axis.
+      index: for one slice of a kernel stacked by ``nn.scan`` (``variable_axes=
+        {'params': 0}``: one layer per scan step), its index into the leading
+        axes of the parameter leaf; ``()`` for an unstacked kernel. Each slice
+        is a layer of its own (name ``'blocks/mlp[2]'``).
     """
 
     path: Path
@@ -63,11 +68,12 @@ class Layer:
     transposed: bool = False
     groups: int = 1
     calls: int = 1
+    index: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
-        """Human-readable path, e.g. ``'block1/Conv_0'``."""
-        return "/".join(self.path)
+        """Human-readable path, e.g. ``'block1/Conv_0'`` (``'blocks/Dense_0[2]'`` for a scan slice)."""
+        return "/".join(self.path) + "".join(f"[{i}]" for i in self.index)
 
     @property
     def in_channels(self) -> int:
@@ -96,8 +102,9 @@ class Layer:
     @property
     def channel_structured(self) -> bool:
         """Whether filter methods may prune this layer: a plain Dense/Conv kernel,
-        called once (the channel-dependency analysis reads these only)."""
-        return not self.param_shape and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
+        called once, not a scan slice (the channel-dependency analysis reads these only)."""
+        plain = not self.param_shape and self.param_name == "kernel"
+        return plain and not self.index and self.groups == 1 and self.calls == 1
 
     @property
     def num_neurons(self) -> int:
