@@ -197,12 +197,13 @@ class LinenAdapter:
 
         with nn.intercept_methods(interceptor):
             occurrences = jax.eval_shape(tagged, variables, x)
+        batch = int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
         layers: list[Layer] = []
         for path, layer in found.items():
             name = geometry.layer_name(path)
             leaf = paths.get_path(variables["params"], paths.kernel_path(layer))
             try:
-                layers.extend(lifted.expand_layer(layer, np.shape(leaf), occurrences.get(name, [])))
+                layers.extend(lifted.expand_layer(layer, np.shape(leaf), occurrences.get(name, []), batch))
             except ValueError as err:
                 dense[name] = str(err)
         layers = lifted.in_call_order(layers)

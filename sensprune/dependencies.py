@@ -178,14 +178,14 @@ def analyze(
       model: a Linen module or a model adapter (:mod:`sensprune.adapter`).
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
-      layers: the prunable layers (default: :func:`sensprune.find_layers`).
+      layers: the prunable layers (default: the channel-structured ones of :func:`sensprune.find_layers`).
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
     adapter = as_adapter(model, method, apply_kwargs)
-    if layers is None:
-        layers = adapter.find_layers(variables, x)
+    if layers is None:  # the layers whose channels can be followed (not views, shared layers, scan slices)
+        layers = [layer for layer in adapter.find_layers(variables, x) if layer.channel_structured]
     layers = tuple(layers)
     closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
     sources = _sources(variables, x, markers, layers)

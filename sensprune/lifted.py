@@ -154,17 +154,25 @@ def stack_dims(layer: Layer, leaf_shape: Sequence[int]) -> tuple[int, ...]:
     return ()
 
 
-def expand_layer(layer: Layer, leaf_shape: Sequence[int], occurrences: Sequence[Any]) -> list[Layer]:
+def expand_layer(
+    layer: Layer, leaf_shape: Sequence[int], occurrences: Sequence[Any], batch: int = 1
+) -> list[Layer]:
     """The layers of one traced layer module: one per slice of a stacked (scanned) kernel,
     with ``calls`` counting every step of the scans that share the kernel.
 
-    ``occurrences``: shapes of the tagged inputs (:func:`tagged_values`), one per call site.
+    ``occurrences``: shapes of the tagged inputs (:func:`tagged_values`), one per call site, of a
+    forward on ``batch`` points.
     Raises ValueError when the stack is not on the leading scan axes.
     """
     stack = stack_dims(layer, leaf_shape)
+    shapes = [tuple(getattr(shape, "shape", shape)) for shape in occurrences]
+    if layer.positions_folded:
+        if stack:
+            raise ValueError("a scan-stacked kernel called with different input shapes is left dense")
+        rows = sum(_prod(shape) for shape in shapes) // layer.input_shape[0]
+        return [dataclasses.replace(layer, calls=max(rows // max(batch, 1), 1))]
     calls = 0
-    for shape in occurrences:
-        shape = tuple(getattr(shape, "shape", shape))
+    for shape in shapes:
         n = _scan_axes(layer, shape)
         if n < len(stack) or shape[: len(stack)] != stack:
             raise ValueError(

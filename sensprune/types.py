@@ -50,6 +50,9 @@ class Layer:
         {'params': 0}``: one layer per scan step), its index into the leading
         axes of the parameter leaf; ``()`` for an unstacked kernel. Each slice
         is a layer of its own (name ``'blocks/mlp[2]'``).
+      positions_folded: a shared dense layer whose calls differ in their position
+        axes: every position of every call is one point (``input_shape = (fan_in,)``;
+        ``calls`` = positions per sample over all calls).
     """
 
     path: Path
@@ -69,6 +72,7 @@ class Layer:
     groups: int = 1
     calls: int = 1
     index: tuple[int, ...] = ()
+    positions_folded: bool = False
 
     @property
     def name(self) -> str:
