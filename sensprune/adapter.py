@@ -192,11 +192,18 @@ class LinenAdapter:
                 dense[name] = str(err)
             return outputs
 
+        lost: dict[str, str] = {}
+
         def tagged(variables, x):
-            return lifted.tagged_values(self._call, variables, x)[1]
+            _, found, where = lifted.tagged_values(self._call, variables, x)
+            lost.update(where)
+            return found
 
         with nn.intercept_methods(interceptor):
             occurrences = jax.eval_shape(tagged, variables, x)
+        for name, primitive in lost.items():
+            dense[name] = lifted.lost_reason(primitive)
+        found = {path: layer for path, layer in found.items() if geometry.layer_name(path) not in lost}
         batch = int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
         layers: list[Layer] = []
         for path, layer in found.items():
@@ -225,7 +232,7 @@ class LinenAdapter:
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            _, found = lifted.tagged_values(self._call, variables, x)
+            _, found, _ = lifted.tagged_values(self._call, variables, x)
         # a shared layer: the inputs of all its calls (scan steps too), stacked on the batch axis;
         # a slice of a scanned stack: the inputs of its own step
         captured = {

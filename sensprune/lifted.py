@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sensprune.types import Layer
 
-__all__ = ["expand_layer", "in_call_order", "layer_input", "stack_dims", "tag", "tagged_values"]
+__all__ = ["expand_layer", "in_call_order", "layer_input", "lost_reason", "stack_dims", "tag", "tagged_values"]
 
 _PREFIX = "sensprune:"
 _CALLS = ("remat2", "checkpoint", "jit", "pjit", "closed_call", "core_call")
@@ -42,18 +42,31 @@ def _tag_name(eqn: Any) -> str | None:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else None
 
 
+def _tags_in(jaxpr: Any) -> list[str]:
+    """Every tag inside ``jaxpr`` (open or closed), nested bodies included."""
+    out = []
+    for e in _eqns(jaxpr):
+        name = _tag_name(e)
+        if name is not None:
+            out.append(name)
+        for sub in jcore.jaxprs_in_params(e.params):
+            out.extend(_tags_in(sub))
+    return out
+
+
 def _has_tags(jaxpr: Any) -> bool:
-    return any(
-        _tag_name(e) is not None or any(_has_tags(s) for s in jcore.jaxprs_in_params(e.params)) for e in _eqns(jaxpr)
-    )
+    return bool(_tags_in(jaxpr))
 
 
 def _eqns(jaxpr: Any) -> list:
     return list(getattr(jaxpr, "jaxpr", jaxpr).eqns)
 
 
-def _surface(jaxpr: Any) -> tuple[Any, list[str]]:
-    """``jaxpr`` (open) with every tagged value appended to its outputs, and the tags in that order."""
+def _surface(jaxpr: Any, lost: dict[str, str]) -> tuple[Any, list[str]]:
+    """``jaxpr`` (open) with every tagged value appended to its outputs, and the tags in that order.
+
+    Tags inside a primitive whose body cannot return them (a while loop, a cond branch) go to ``lost``
+    (tag -> primitive name)."""
     eqns, extra, tags = [], [], []
     for eqn in jaxpr.eqns:
         name = _tag_name(eqn)
@@ -62,10 +75,15 @@ def _surface(jaxpr: Any) -> tuple[Any, list[str]]:
             extra.append(eqn.outvars[0])
             tags.append(name)
             continue
-        if not any(_has_tags(s) for s in jcore.jaxprs_in_params(eqn.params)):
+        inside = [t for sub in jcore.jaxprs_in_params(eqn.params) for t in _tags_in(sub)]
+        if not inside:
             eqns.append(eqn)
             continue
-        eqn, outs, inner = _surface_eqn(eqn)
+        if eqn.primitive.name != "scan" and eqn.primitive.name not in _CALLS:
+            lost.update({t: eqn.primitive.name for t in inside})
+            eqns.append(eqn)
+            continue
+        eqn, outs, inner = _surface_eqn(eqn, lost)
         eqns.append(eqn)
         extra.extend(outs)
         tags.extend(inner)
@@ -77,33 +95,27 @@ def _closed(jaxpr: Any, consts: Any) -> Any:
     return jcore.ClosedJaxpr(jaxpr, consts)
 
 
-def _surface_eqn(eqn: Any) -> tuple[Any, list[Any], list[str]]:
+def _surface_eqn(eqn: Any, lost: dict[str, str]) -> tuple[Any, list[Any], list[str]]:
     """An equation holding tagged values in its body, rewritten to also return them."""
     prim = eqn.primitive.name
     params = dict(eqn.params)
     if prim == "scan":
-        body, tags = _surface(params["jaxpr"].jaxpr)
+        body, tags = _surface(params["jaxpr"].jaxpr, lost)
         params["jaxpr"] = _closed(body, params["jaxpr"].consts)
         length = int(params["length"])
         new = body.outvars[len(body.outvars) - len(tags):]
         outs = [jcore.Var(v.aval.update(shape=(length, *v.aval.shape))) for v in new]
-    elif prim in _CALLS:
+    else:  # one of _CALLS
         key = "jaxpr" if "jaxpr" in params else "call_jaxpr"
         inner = params[key]
         closed = isinstance(inner, jcore.ClosedJaxpr)
-        body, tags = _surface(inner.jaxpr if closed else inner)
+        body, tags = _surface(inner.jaxpr if closed else inner, lost)
         params[key] = _closed(body, inner.consts) if closed else body
         outs = [jcore.Var(v.aval) for v in body.outvars[len(body.outvars) - len(tags):]]
         for field, fill in (("out_shardings", None), ("out_layouts", None)):
             if field in params:
                 extra: Any = _unspecified() if field == "out_shardings" else fill
                 params[field] = (*params[field], *([extra] * len(tags)))
-    else:
-        raise ValueError(
-            f"a prunable layer is called inside a {prim!r} (e.g. a loop or a branch of lax.cond / "
-            "nn.while_loop); sensprune reads layer inputs through jit, nn.remat and nn.scan / nn.RNN only. "
-            "Exclude that layer (exclude=...) or call it outside the loop."
-        )
     return eqn.replace(params=params, outvars=[*eqn.outvars, *outs]), outs, tags
 
 
@@ -113,21 +125,31 @@ def _unspecified() -> Any:
     return UNSPECIFIED
 
 
-def tagged_values(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, list[Any]]]:
-    """``(fn(*args), {tag: [value of each tagged occurrence, in program order]})``.
+def tagged_values(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, list[Any]], dict[str, str]]:
+    """``(fn(*args), {tag: [value of each tagged occurrence, in program order]}, lost)``.
 
     A tag inside ``scan`` bodies comes back with one leading axis per enclosing
-    scan (its steps). Pure: works under :func:`jax.jit`.
+    scan (its steps). ``lost``: tag -> the primitive (``while``, ``cond``, ...)
+    whose body holds it and cannot hand it out. Pure: works under :func:`jax.jit`.
     """
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    body, tags = _surface(closed.jaxpr)
+    lost: dict[str, str] = {}
+    body, tags = _surface(closed.jaxpr, lost)
     flat = jcore.jaxpr_as_fun(_closed(body, closed.consts))(*jax.tree_util.tree_leaves(args))
     n = len(flat) - len(tags)
     out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat[:n])
     found: dict[str, list[Any]] = {}
     for name, value in zip(tags, flat[n:]):
         found.setdefault(name, []).append(value)
-    return out, found
+    return out, found, lost
+
+
+def lost_reason(primitive: str) -> str:
+    """Why a layer called inside ``primitive`` is left dense."""
+    return (
+        f"called inside a {primitive!r} (a lax.while_loop / nn.while_loop or a lax.cond branch), whose inputs "
+        "sensprune cannot read (it reads them through jit, nn.remat, nn.scan and nn.RNN); left dense"
+    )
 
 
 # --------------------------------------------------------------------------- layers inside scans

@@ -162,3 +162,32 @@ def test_head_applied_twice_is_one_shared_layer():
     np.testing.assert_allclose(sens.weight, np.maximum(pooled.weight, tokens.weight), rtol=1e-5, atol=1e-6)
     res = sp.prune(model, variables, x, method="sipp", keep_ratio=0.8)
     assert res.masks["head"]["kernel"].shape == (8, 3)
+
+
+def test_fused_pass_on_the_scanned_lm(lm):
+    model, variables, tokens = lm
+    plain = boxing.unbox_variables(variables)
+    streamed = sp.compute_sensitivities(model, plain, tokens, chunk_size=6)
+    fused = sp.compute_sensitivities(model, plain, tokens, chunk_size=6, fused=True)
+    for name, sens in streamed.items():
+        np.testing.assert_allclose(fused[name].weight, sens.weight, atol=1e-6)
+
+
+class Looped(nn.Module):
+    def setup(self):
+        self.loop = nn.Dense(4)
+        self.head = nn.Dense(2)
+
+    def __call__(self, x):
+        if self.is_initializing():
+            self.loop(x)
+        x, _ = nn.while_loop(lambda mdl, c: c[1] < 2, lambda mdl, c: (mdl.loop(c[0]), c[1] + 1), self, (x, 0))
+        return self.head(x)
+
+
+def test_layer_inside_a_while_loop_stays_dense_with_the_reason():
+    x = np.ones((3, 4), np.float32)
+    variables = Looped().init(jax.random.PRNGKey(0), x)
+    res = sp.prune(Looped(), variables, x, method="wt", keep_ratio=0.9)
+    assert set(res.layer_kept) == {"head"}
+    assert "'while'" in res.info["dense_layers"]["loop"] and "left dense" in res.info["dense_layers"]["loop"]
