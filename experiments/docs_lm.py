@@ -48,7 +48,10 @@ def page(results: Mapping[str, Any]) -> str:
         f"Perplexity on the held-out windows, right after pruning and after {opts['retrain_steps']} masked "
         "Adam steps. Kept parameters count every nonzero entry (embedding, norms and biases included).",
         "",
-        f"Dense perplexity: **{results['dense_ppl']:.2f}**.",
+        f"Dense perplexity: **{results['dense_ppl']:.2f}**"
+        + (f"; after the same {opts['retrain_steps']} more Adam steps (the baseline of the retrained column: "
+           f"the dense LM is short-trained, so those steps also continue its training): "
+           f"**{results['dense_ppl_continued']:.2f}**." if "dense_ppl_continued" in results else "."),
         "",
         "| method | target keep ratio | achieved | kept params | ppl pruned | ppl retrained |",
         "|---|---|---|---|---|---|",

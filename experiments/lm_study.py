@@ -166,6 +166,9 @@ def run(workdir: Path, opts: Options) -> dict[str, Any]:
     results.update(options=dataclasses.asdict(opts), vocab=len(alphabet), windows=[len(train_data), len(test_data)],
                    dense_params=sp.counting.count_params(boxing.unbox(params)))
     results["dense_ppl"] = perplexity(model, params, test_data)
+    if "dense_ppl_continued" not in results:  # the baseline of the retrained rows: as many more dense steps
+        continued = train(model, params, train_data, opts.retrain_steps, opts)
+        results["dense_ppl_continued"] = perplexity(model, continued, test_data)
     rows = results.setdefault("rows", {})
     points = train_data[: opts.num_points, :-1]
     for method in METHODS:
