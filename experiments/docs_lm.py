@@ -21,7 +21,8 @@ RENDER = "python -m experiments.docs_lm --workdir=runs/studies/lm --out=docs/"
 
 def _row(row: Mapping[str, Any], dense: int) -> str:
     if "refused" in row:
-        return f"| {row['method']} | {row['target']:.2f} | refused: {row['refused']} | | | |"
+        why = row["refused"].split(": ", 1)[-1]  # without the "prune(method=...)" prefix
+        return f"| {row['method']} | {row['target']:.2f} | refused: {why} | | | |"
     method = row["method"] + (f" ({row['note']})" if row.get("note") else "")
     return (
         f"| {method} | {row['target']:.2f} | {row['keep_ratio']:.4f} | {row['kept_params']} / {dense} | "
@@ -46,7 +47,8 @@ def page(results: Mapping[str, Any]) -> str:
         f"characters, {results['windows'][0]} for training and the last {results['windows'][1]} held out. "
         f"Each scan slice is pruned as a layer of its own; S = {opts['num_points']} training windows. "
         f"Perplexity on the held-out windows, right after pruning and after {opts['retrain_steps']} masked "
-        "Adam steps. Kept parameters count every nonzero entry (embedding, norms and biases included).",
+        "Adam steps. Kept parameters count every nonzero entry (embedding, norms and biases included). One "
+        "trained LM, one seed: no spread is measured.",
         "",
         f"Dense perplexity: **{results['dense_ppl']:.2f}**"
         + (f"; after the same {opts['retrain_steps']} more Adam steps (the baseline of the retrained column: "
@@ -63,7 +65,7 @@ def page(results: Mapping[str, Any]) -> str:
         "scanned params. It removes hidden MLP channels only (attention projections are views it leaves dense), "
         "hence its smallest reachable ratio.",
         "",
-        "Regenerate (about 10 minutes on one core; resumable):",
+        "Regenerate (about 20 minutes wall on a shared, busy 2-core machine; resumable):",
         "",
         "```bash",
         COMMAND,
