@@ -7,8 +7,9 @@ input is *tagged* with an identity (:func:`tag`, ``checkpoint_name``), the
 forward is traced to a jaxpr, and :func:`tagged_values` rewrites that jaxpr
 so each tagged value becomes an extra output: a tag inside a ``scan`` body
 comes out stacked over the scan steps (leading axis = step), a tag inside
-``remat`` / ``jit`` as is. Pure and jittable (the rewritten jaxpr is evaluated
-in the caller's trace).
+``remat`` / ``jit`` as is; a tag inside a ``while`` loop or a ``cond`` branch
+cannot be handed out and is reported as lost (the layer stays dense). Pure and
+jittable (the rewritten jaxpr is evaluated in the caller's trace).
 """
 
 from __future__ import annotations
