@@ -25,15 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from sensprune import geometry, layer_kinds, validation
+from sensprune import geometry, layer_kinds, lifted, paths, validation
 from sensprune.points import as_args, check_arity
 from sensprune.types import Layer, Path
 
 __all__ = ["Interceptor", "LayerCall", "LinenAdapter", "ModelAdapter", "as_adapter", "trace_with_markers"]
-
-_COLLECTION = "_sensprune_layer_inputs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,19 +81,6 @@ def with_params(variables: Mapping[str, Any], params: Any) -> dict:
 
 def _returns_state(mutable: Any) -> bool:
     return mutable not in (False, None)
-
-
-def _with_collection(mutable: Any) -> Any:
-    """``mutable`` argument for apply that also makes our collection mutable."""
-    if mutable is True:
-        return True
-    if mutable is False or mutable is None:
-        return [_COLLECTION]
-    if isinstance(mutable, str):
-        return [mutable, _COLLECTION]
-    if isinstance(mutable, (list, tuple)):
-        return [*mutable, _COLLECTION]
-    raise ValueError(f"mutable must be a bool, a collection name or a list of names, got {mutable!r}")
 
 
 def _freeze(value: Any) -> Any:
@@ -191,8 +175,9 @@ class LinenAdapter:
             if not layer_kinds.is_linen_call(module, context.method_name):
                 return next_fun(*args, **kwargs)
             inputs = geometry.layer_input(args, kwargs)
-            outputs = next_fun(*args, **kwargs)
             name = geometry.layer_name(path)
+            args, kwargs = geometry.with_layer_input(args, kwargs, lifted.tag(inputs, name))
+            outputs = next_fun(*args, **kwargs)
             if name in dense:
                 return outputs
             try:
@@ -207,33 +192,54 @@ class LinenAdapter:
                 dense[name] = str(err)
             return outputs
 
+        lost: dict[str, str] = {}
+
+        def tagged(variables, x):
+            _, found, where = lifted.tagged_values(self._call, variables, x)
+            lost.update(where)
+            return found
+
         with nn.intercept_methods(interceptor):
-            jax.eval_shape(self._call, variables, x)
-        layers = [layer for layer in found.values()]
-        layers = [dataclasses.replace(layer, order=i) for i, layer in enumerate(layers)]
+            occurrences = jax.eval_shape(tagged, variables, x)
+        for name, primitive in lost.items():
+            dense[name] = lifted.lost_reason(primitive)
+        found = {path: layer for path, layer in found.items() if geometry.layer_name(path) not in lost}
+        batch = int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
+        layers: list[Layer] = []
+        for path, layer in found.items():
+            name = geometry.layer_name(path)
+            leaf = paths.get_path(variables["params"], paths.kernel_path(layer))
+            try:
+                layers.extend(lifted.expand_layer(layer, np.shape(leaf), occurrences.get(name, []), batch))
+            except ValueError as err:
+                dense[name] = str(err)
+        layers = lifted.in_call_order(layers)
         geometry.check_kernels(layers, variables)
         return layers, dense
 
     def capture_inputs(
         self, variables: Mapping[str, Any], x: Any, layers: Optional[Sequence[Layer]] = None
     ) -> dict[str, jax.Array]:
-        wanted = None if layers is None else {tuple(layer.path) for layer in layers}
+        if layers is None:
+            layers = self.find_layers(variables, x)
+        wanted = {tuple(layer.path) for layer in layers}
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if layer_kinds.is_linen_call(module, context.method_name):
-                if wanted is None or tuple(module.path) in wanted:
-                    module.sow(_COLLECTION, "inputs", geometry.layer_input(args, kwargs))
+            if layer_kinds.is_linen_call(module, context.method_name) and tuple(module.path) in wanted:
+                inputs = lifted.tag(geometry.layer_input(args, kwargs), geometry.layer_name(tuple(module.path)))
+                args, kwargs = geometry.with_layer_input(args, kwargs, inputs)
             return next_fun(*args, **kwargs)
 
-        mutable = _with_collection(self.apply_kwargs.get("mutable", False))
         with nn.intercept_methods(interceptor):
-            _, state = self._call(variables, x, mutable=mutable)
-        flat = traverse_util.flatten_dict(dict(state.get(_COLLECTION, {})))
-        captured = {}
-        for key, values in flat.items():
-            # a shared layer: the inputs of all its calls, stacked on the batch axis
-            captured["/".join(key[:-1])] = layer_kinds.stack_calls(values)
+            _, found, _ = lifted.tagged_values(self._call, variables, x)
+        # a shared layer: the inputs of all its calls (scan steps too), stacked on the batch axis;
+        # a slice of a scanned stack: the inputs of its own step
+        captured = {
+            layer.name: lifted.layer_input(layer, found[geometry.layer_name(layer.path)])
+            for layer in layers
+            if geometry.layer_name(layer.path) in found
+        }
         return check_captured(captured, layers)
 
 

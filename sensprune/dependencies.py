@@ -187,15 +187,16 @@ def analyze(
       model: a Linen module or a model adapter (:mod:`sensprune.adapter`).
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
-      layers: the prunable layers (default: :func:`sensprune.find_layers`); grouped convs and
-        kernel views whose feature axis is not the input's last are traced through, not marked.
+      layers: the prunable layers (default: those of :func:`sensprune.find_layers` whose channels
+        can be followed: not shared layers or scan slices); grouped convs and kernel views whose
+        feature axis is not the input's last are traced through, not marked.
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
     adapter = as_adapter(model, method, apply_kwargs)
-    if layers is None:
-        layers = adapter.find_layers(variables, x)
+    if layers is None:  # shared layers and scan slices: their channels cannot be followed
+        layers = [layer for layer in adapter.find_layers(variables, x) if layer.calls == 1 and not layer.index]
     layers = tuple(layer for layer in layers if _marked(layer))
     closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
     sources = _sources(variables, x, markers, layers)

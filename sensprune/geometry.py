@@ -8,6 +8,7 @@ fields (``features``, ``kernel_size``, ``strides``, ...).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -35,6 +36,15 @@ def layer_input(args: tuple, kwargs: Mapping[str, Any]) -> jax.Array:
         return args[0]
     if "inputs" in kwargs:
         return kwargs["inputs"]
+    raise ValueError("could not find the input of a Dense/Conv call (expected `inputs`)")
+
+
+def with_layer_input(args: tuple, kwargs: Mapping[str, Any], value: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a layer call with its input (:func:`layer_input`) replaced by ``value``."""
+    if args:
+        return (value, *args[1:]), dict(kwargs)
+    if "inputs" in kwargs:
+        return args, {**kwargs, "inputs": value}
     raise ValueError("could not find the input of a Dense/Conv call (expected `inputs`)")
 
 
@@ -134,7 +144,7 @@ def check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> None
     """Each layer's kernel must be in ``variables['params']`` with the traced shape."""
     for layer in layers:
         try:
-            kernel = paths.get_path(variables["params"], paths.kernel_path(layer))  # the leaf itself
+            kernel = paths.get_kernel(variables["params"], dataclasses.replace(layer, param_shape=()))  # no view
         except KeyError as err:
             raise ValueError(
                 f"layer {layer.name!r}: kernel not found in variables['params'] "

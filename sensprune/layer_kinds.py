@@ -269,13 +269,25 @@ def conv_transpose_layer(module: Any, features: int, path: Path, inputs: Any, ou
 
 
 def merge_call(layer: Layer, inputs: Any) -> Layer:
-    """``layer`` after one more call with ``inputs`` (weight sharing); Unscorable if the shapes differ."""
-    if tuple(inputs.shape[1:]) != tuple(layer.input_shape):
-        raise Unscorable(
-            f"called {layer.calls + 1} times with different input shapes {layer.input_shape} and "
-            f"{tuple(inputs.shape[1:])}; left dense"
-        )
-    return dataclasses.replace(layer, calls=layer.calls + 1)
+    """``layer`` after one more call with ``inputs`` (weight sharing); Unscorable if the shapes differ.
+
+    A dense layer (Dense, DenseGeneral, Einsum views) called with different position axes (big_vision's
+    head on the pooled token and on every patch) is *folded*: every position of every call is a point
+    of its own (``input_shape = (fan_in,)``, ``positions_folded``), so its sensitivity is the max over
+    calls and positions (for ``reduction='mean'`` a bound on the per-point mean)."""
+    if tuple(inputs.shape[1:]) == tuple(layer.input_shape):
+        return dataclasses.replace(layer, calls=layer.calls + 1)
+    if layer.kind == "dense" and not layer.input_axes and _size(inputs.shape[1:]) % layer.kernel_shape[0] == 0:
+        return _folded(layer)  # the call contracted its trailing axes with the kernel (Flax checked)
+    raise Unscorable(
+        f"called {layer.calls + 1} times with different input shapes {layer.input_shape} and "
+        f"{tuple(inputs.shape[1:])}; left dense"
+    )
+
+
+def _folded(layer: Layer) -> Layer:
+    fan_in, units = layer.kernel_shape
+    return dataclasses.replace(layer, input_shape=(fan_in,), output_shape=(units,), positions_folded=True)
 
 
 def stack_calls(values: Sequence[Any]) -> Any:

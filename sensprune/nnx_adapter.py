@@ -344,6 +344,10 @@ class NNXAdapter:
                     layer = _layer(calls[0], path, len(found))
                     for extra in calls[1:]:
                         layer = layer_kinds.merge_call(layer, extra.inputs)
+                    if layer.positions_folded:  # folding calls of different shapes: Linen only, for now
+                        raise layer_kinds.Unscorable(
+                            f"called {len(calls)} times with different input shapes; left dense"
+                        )
                     found.append(layer)
                 except ValueError as err:
                     dense[_name(path)] = str(err)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from sensprune.types import Layer, Path
 
 
@@ -53,9 +57,22 @@ def _is_view(layer: Layer) -> bool:
     return bool(getattr(layer, "param_shape", ())) or bool(getattr(layer, "transposed", False))
 
 
+def _set_slice(leaf: Any, index: tuple[int, ...], value: Any) -> Any:
+    """``leaf`` with ``leaf[index]`` replaced (numpy leaves stay numpy; nothing is mutated)."""
+    if isinstance(leaf, np.ndarray) and not isinstance(value, jax.core.Tracer):
+        out = leaf.copy()
+        out[index] = np.asarray(value)
+        return out
+    return jnp.asarray(leaf).at[index].set(value)
+
+
 def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
-    """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape."""
+    """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape
+    (and its own slice of a leaf stacked by ``nn.scan``: ``layer.index``)."""
     leaf = get_path(params, kernel_path(layer))
+    index = getattr(layer, "index", ())
+    if index and hasattr(leaf, "shape"):
+        leaf = leaf[index]
     if not _is_view(layer) or not hasattr(leaf, "reshape"):
         return leaf
     return (_swap_view(leaf) if layer.transposed else leaf).reshape(layer.kernel_shape)
@@ -69,4 +86,7 @@ def set_kernel(params: Mapping[str, Any], layer: Layer, value: Any) -> dict:
             value = _swap_view(value.reshape(shape[:-2] + (shape[-1], shape[-2])))
         else:
             value = value.reshape(shape)
+    index = getattr(layer, "index", ())
+    if index:
+        value = _set_slice(get_path(params, kernel_path(layer)), index, value)
     return set_path(params, kernel_path(layer), value)

@@ -375,7 +375,7 @@ def fused_pass(
 
 def _geometry(layer: Layer) -> Layer:
     """The layer without its identity: layers of equal geometry share one compiled kernel."""
-    return dataclasses.replace(layer, path=(), order=0)
+    return dataclasses.replace(layer, path=(), order=0, index=())
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))

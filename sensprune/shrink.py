@@ -187,7 +187,8 @@ class Shrunk:
       widths: layer name -> ``(in_features, out_features)`` after shrinking.
       kept: layer name -> ``{'in': indices, 'out': indices}`` kept from the original.
       opt_state: the sliced optimizer state (None when not given).
-      meta: how to rebuild the module (class path and fields), for export.
+      meta: how to rebuild the module (class path and fields), for export; ``'unshrunk'``:
+        kernels left at full size (stacked by ``nn.scan``) and why.
     """
 
     model: ShrunkModel
@@ -420,6 +421,10 @@ def shrink(
     widths = {name: (int(k["in"].size), int(k["out"].size)) for name, k in kept.items()}
     linen = adapter.model if isinstance(adapter, LinenAdapter) else None
     meta = {"module": _module_meta(linen), "apply_kwargs": _jsonable(apply_kwargs)} if linen is not None else {}
+    if x is not None:
+        unshrunk = _unshrunk_stacks(adapter, variables, jax.tree_util.tree_map(lambda a: a[:1], x))
+        if unshrunk:
+            meta["unshrunk"] = unshrunk
     if info is not None:
         try:
             meta["info"] = json.loads(json.dumps(dict(info)))
@@ -430,6 +435,17 @@ def shrink(
         _check(adapter, masked_vars, small, x, atol)
     shrunk.variables = {col: boxing.rebox_like(boxed[col], tree) for col, tree in small.items()}
     return shrunk
+
+
+def _unshrunk_stacks(adapter: ModelAdapter, variables: Mapping[str, Any], x: Any) -> dict[str, str]:
+    """Kernels stacked by ``nn.scan`` (kept at full size) -> why."""
+    find = getattr(adapter, "find_layers_report", None)
+    if find is None:
+        return {}
+    stacked = {"/".join(layer.path) for layer in find(variables, x)[0] if layer.index}
+    why = ("stacked by nn.scan: one array for every step must keep one shape, and its slices' channel masks "
+           "differ, so it keeps its full size (pruned entries stay zero)")
+    return {name: why for name in sorted(stacked)}
 
 
 def _check_params_like(params: Any, other: Any) -> None:

@@ -51,7 +51,15 @@ class Layer:
         ``(*window, in / groups, out)`` and output filters of group ``g`` read
         only input channels of group ``g``.
       calls: how often the model calls the layer in one forward pass (shared
-        weights); captured inputs of all calls are stacked on the batch axis.
+        weights; every step of an ``nn.RNN`` / ``nn.scan`` over a broadcast
+        kernel is a call); captured inputs of all calls are stacked on the batch axis.
+      index: for one slice of a kernel stacked by ``nn.scan`` (``variable_axes=
+        {'params': 0}``: one layer per scan step), its index into the leading
+        axes of the parameter leaf; ``()`` for an unstacked kernel. Each slice
+        is a layer of its own (name ``'blocks/mlp[2]'``).
+      positions_folded: a shared dense layer whose calls differ in their position
+        axes: every position of every call is one point (``input_shape = (fan_in,)``;
+        ``calls`` = positions per sample over all calls).
     """
 
     path: Path
@@ -72,11 +80,13 @@ class Layer:
     input_axes: tuple[int, ...] = ()
     groups: int = 1
     calls: int = 1
+    index: tuple[int, ...] = ()
+    positions_folded: bool = False
 
     @property
     def name(self) -> str:
-        """Human-readable path, e.g. ``'block1/Conv_0'``."""
-        return "/".join(self.path)
+        """Human-readable path, e.g. ``'block1/Conv_0'`` (``'blocks/Dense_0[2]'`` for a scan slice)."""
+        return "/".join(self.path) + "".join(f"[{i}]" for i in self.index)
 
     @property
     def in_channels(self) -> int:
@@ -106,9 +116,9 @@ class Layer:
     def channel_structured(self) -> bool:
         """Whether filter methods may prune this layer: a Dense/Conv/ConvTranspose kernel or the 2-D
         view of a DenseGeneral/Einsum kernel contracting its trailing axes (attention projections),
-        called once (the channel-dependency analysis reads these only)."""
+        called once, not a scan slice (the channel-dependency analysis reads these only)."""
         return (
-            not self.transposed and not self.input_axes
+            not self.transposed and not self.input_axes and not self.index
             and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
         )
 
