@@ -21,7 +21,7 @@ from experiments.models.densenet import DenseNet
 from experiments.models.lenet import FCNet, LeNet5
 from experiments.models.resnet_cifar import CifarResNet
 from experiments.models.resnet_imagenet import ImageNetResNet
-from experiments.models.vgg import CFGS, DEPTH_TO_CFG, CifarVGG, ImageNetVGG
+from experiments.models.vgg import CFGS, DEPTH_TO_CFG, SMALL_CFG, CifarVGG, ImageNetVGG
 from experiments.models.wrn import WideResNet
 
 __all__ = [
@@ -65,6 +65,7 @@ _MNIST: dict[str, Callable[..., nn.Module]] = {
     "lenet300_100": P(FCNet, widths=(300, 100)),
     "lenet500_300_100": P(FCNet, widths=(500, 300, 100)),
     "lenet5": LeNet5,
+    "vgg_small_bn": P(CifarVGG, cfg=SMALL_CFG, batch_norm=True),
 }
 
 _CIFAR: dict[str, Callable[..., nn.Module]] = {
