@@ -26,7 +26,7 @@ MODE = "cascade"
 STUDIES = reproduce.GROUPS["fashion_convnets"]
 NET_NAMES = {"fashion_resnet20": "ResNet20", "fashion_vgg_small": "small VGG"}
 DROPS = (0.5, 1.0)  # allowed accuracy drops (pp) of the commensurate-accuracy table
-PLOTS = ("acc_param", "acc_flops")
+PLOTS = {"acc_param": "parameters", "acc_flops": "FLOPs"}  # plot -> its x axis (what was removed)
 FILTER_BASELINES = ("ft", "softnet", "thinet", "uniform_filters")
 PAGE = "convnets.md"
 
@@ -236,8 +236,8 @@ def page(studies: Mapping[str, results_lib.Results], images: Mapping[str, Sequen
     ]
     for name, res in studies.items():
         lines += [f"## {NET_NAMES.get(name, name)} (`{name}`)", "", *reproduce.accuracy_table(res), ""]
-        lines += [f"![{name}: accuracy vs. {p.split('_')[1]} removed]({p_path})"
-                  for p, p_path in zip(PLOTS, images.get(name, ())) if p_path]
+        lines += [f"![{name}: accuracy vs. {axis} removed]({path})"
+                  for axis, path in zip(PLOTS.values(), images.get(name, ())) if path]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
