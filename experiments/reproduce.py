@@ -2,6 +2,7 @@
 
   python -m experiments.reproduce --study=fashion_lenet300_100 [--workdir=runs/studies]
   python -m experiments.reproduce --study=all
+  python -m experiments.reproduce --study=fashion_convnets   # ResNet20 + small VGG, cascade (~1 h on 2 cores)
   python -m experiments.reproduce --study=embedded_lenet300_100 --fast   # a couple of minutes (what CI checks)
 
 Each study runs its config in two modes, ``cascade`` (prune, retrain, prune further) and ``prune-only``
@@ -64,6 +65,14 @@ STUDIES: dict[str, Study] = {
          "retraining.lr_milestones": (5, 7)},
         modes=("cascade",)),
     "fashion_lenet5": Study("configs.fashion.lenet5", "LeNet5 on full Fashion-MNIST, all methods, 3 nets"),
+    "fashion_resnet20": Study(
+        "configs.fashion.resnet20",
+        "ResNet20 (1-channel input) on a 30k subset of Fashion-MNIST, conv-net methods, short retraining, 1 net",
+        modes=("cascade",)),
+    "fashion_vgg_small": Study(
+        "configs.fashion.vgg_small",
+        "small VGG (8 convs, BN) on a 30k subset of Fashion-MNIST, conv-net methods, short retraining, 1 net",
+        modes=("cascade",)),
     "embedded_lenet300_100": Study(
         "configs.default", "LeNet300-100 on the embedded MNIST digits (the main job's data), all methods, 3 nets",
         {"experiments.num_nets": 3, "experiments.spacing": FIDELITY_SPACING}),
@@ -80,6 +89,9 @@ STUDIES: dict[str, Study] = {
         modes=("cascade",)),
 }
 
+# Names that run several studies in turn (each resumable on its own).
+GROUPS: dict[str, tuple[str, ...]] = {"fashion_convnets": ("fashion_resnet20", "fashion_vgg_small")}
+
 # CI's fast version: one net, two ratios, a few steps; same code path, same outputs.
 FAST_OVERRIDES = {
     "experiments.num_nets": 1,
@@ -93,6 +105,17 @@ FAST_OVERRIDES = {
     "retraining.max_steps_per_epoch": 10,
     "coresets.size": 64,
 }
+
+
+def study_names(study: str) -> list[str]:
+    """The studies ``--study`` names: one study, a group of :data:`GROUPS`, or ``'all'``."""
+    if study == "all":
+        return list(STUDIES)
+    if study in GROUPS:
+        return list(GROUPS[study])
+    if study in STUDIES:
+        return [study]
+    raise ValueError(f"--study={study!r} is unknown; allowed: {', '.join([*STUDIES, *GROUPS, 'all'])}")
 
 
 def _set(config: Any, dotted: str, value: Any) -> None:
@@ -283,7 +306,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("study", "fashion_lenet300_100", f"one of {', '.join(STUDIES)}, or 'all'")
+    flags.DEFINE_string("study", "fashion_lenet300_100", f"one of {', '.join([*STUDIES, *GROUPS])}, or 'all'")
     flags.DEFINE_string("workdir", "runs/studies", "study outputs and the pipeline work directories "
                         "(resumable); WORKDIR/<study>/ gets the tables and plots")
     flags.DEFINE_bool("fast", False, "one net, two ratios, a few steps (CI's smoke version)")
@@ -294,7 +317,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    names = list(STUDIES) if FLAGS.study == "all" else [FLAGS.study]
+    names = study_names(FLAGS.study)
     for name in names:
         extra = {"experiments.num_nets": FLAGS.num_nets} if FLAGS.num_nets > 0 else None
         path = run_study(name, Path(FLAGS.workdir), fast=FLAGS.fast, modes=FLAGS.modes, extra=extra)

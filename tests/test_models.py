@@ -95,14 +95,14 @@ VGG_CFGS = {
 }  # fmt: skip
 
 
-def cifar_vgg_count(depth: int, use_bn: bool, classes: int) -> int:
-    total, cin = 0, 3
-    for v in VGG_CFGS[depth]:
+def cifar_vgg_count(depth: int, use_bn: bool, classes: int, *, cin: int = 3, cfg=None, last: int = 512) -> int:
+    total = 0
+    for v in cfg or VGG_CFGS[depth]:
         if v == "M":
             continue
         total += conv(cin, v, 3, bias=True) + (bn(v) if use_bn else 0)
         cin = v
-    return total + dense(512, classes)
+    return total + dense(last, classes)
 
 
 def wrn_count(depth: int, k: int, classes: int) -> int:
@@ -175,6 +175,9 @@ def expected_count(name: str, classes: int) -> int:
         return lenet5_count(28, 1, classes)
     if name.startswith("resnet"):
         return cifar_resnet_count(int(name[len("resnet"):]), classes)
+    if name == "vgg_small_bn":
+        small = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, "M")
+        return cifar_vgg_count(0, True, classes, cin=1, cfg=small, last=256)
     if name.startswith("vgg"):
         depth = int(name[3:5])
         return cifar_vgg_count(depth, name.endswith("_bn"), classes)

@@ -24,7 +24,7 @@ from experiments.models.lenet import FCNet, LeNet5
 from experiments.models.mobilenet import MobileNet
 from experiments.models.resnet_cifar import CifarResNet
 from experiments.models.resnet_imagenet import ImageNetResNet
-from experiments.models.vgg import CFGS, DEPTH_TO_CFG, CifarVGG, ImageNetVGG
+from experiments.models.vgg import CFGS, DEPTH_TO_CFG, SMALL_CFG, CifarVGG, ImageNetVGG
 from experiments.models.vit import ViT
 from experiments.models.wrn import WideResNet
 
@@ -74,6 +74,7 @@ _MNIST: dict[str, Callable[..., nn.Module]] = {
     # Small modern nets for 28x28x1 inputs (embedded digits, MNIST, Fashion-MNIST).
     "vit_tiny": P(ViT, patch_size=7, hidden_size=64, depth=4, num_heads=4, mlp_dim=128),
     "mobilenet_small": MobileNet,
+    "vgg_small_bn": P(CifarVGG, cfg=SMALL_CFG, batch_norm=True),
 }
 
 _CIFAR: dict[str, Callable[..., nn.Module]] = {

@@ -33,6 +33,8 @@ CFGS: dict[str, tuple[int | str, ...]] = {
           512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
 }  # fmt: skip
 DEPTH_TO_CFG = {11: "A", 13: "B", 16: "D", 19: "E"}
+# Reduced widths for 28x28 inputs (Fashion-MNIST): four pools take 28 -> 1, 8 convs, about 1.2M params.
+SMALL_CFG: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, "M")
 
 
 def _features(
