@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sensprune.patches import input_patches, kernel_matrix, matrix_to_kernel
+from sensprune.patches import gather_rows, input_patches, kernel_matrix, matrix_to_kernel
 from sensprune.types import Layer, LayerSensitivity
 
 EPS = float(np.finfo(np.float32).eps)
@@ -313,7 +313,7 @@ def rows_ratio(
     fan_in = index.shape[0] // num_patches * rows.shape[-1]
 
     def patch_fn(x):
-        return jnp.take(x, index, axis=1, mode="clip").reshape(x.shape[0], num_patches, fan_in)
+        return gather_rows(x, index).reshape(x.shape[0], num_patches, fan_in)
 
     size = _balanced_group(_point_elements(num_patches, fan_in, positive.shape[1]), rows.shape[0])
     return _ratio_over_groups(patch_fn, rows, w_split, positive, size, channels=rows.shape[-1],

@@ -61,6 +61,7 @@ def test_timing_measure_medians_interleaved_and_compile_events():
         assert times[name]["repeats"] == 3 and times[name]["compile_s"] >= 0
     assert times["b"]["calls_per_sample"] == 1 and times["a"]["calls_per_sample"] > 1  # fast calls batched
     assert 0.05 < times["b"]["median_s"] < 1.0 and float(outputs["a"][0]) == 3.0
+    assert times["b"]["cpu_median_s"] < 0.5 * times["b"]["median_s"]  # sleeping uses no CPU time
     summary = events.summary()
     assert summary["num_compiles"] >= 1 and summary["compile_s"] > 0 and summary["trace_s"] > 0
     assert any("lambda" in p["name"] for p in summary["programs"])
@@ -83,6 +84,8 @@ def test_passes_ratios_from_one_run():
     med = {k: v["median_s"] for k, v in m["passes"].items()}
     assert m["ratios"]["sipp_over_forward_full"] == med["sipp_pass"] / med["forward_full"]  # same run's medians
     assert m["ratios"]["pfp_over_forward_chunked"] == med["pfp_pass"] / med["forward_chunked"]
+    cpu = {k: v["cpu_median_s"] for k, v in m["passes"].items()}
+    assert m["ratios"]["sipp_over_forward_full_cpu"] == cpu["sipp_pass"] / cpu["forward_full"]
     assert max(m["fused_max_rel_diff"].values()) < 1e-5
     assert [s["points"] for s in m["scaling"]] == [16, 32] and [s["chunks"] for s in m["scaling"]] == [2, 4]
     assert m["scaling"][0]["per_point_over_1x"] == 1.0

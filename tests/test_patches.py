@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sensprune.layers import find_layers
-from sensprune.patches import input_patches, kernel_matrix, matrix_to_kernel, reference_patches
+from sensprune.patches import gather_rows, input_patches, kernel_matrix, matrix_to_kernel, reference_patches
 
 GEOMETRIES = [
     # window, strides, padding, kernel_dilation, input_dilation, input shape (no batch)
@@ -78,3 +78,11 @@ def test_shape_errors_name_the_layer():
         kernel_matrix(layer, _random((6, 3), 6))
     with pytest.raises(ValueError, match="order"):
         input_patches(layer, x, order="spatial")
+
+
+def test_gather_rows_matches_numpy_take_per_point():
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(3, 7, 5)).astype(np.float32)
+    index = np.array([6, 0, 0, 3, 5, 1], np.int32)
+    got = np.asarray(gather_rows(jax.numpy.asarray(rows), index))
+    np.testing.assert_array_equal(got, np.take(rows, index, axis=1))

@@ -10,7 +10,7 @@ program (``fused=True``) and the SiPP pass over multiples of |S|.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -77,8 +77,8 @@ def pass_cases(setup: common.ModelSetup, cfg: PassConfig) -> dict[str, timing.Ca
     return cases
 
 
-def ratios(med: dict[str, float]) -> dict[str, float]:
-    """Pass / forward ratios of medians measured in the same rounds."""
+def ratios(med: dict[str, float], cpu: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Pass / forward ratios of medians measured in the same rounds (``cpu``: CPU-time medians)."""
     out = {
         "sipp_over_forward_full": med["sipp_pass"] / med["forward_full"],
         "pfp_over_forward_full": med["pfp_pass"] / med["forward_full"],
@@ -86,6 +86,9 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
         "pfp_over_forward_chunked": med["pfp_pass"] / med["forward_chunked"],
         "pfp_over_sipp": med["pfp_pass"] / med["sipp_pass"],
     }
+    if cpu:  # the same ratios in CPU time of the process (less disturbed by other load)
+        out["sipp_over_forward_full_cpu"] = cpu["sipp_pass"] / cpu["forward_full"]
+        out["pfp_over_forward_full_cpu"] = cpu["pfp_pass"] / cpu["forward_full"]
     for kind in ("sipp", "pfp"):
         if f"{kind}_pass_fused" in med:
             out[f"{kind}_fused_over_forward_full"] = med[f"{kind}_pass_fused"] / med["forward_full"]
@@ -120,9 +123,10 @@ def run(name: str, cfg: PassConfig, budget: timing.Budget, num_points: int = 0) 
     chunk = min(cfg.chunk_size, len(setup.data))
     times, outputs = timing.measure(pass_cases(setup, cfg), budget)
     med = {k: v["median_s"] for k, v in times.items()}
+    cpu = {k: v["cpu_median_s"] for k, v in times.items() if "cpu_median_s" in v}
     out: dict[str, Any] = {
         **setup.describe(), "chunk_size": chunk, "num_chunks": -(-len(setup.data) // chunk),
-        "contraction": cfg.contraction, "passes": times, "ratios": ratios(med),
+        "contraction": cfg.contraction, "passes": times, "ratios": ratios(med, cpu),
     }
     if cfg.fused:
         out["fused_max_rel_diff"] = {

@@ -66,6 +66,11 @@ def provenance(payload: Mapping[str, Any]) -> str:
             f"{env['num_devices']} device(s)), jax {env['jax']}, {env['cpu_count']} CPUs, load avg {load}.{note}")
 
 
+def _ratio(ratios: Mapping[str, float], key: str) -> str:
+    """A ratio as ``6.1x``, or ``-`` where the JSON predates it."""
+    return f"{ratios[key]:.1f}x" if key in ratios else "-"
+
+
 def _passes(results: Mapping[str, Any]) -> list[str]:
     rows, fused, scaling = [], [], []
     for name, m in results.items():
@@ -74,7 +79,8 @@ def _passes(results: Mapping[str, Any]) -> list[str]:
                      fmt_t(p["pfp_pass"]["median_s"]), fmt_t(p["forward_full"]["median_s"]),
                      fmt_t(p["forward_chunked"]["median_s"]), f"{r['sipp_over_forward_full']:.1f}x",
                      f"{r['pfp_over_forward_full']:.1f}x", f"{r['sipp_over_forward_chunked']:.1f}x",
-                     f"{r['pfp_over_forward_chunked']:.1f}x", p["sipp_pass"]["repeats"]])
+                     f"{r['pfp_over_forward_chunked']:.1f}x", _ratio(r, "sipp_over_forward_full_cpu"),
+                     _ratio(r, "pfp_over_forward_full_cpu"), p["sipp_pass"]["repeats"]])
         if "sipp_pass_fused" in p:
             fused.append([name, fmt_t(p["sipp_pass_fused"]["median_s"]), fmt_t(p["pfp_pass_fused"]["median_s"]),
                           f"{r['sipp_fused_over_per_layer']:.2f}", f"{r['pfp_fused_over_per_layer']:.2f}",
@@ -82,7 +88,8 @@ def _passes(results: Mapping[str, Any]) -> list[str]:
         scaling += [[name, f"{s['fraction']:g}x", s["points"], s["chunks"], fmt_t(s["median_s"]),
                      fmt_t(s["per_point_s"]), f"{s['per_point_over_1x']:.2f}"] for s in m.get("scaling", [])]
     out = [table(["model", "|S|", "chunk", "SiPP pass", "PFP pass", "fwd |S| one batch", "fwd in chunks",
-                  "SiPP / fwd", "PFP / fwd", "SiPP / fwd chunks", "PFP / fwd chunks", "reps"], rows)]
+                  "SiPP / fwd", "PFP / fwd", "SiPP / fwd chunks", "PFP / fwd chunks", "SiPP / fwd CPU",
+                  "PFP / fwd CPU", "reps"], rows)]
     if fused:
         out += ["", "Fused pass (`fused=True`, one program) vs the per-layer pass:", "",
                 table(["model", "SiPP fused", "PFP fused", "SiPP fused / per-layer", "PFP fused / per-layer",

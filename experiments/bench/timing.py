@@ -3,7 +3,8 @@
 * :func:`measure`: one warm-up (compiling) call per case, then interleaved
   rounds of steady calls (order alternating between rounds, so drifting
   background load hits every case alike), each ending in
-  ``jax.block_until_ready``; medians are quoted. Calls faster than
+  ``jax.block_until_ready``; medians are quoted (wall time, and the process's
+  CPU time, which a shared, loaded machine disturbs less). Calls faster than
   ``MIN_SAMPLE_S`` are repeated back to back within a sample (timeit style).
 * :class:`CompileEvents`: tracing / lowering / XLA-compile durations of every
   program jax builds while it is active (``jax.monitoring`` listeners).
@@ -80,14 +81,19 @@ def calls_per_sample(seconds: float) -> int:
     return max(1, min(1000, int(np.ceil(MIN_SAMPLE_S / max(seconds, 1e-7)))))
 
 
-def summarize(times: list[float], first_s: Optional[float], warm_fraction: float, inner: int) -> dict[str, Any]:
-    """Timing dict: median/min of the steady samples, first call, compile estimate."""
+def summarize(times: list[float], first_s: Optional[float], warm_fraction: float, inner: int,
+              cpu_times: Optional[list[float]] = None) -> dict[str, Any]:
+    """Timing dict: median/min of the steady samples, first call, compile estimate;
+    with ``cpu_times`` also the median CPU time of the process per call (all threads)."""
     med = statistics.median(times)
     compile_s = None if first_s is None else max(0.0, first_s - warm_fraction * med)
-    return {
+    out = {
         "median_s": med, "min_s": min(times), "times_s": list(times), "repeats": len(times),
         "calls_per_sample": inner, "first_call_s": first_s, "compile_s": compile_s,
     }
+    if cpu_times:
+        out["cpu_median_s"] = statistics.median(cpu_times)
+    return out
 
 
 def single_sample(seconds: float) -> dict[str, Any]:
@@ -112,19 +118,23 @@ def measure(cases: Mapping[str, Case], budget: Budget) -> tuple[dict[str, dict[s
     names = list(cases)
     warm = {name: _warm_up(cases[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     outputs: dict[str, Any] = {}
     spent = 0.0
     for r in range(budget.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             inner = warm[name][1]
+            cpu_start = time.process_time()
             t, outputs[name] = timed(cases[name].run, inner)
+            cpu[name].append((time.process_time() - cpu_start) / inner)
             times[name].append(t)
             spent += t * inner
         done = r + 1
         if done >= budget.min_repeats and spent / done * (done + 1) > budget.budget_s:
             break
     result = {
-        name: summarize(times[name], warm[name][0], cases[name].warm_fraction, warm[name][1]) for name in names
+        name: summarize(times[name], warm[name][0], cases[name].warm_fraction, warm[name][1], cpu[name])
+        for name in names
     }
     return result, outputs
 
