@@ -178,7 +178,9 @@ def prune(
         exactly zero (filter methods: whole filters and input channels), inside
         the keep-ratio search, so the freed budget goes to entries that matter
         (:mod:`sensprune.zeroing`; embeddings, norms and dense layers are never
-        zeroed). Low-rank methods are unaffected.
+        zeroed). Low-rank methods are unaffected. A model JAX cannot
+        reverse-differentiate (e.g. a layer inside ``nn.while_loop``) is not
+        zeroed: one warning, and ``result.info['zero_dead'] = {'skipped': reason}``.
 
     Linear layers that cannot be scored (e.g. ``nn.ConvLocal``), layers the
     filters leave out, and (for filter methods) layers whose channels the

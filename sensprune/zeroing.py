@@ -50,17 +50,22 @@ measure-zero cancellations), which is the structural zero pattern of the loss
 gradient too (softmax cross-entropy never has a zero output gradient). The sum
 of the outputs would also do on most nets, but cancels exactly when the
 outputs are normalised (e.g. softmax probabilities summing to one).
+
+Models that JAX cannot reverse-differentiate (e.g. a layer inside an
+``nn.while_loop``) are not zeroed: the selection stays as the method made it,
+one warning is logged, and ``info['zero_dead']`` is ``{'skipped': reason}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from sensprune import paths, registry
 from sensprune import points as points_lib
@@ -75,20 +80,22 @@ def _abs_grad_impl(variables, params, x, y, index, *, adapter, loss_fn):
     Compiled once per (adapter, loss, shapes), so repeated prune calls on one
     model reuse it.
     """
-    key = jax.random.fold_in(jax.random.PRNGKey(0), index)
-
-    def surrogate(p):
-        out = adapter.apply(with_params(variables, p), x)
-        if loss_fn is not None:
-            return loss_fn(out, y)
-        leaves = jax.tree.leaves(out)
-        keys = jax.random.split(key, max(len(leaves), 1))
-        return sum(
-            jnp.sum(leaf.astype(jnp.float32) * jax.random.normal(k, leaf.shape, jnp.float32))
-            for leaf, k in zip(leaves, keys)
-        )
-
+    surrogate = functools.partial(_surrogate, variables, x=x, y=y, index=index, adapter=adapter, loss_fn=loss_fn)
     return jax.tree.map(jnp.abs, jax.grad(surrogate)(params))
+
+
+def _surrogate(variables, params, *, x, y, index, adapter, loss_fn):
+    """The loss on one chunk, or (``loss_fn=None``) the random-cotangent surrogate keyed by ``index``."""
+    out = adapter.apply(with_params(variables, params), x)
+    if loss_fn is not None:
+        return loss_fn(out, y)
+    key = jax.random.fold_in(jax.random.PRNGKey(0), index)
+    leaves = jax.tree.leaves(out)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return sum(
+        jnp.sum(leaf.astype(jnp.float32) * jax.random.normal(k, leaf.shape, jnp.float32))
+        for leaf, k in zip(leaves, keys)
+    )
 
 
 _abs_grad = jax.jit(_abs_grad_impl, static_argnames=("adapter", "loss_fn"))
@@ -107,6 +114,31 @@ def _program(ctx: PruneContext):
     except TypeError:  # e.g. a model holding a list of layers or lambdas
         return ctx.memo(_closure_program)
     return functools.partial(_abs_grad, adapter=ctx.adapter, loss_fn=loss_fn)
+
+
+class NotDifferentiable(ValueError):
+    """The model's forward pass traces, its reverse-mode gradient does not (e.g. ``lax.while_loop``)."""
+
+
+def _not_differentiable(ctx: PruneContext, params: Any, args: tuple) -> Optional[str]:
+    """Why the gradient program failed, when the model cannot be reverse-differentiated
+    (its gradient fails to trace while its value traces), else None (some other fault)."""
+    loss_fn = ctx.loss_fn if ctx.labels is not None else None
+    x, y, index = args
+
+    def value(p):
+        return _surrogate(ctx.variables, p, x=x, y=y, index=index, adapter=ctx.adapter, loss_fn=loss_fn)
+
+    try:
+        jax.eval_shape(value, params)
+    except Exception:  # noqa: BLE001 - the forward or loss fails too: not a differentiation limit
+        return None
+    try:
+        jax.eval_shape(jax.grad(value), params)
+    except Exception as grad_err:  # noqa: BLE001 - any failure of the gradient alone
+        lines = str(grad_err).strip().splitlines()
+        return f"{type(grad_err).__name__}: {lines[0] if lines else ''}"
+    return None
 
 
 def dead_params(ctx: PruneContext, params: Any) -> Any:
@@ -128,7 +160,14 @@ def dead_params(ctx: PruneContext, params: Any) -> Any:
         # repeated point adds the same |gradient| again, which keeps the exact-zero pattern.
         rows = np.concatenate([np.arange(start, stop), np.full(chunk - (stop - start), start)])
         x = jax.tree.map(lambda a: np.asarray(a)[rows], ctx.data)
-        g = jax.device_get(program(ctx.variables, params, x, labels[rows], np.int32(i)))
+        args = (x, labels[rows], np.int32(i))
+        try:
+            g = jax.device_get(program(ctx.variables, params, *args))
+        except Exception as err:
+            reason = _not_differentiable(ctx, params, args) if total is None else None
+            if reason is None:
+                raise
+            raise NotDifferentiable(reason) from err
         total = g if total is None else jax.tree.map(np.add, total, g)  # host sums: no add programs
     return jax.tree.map(lambda t: np.asarray(t) == 0, total)
 
@@ -181,14 +220,27 @@ def apply(ctx: PruneContext, sel: registry.Selection, structured: bool = False) 
     layers are recorded in ``info['zero_dead']`` (``'dead'``: the bool tree of
     them, ``'other'``: how many, ``'kernel'``: how many kept kernel entries go)
     for :func:`zero_params`. Selections that rewrite kernels or cost a
-    method-defined size (low rank) are returned unchanged.
+    method-defined size (low rank) are returned unchanged; so are all selections
+    of a model JAX cannot reverse-differentiate, with ``info['zero_dead'] =
+    {'skipped': reason}`` (one warning per context).
     """
     if sel.kernels or sel.sizes:
         return sel
     from sensprune.prune import _pruned_params
 
-    pruned = _pruned_params(ctx.params, ctx.layers, sel)
-    dead = dead_params(ctx, pruned)
+    skipped = ctx.memo(_skipped)
+    if not skipped:
+        pruned = _pruned_params(ctx.params, ctx.layers, sel)
+        try:
+            dead = dead_params(ctx, pruned)
+        except NotDifferentiable as err:
+            skipped.append(str(err))
+            logging.warning(
+                "sensprune: zero_dead skipped, the model cannot be reverse-differentiated (%s); "
+                "the selection keeps its entries of zero gradient", err,
+            )
+    if skipped:
+        return dataclasses.replace(sel, info=dict(sel.info, zero_dead={"skipped": skipped[0]}))
     masks = {}
     kernel_gone = 0
     protected = ctx.input_layers() if structured and ctx.protect_input_channels else frozenset()
@@ -205,6 +257,11 @@ def apply(ctx: PruneContext, sel: registry.Selection, structured: bool = False) 
     return dataclasses.replace(sel, masks={**sel.masks, **masks}, info=info)
 
 
+def _skipped(ctx: PruneContext) -> list[str]:
+    """Per context: holds the reason once zeroing was found impossible (then not retried)."""
+    return []
+
+
 def zeroed_other(sel: registry.Selection) -> int:
     """Nonzero biases of scored layers that :func:`apply` removed (0 without zeroing)."""
     return int(sel.info.get("zero_dead", {}).get("other", 0))
@@ -212,8 +269,11 @@ def zeroed_other(sel: registry.Selection) -> int:
 
 def zero_params(params: Any, masks: Any, sel: registry.Selection) -> tuple[Any, Any, dict[str, int]]:
     """``(params, masks, counts)``: the dead biases of ``sel`` set to zero / False,
-    and how many kept entries went (``{'kernel': .., 'other': ..}``; empty without zeroing)."""
+    and how many kept entries went (``{'kernel': .., 'other': ..}``; empty without zeroing,
+    ``{'skipped': reason}`` where the model could not be differentiated)."""
     record: Mapping[str, Any] = sel.info.get("zero_dead", {})
+    if "skipped" in record:
+        return params, masks, {"skipped": record["skipped"]}
     if "dead" not in record:
         return params, masks, {}
     dead = record["dead"]

@@ -167,3 +167,46 @@ def test_zeroing_leaves_embedding_rows_unused_by_s():
     assert res.keep_ratio == pytest.approx(0.9, rel=0.005)
     # the zero-gradient pattern of those rows is real; only the scope keeps them
     assert zeroing.dead_params(_ctx(model, variables, tokens), variables["params"])["embed"]["embedding"][20:].all()
+
+
+class WhileLooped(nn.Module):
+    """A prunable head after a dense layer inside ``nn.while_loop`` (no reverse-mode gradient)."""
+
+    def setup(self):
+        self.loop = nn.Dense(8)
+        self.head = nn.Dense(3)
+
+    def __call__(self, x):
+        if self.is_initializing():
+            self.loop(x)
+        x, _ = nn.while_loop(lambda mdl, c: c[1] < 2, lambda mdl, c: (nn.relu(mdl.loop(c[0])), c[1] + 1), self, (x, 0))
+        return self.head(x)
+
+
+def test_zeroing_is_skipped_with_the_reason_when_the_model_cannot_be_differentiated(caplog):
+    x = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)
+    model = WhileLooped()
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    with caplog.at_level("WARNING"):
+        res = sp.prune(model, variables, x, method="sipp", keep_ratio=0.8)
+    reason = res.info["zero_dead"]["skipped"]
+    assert "while_loop" in reason and set(res.info["zero_dead"]) == {"skipped"}
+    assert sum("zero_dead skipped" in r.getMessage() for r in caplog.records) == 1  # once, not per budget
+    off = sp.prune(model, variables, x, method="sipp", keep_ratio=0.8, zero_dead=False)
+    assert off.info["zero_dead"] == {}
+    for a, b in zip(jax.tree.leaves(res.masks), jax.tree.leaves(off.masks)):
+        np.testing.assert_array_equal(a, b)  # the selection is the method's own
+    assert res.keep_ratio == pytest.approx(off.keep_ratio)
+
+
+def test_zeroing_raises_faults_other_than_differentiation():
+    model, variables, x = _tiny()
+
+    def broken(out, y):
+        raise RuntimeError("loss bug")
+
+    ctx = _ctx(model, variables, x, np.arange(x.shape[0]) % 3)
+    ctx = PruneContext(model=model, variables=variables, layers=ctx.layers, data=x, loss_fn=broken,
+                       labels=ctx.labels, chunk_size=5)
+    with pytest.raises(RuntimeError, match="loss bug"):
+        zeroing.dead_params(ctx, variables["params"])
