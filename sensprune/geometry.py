@@ -144,7 +144,7 @@ def check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> None
     """Each layer's kernel must be in ``variables['params']`` with the traced shape."""
     for layer in layers:
         try:
-            kernel = paths.get_kernel(variables["params"], dataclasses.replace(layer, param_shape=()))  # no view
+            kernel = paths.get_kernel(variables["params"], dataclasses.replace(layer, param_shape=(), transposed=False))  # no view
         except KeyError as err:
             raise ValueError(
                 f"layer {layer.name!r}: kernel not found in variables['params'] "
