@@ -69,7 +69,12 @@ def _set_slice(leaf: Any, index: tuple[int, ...], value: Any) -> Any:
 def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
     """The layer's kernel, as the ``layer.kernel_shape`` view when the leaf has another shape
     (and its own slice of a leaf stacked by ``nn.scan``: ``layer.index``)."""
-    leaf = get_path(params, kernel_path(layer))
+    return kernel_view(get_path(params, kernel_path(layer)), layer)
+
+
+def kernel_view(leaf: Any, layer: Layer) -> Any:
+    """What :func:`get_kernel` returns, from the layer's kernel leaf as stored (e.g. a NumPy copy
+    read to the host): its ``layer.index`` slice, then the ``layer.kernel_shape`` view."""
     index = getattr(layer, "index", ())
     if index and hasattr(leaf, "shape"):
         leaf = leaf[index]

@@ -243,9 +243,7 @@ def _zero_ratio(layer: Layer, matrix: np.ndarray, bucket: Optional[buckets_lib.B
 def _host_kernel(params: Mapping[str, Any], layer: Layer) -> np.ndarray:
     """The layer's kernel as a float32 NumPy array in ``layer.kernel_shape`` (as :func:`paths.get_kernel`)."""
     leaf = np.asarray(paths.get_path(params, paths.kernel_path(layer)), np.float32)
-    if layer.param_shape and layer.transposed:
-        leaf = leaf.T
-    return leaf.reshape(layer.kernel_shape)
+    return np.ascontiguousarray(paths.kernel_view(leaf, layer))
 
 
 def _sign_flags(negative: Mapping[str, jax.Array]) -> dict[str, bool | None]:
