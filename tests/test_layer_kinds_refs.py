@@ -99,8 +99,8 @@ def test_conv_transpose_sensitivity_matches_loop(case):
     np.testing.assert_array_equal(np.asarray(paths.get_kernel(variables["params"], layer)), eff)
     out_hw = layer.output_shape[:2]
     reduction = "mean" if case % 2 else "max"
-    want, pre, want_channel = ref_conv_transpose(eff, inputs, kw["strides"], kw.get("kernel_dilation", (1, 1)), layer.padding,
-                                   out_hw, reduction)
+    dilation = kw.get("kernel_dilation", (1, 1))
+    want, pre, want_channel = ref_conv_transpose(eff, inputs, kw["strides"], dilation, layer.padding, out_hw, reduction)
     y = nn.ConvTranspose(3, (3, 2), use_bias=False, **kw).apply({"params": {"kernel": leaf}}, inputs)
     np.testing.assert_allclose(np.asarray(y), pre, rtol=1e-5, atol=1e-5)  # the loop's terms are the layer's
     sens = sp.compute_sensitivities(model, variables, x, reduction=reduction)
