@@ -144,7 +144,8 @@ def check_kernels(layers: Iterable[Layer], variables: Mapping[str, Any]) -> None
     """Each layer's kernel must be in ``variables['params']`` with the traced shape."""
     for layer in layers:
         try:
-            kernel = paths.get_kernel(variables["params"], dataclasses.replace(layer, param_shape=()))  # no view
+            leaf_only = dataclasses.replace(layer, param_shape=(), transposed=False)  # the leaf, no view
+            kernel = paths.get_kernel(variables["params"], leaf_only)
         except KeyError as err:
             raise ValueError(
                 f"layer {layer.name!r}: kernel not found in variables['params'] "

@@ -37,11 +37,14 @@ def _terms(x: np.ndarray, window, strides, dilation, pads, out_hw):
 
 
 def ref_conv_transpose(kernel, inputs, strides, dilation, pads, out_hw, reduction):
-    """``(sensitivities, pre-activations)`` of a 2-D transposed conv with the (effective) kernel
-    ``[kh, kw, I, O]``: each output unit is a sum of ``W[k, c, o] * x[i, c]`` terms."""
+    """``(sensitivities, pre-activations, channel sensitivities)`` of a 2-D transposed conv with the
+    (effective) kernel ``[kh, kw, I, O]``: each output unit is a sum of ``W[k, c, o] * x[i, c]`` terms.
+    The channel sensitivity of a point is its reduced ``g`` reduced over window positions like the
+    positions (``mean`` / ``max``), maxed over outputs; then maxed over points."""
     kernel = np.asarray(kernel, np.float64)
     kh, kw, cin, cout = kernel.shape
     sens = np.zeros(kernel.shape)
+    channel = np.zeros(cin)
     pre = np.zeros((len(inputs),) + tuple(out_hw) + (cout,))
     n_pos = out_hw[0] * out_hw[1]
     for b, x in enumerate(inputs):
@@ -61,7 +64,9 @@ def ref_conv_transpose(kernel, inputs, strides, dilation, pads, out_hw, reductio
                             per[p, ky, kx, c, o] += _ratio(kernel[ky, kx, c, o], xs[iy, ix, c], zp, zn)
             red = per.mean(0) if reduction == "mean" else per.max(0)
             sens = np.maximum(sens, red)
-    return sens, pre
+            per_window = red.mean((0, 1)) if reduction == "mean" else red.max((0, 1))
+            channel = np.maximum(channel, per_window.max(-1))
+    return sens, pre, channel
 
 
 _CT_CASES = [
@@ -94,13 +99,17 @@ def test_conv_transpose_sensitivity_matches_loop(case):
     np.testing.assert_array_equal(np.asarray(paths.get_kernel(variables["params"], layer)), eff)
     out_hw = layer.output_shape[:2]
     reduction = "mean" if case % 2 else "max"
-    want, pre = ref_conv_transpose(eff, inputs, kw["strides"], kw.get("kernel_dilation", (1, 1)), layer.padding,
-                                   out_hw, reduction)
+    dilation = kw.get("kernel_dilation", (1, 1))
+    want, pre, want_channel = ref_conv_transpose(eff, inputs, kw["strides"], dilation, layer.padding, out_hw, reduction)
     y = nn.ConvTranspose(3, (3, 2), use_bias=False, **kw).apply({"params": {"kernel": leaf}}, inputs)
     np.testing.assert_allclose(np.asarray(y), pre, rtol=1e-5, atol=1e-5)  # the loop's terms are the layer's
     sens = sp.compute_sensitivities(model, variables, x, reduction=reduction)
     _close(sens["up"].weight, want)
-    np.testing.assert_allclose(np.asarray(sens["up"].channel), want.max(axis=(0, 1, 3)), rtol=1e-5)
+    # 'mean': the channel sensitivity means each point's g over window positions (zeroing branch's
+    # reference semantics), so it is not the max of the weight sensitivities as under 'max'
+    np.testing.assert_allclose(np.asarray(sens["up"].channel), want_channel, rtol=1e-5)
+    if reduction == "max":
+        np.testing.assert_allclose(want_channel, want.max(axis=(0, 1, 3)), rtol=1e-12)
 
 
 def test_conv_transpose_padding_matches_lax():
@@ -185,7 +194,7 @@ def test_nnx_conv_transpose_sensitivity_matches_loop():
     (layer,) = spx.find_layers(model, x)
     sens = spx.compute_sensitivities(model, x, reduction="max")
     leaf = np.asarray(model.up.kernel.get_value())
-    want, pre = ref_conv_transpose(leaf, x, (2, 2), (1, 1), layer.padding, layer.output_shape[:2], "max")
+    want, pre, _ = ref_conv_transpose(leaf, x, (2, 2), (1, 1), layer.padding, layer.output_shape[:2], "max")
     np.testing.assert_allclose(np.asarray(model(x)) - np.asarray(model.up.bias.get_value()), pre, rtol=1e-5,
                                atol=1e-5)
     _close(sens["up"].weight, want)
