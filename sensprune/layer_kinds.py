@@ -347,18 +347,29 @@ def structured_layers(layers: Sequence[Layer]) -> tuple[list[Layer], dict[str, s
     for layer in layers:
         if layer.channel_structured:
             kept.append(layer)
-        else:
-            why = (
-                "a transposed conv with transpose_kernel=True (a flipped, in/out-swapped view of its kernel)"
-                if layer.conv_transpose and layer.transposed
-                else "a view of a non-2-D parameter" if layer.param_shape or layer.transposed
-                else "a DenseGeneral contracting non-trailing axes" if layer.input_axes
-                else f"a grouped conv (groups={layer.groups})" if layer.groups > 1
-                else f"shared ({layer.calls} calls)"
-            )
+            continue
+        traced = {  # traced through by the dependency analysis: their channels follow their producers'
+            "a transposed conv with transpose_kernel=True (a flipped, in/out-swapped view of its kernel)":
+                layer.conv_transpose and layer.transposed,
+            "a DenseGeneral contracting non-trailing axes": bool(layer.input_axes) and not layer.transposed,
+            f"a grouped conv (groups={layer.groups})": layer.groups > 1 and not layer.transposed,
+        }
+        why = next((w for w, hit in traced.items() if hit), None)
+        if why is not None and layer.calls == 1 and not layer.index:
             dense[layer.name] = (
-                f"left dense by filter pruning: {why}, whose channels the dependency analysis does not map"
+                f"left dense by filter pruning: {why}, not scored itself; the dependency analysis "
+                "traces its channels through, so they go with its producer's filters"
             )
+            continue
+        why = (
+            "a view of a non-2-D parameter" if layer.param_shape or layer.transposed
+            else "a scan slice" if layer.index
+            else f"a {layer.param_name!r} parameter, not a kernel" if layer.param_name != "kernel"
+            else f"shared ({layer.calls} calls)"
+        )
+        dense[layer.name] = (
+            f"left dense by filter pruning: {why}, whose channels the dependency analysis does not map"
+        )
     return kept, dense
 
 

@@ -173,9 +173,10 @@ def test_shrink_rows_and_width_control():
     _rendered("shrink", {"rows": res["rows"], "controls": control})
 
 
-def test_shrink_vit_mlp_units_with_attention_left_dense():
-    # Filter pruning leaves the attention projections dense today: they stay out of the channel groups, the MLP
-    # units shrink, and the FLOP ratio counts every layer (attention included) in both dense and pruned FLOPs.
+def test_shrink_vit_with_the_full_channel_groups():
+    # sp.shrink on the whole dependency analysis (attention heads are channel groups since the heads merge; no
+    # more leaving the attention out): MLP units (and any removed head) shrink, and the FLOP ratio counts every
+    # layer in both dense and pruned FLOPs.
     res = shrink.run(("vit_tiny",), shrink.ShrinkConfig(method="ft", batch=4), TINY, quick=True)
     r = res["rows"][0]
     assert r["model"] == "vit_tiny" and r["method"] == "ft" and r["params_shrunk"] < r["params_dense"]
@@ -183,7 +184,7 @@ def test_shrink_vit_mlp_units_with_attention_left_dense():
     # quick ViT: 16 tokens + class token, width 16, MLP 32; q/k/v/out, fc1, fc2 per block, the patch conv, head
     attn, mlp = 17 * 4 * 16 * 16, 17 * 2 * 16 * 32
     dense_flops = 16 * 49 * 16 + attn + mlp + 16 * 10
-    assert 1.0 < r["flop_ratio"] < dense_flops / (dense_flops - mlp)  # at most the whole MLP goes
+    assert 1.0 < r["flop_ratio"] < dense_flops / (dense_flops - mlp - attn)  # patch conv and head stay
     assert "| vit_tiny | ft |" in report.render_payload(_payload("shrink", res))
 
 

@@ -85,7 +85,7 @@ def test_every_config_builds(path, tmp_path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
-def test_every_config_runs_a_couple_of_steps(path, tmp_path):
+def test_every_config_runs_a_couple_of_steps(path, tmp_path, monkeypatch):
     config = load_config(path)
     if config.network in HEAVY and not RUN_ALL:
         pytest.skip(f"{config.network}: CPU compile too slow for CI (SENSPRUNE_SLOW_TESTS=1 runs it)")
@@ -95,10 +95,21 @@ def test_every_config_runs_a_couple_of_steps(path, tmp_path):
         # the pipeline path is the same for every method.
         method = "wt"
     config = tiny(config, dataset=_synthetic(config), methods=[method])
+    pruned = []
+    prune = pipeline._prune
+    monkeypatch.setattr(pipeline, "_prune", lambda *a, **k: pruned.append(prune(*a, **k)) or pruned[-1])
     results = pipeline.run(config, tmp_path)
     assert results.done.all()
     assert np.isfinite(results.error).all()
-    assert abs(results.sizes[0, 0, 0, 0] - 0.5) < 0.05
+    (res,) = pruned
+    assert results.sizes[0, 0, 0, 0] == pytest.approx(res.keep_ratio)
+    if res.info["reachable"]:
+        assert abs(results.sizes[0, 0, 0, 0] - 0.5) < 0.05
+    else:  # zeroing on (configs' default): a barely trained net (two steps, BatchNorm's running stats near
+        # their init) can have more than half of its kernel entries dead on S (MobileNet: ~2/3 of the deep
+        # pointwise convs), zeroed before the size counts, so the target is out of reach from below only
+        assert config.coresets.zero_dead and res.info["zero_dead"]["kernel"] > 0
+        assert results.sizes[0, 0, 0, 0] < 0.5
     assert (tmp_path / "results.npz").exists()
 
 
