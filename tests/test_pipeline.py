@@ -103,9 +103,9 @@ def test_every_config_runs_a_couple_of_steps(path, tmp_path, monkeypatch):
     assert np.isfinite(results.error).all()
     (res,) = pruned
     assert results.sizes[0, 0, 0, 0] == pytest.approx(res.keep_ratio)
-    if res.info["reachable"]:
-        assert abs(results.sizes[0, 0, 0, 0] - 0.5) < 0.05
-    else:  # zeroing on (configs' default): a barely trained net (two steps, BatchNorm's running stats near
+    if abs(results.sizes[0, 0, 0, 0] - 0.5) >= 0.05:  # only zeroing may put the target far out of reach
+        assert not res.info["reachable"]
+        # zeroing on (configs' default): a barely trained net (two steps, BatchNorm's running stats near
         # their init) can have more than half of its kernel entries dead on S (MobileNet: ~2/3 of the deep
         # pointwise convs), zeroed before the size counts, so the target is out of reach from below only
         assert config.coresets.zero_dead and res.info["zero_dead"]["kernel"] > 0
