@@ -370,10 +370,11 @@ class NNXDepthwise(nnx.Module):
         return self.head(nnx.relu(self.point(x)).mean((1, 2)))
 
 
-@pytest.mark.parametrize("cls, data", [(NNXBlock, _TOKENS), (NNXDepthwise, _IMAGES)])
-def test_nnx_every_method_runs(cls, data):
-    model = cls(nnx.Rngs(0))
+def nnx_prune_every_method(model, data) -> dict:
+    """Method -> ``spx.prune`` result at keep 0.6, each checked by :func:`_check_result`; a method
+    may only refuse up front with a smallest reachable keep ratio above 0.6."""
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    results = {}
     for method in sp.available_methods():
         try:
             result = spx.prune(model, data, method=method, keep_ratio=0.6, key=jax.random.PRNGKey(1), labels=LABELS)
@@ -382,6 +383,14 @@ def test_nnx_every_method_runs(cls, data):
             assert match and float(match.group(1)) > 0.6, (method, err)
             continue
         _check_result(result, before, method)
+        results[method] = result
+    return results
+
+
+@pytest.mark.parametrize("cls, data", [(NNXBlock, _TOKENS), (NNXDepthwise, _IMAGES)])
+def test_nnx_every_method_runs(cls, data):
+    model = cls(nnx.Rngs(0))
+    nnx_prune_every_method(model, data)
     names = [layer.name for layer in spx.find_layers(model, data)]
     assert ("attn/query" in names) if cls is NNXBlock else ("depthwise" in names)
 
