@@ -120,6 +120,21 @@ def test_first_call_breakdown_in_fresh_process():
     _rendered("first_call", {"lenet300_100": m})
 
 
+def test_first_call_warm_cache_reads_every_program():
+    """A second fresh process with the persistent cache a first one filled compiles nothing:
+    every program of the first sp.prune call is a cache hit (no closure constants or
+    per-process names in the cache keys)."""
+    cfg = first_call.FirstCallConfig(chunk_size=16, num_points=16, repeats=1, timeout_s=300, cache="warm")
+    m = first_call.run("lenet300_100", cfg)
+    assert "error" not in m, m.get("error")
+    ev = m["events"]
+    assert m["cache"] == "warm" and m["first_call_cpu_s"] > 0 and m["cold_first_call_s"] > 0
+    assert ev["num_compiles"] >= 4 and ev["cache_misses"] == 0 and ev["cache_hits"] == ev["num_compiles"]
+    assert f"{ev['cache_hits']} hits, 0 misses" in _rendered("first_call", {"lenet300_100": m})
+    with pytest.raises(ValueError, match="cache"):
+        first_call.FirstCallConfig(cache="cold")
+
+
 def test_train_step_masked_vs_unmasked():
     m = train_step.run("lenet300_100", train_step.StepConfig(batch_size=16, chunk_size=16), TINY, num_points=16)
     for kind in ("unmasked", "masked", "unmasked_donated", "masked_donated"):

@@ -73,6 +73,8 @@ def define_flags() -> None:
     f.DEFINE_list("first_call_models", ["lenet300_100", "resnet20", "resnet56"], "[first_call] models.")
     f.DEFINE_string("first_call_method", "sipp", "[first_call] method of the first sp.prune call.")
     f.DEFINE_integer("first_call_repeats", 3, "[first_call] steady rounds after the first call.")
+    f.DEFINE_enum("first_call_cache", "off", ["off", "warm"], "[first_call] persistent compilation cache: "
+                  "off, or warm (a first fresh process fills a new cache folder, a second one is measured).")
     f.DEFINE_list("shrink_models", ["resnet20", "vgg16_bn"], "[shrink] models.")
     f.DEFINE_string("shrink_method", "ft", "[shrink] filter method.")
     f.DEFINE_integer("shrink_batch", 256, "[shrink] batch size (quick: 8).")
@@ -111,6 +113,7 @@ class Options:
     first_call_models: list[str]
     first_call_method: str
     first_call_repeats: int
+    first_call_cache: str
     shrink_models: list[str]
     shrink_method: str
     shrink_batch: int
@@ -193,7 +196,8 @@ def run_benchmark(kind: str, opts: Options) -> tuple[dict[str, Any], dict[str, A
     if kind == "first_call":
         cfg = first_call.FirstCallConfig(method=opts.first_call_method, keep_ratio=opts.keep_ratio,
                                          chunk_size=opts.chunk_size, num_points=opts.num_points,
-                                         contraction=opts.contraction, repeats=opts.first_call_repeats)
+                                         contraction=opts.contraction, repeats=opts.first_call_repeats,
+                                         cache=opts.first_call_cache)
         return dataclasses.asdict(cfg), _per_model(list(opts.first_call_models), lambda n: first_call.run(n, cfg))
     if kind == "mesh":
         cfg = mesh.MeshConfig(device_counts=tuple(int(c) for c in opts.device_counts), chunk_size=opts.chunk_size,

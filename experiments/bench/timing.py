@@ -34,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # persistent compilation cache read
+CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"  # persistent cache on, program not in it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,17 +156,24 @@ class CompileEvents:
     """
 
     events: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)
+    cache_events: list[str] = dataclasses.field(default_factory=list)
 
     def _listener(self, event: str, duration: float, **kwargs: Any) -> None:
         if event in (TRACE_EVENT, LOWER_EVENT, COMPILE_EVENT):
             self.events.append((event, str(kwargs.get("fun_name", "?")), float(duration)))
 
+    def _cache_listener(self, event: str, **kwargs: Any) -> None:
+        if event in (CACHE_HIT_EVENT, CACHE_MISS_EVENT):
+            self.cache_events.append(event)
+
     def __enter__(self) -> "CompileEvents":
         jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_listener(self._cache_listener)
         return self
 
     def __exit__(self, *exc: object) -> None:
         jax.monitoring.unregister_event_duration_listener(self._listener)
+        jax.monitoring.unregister_event_listener(self._cache_listener)
 
     def total(self, event: str) -> float:
         """Sum of the durations of ``event``."""
@@ -188,6 +197,8 @@ class CompileEvents:
             "num_traces": sum(1 for e, _, _ in self.events if e == TRACE_EVENT),
             "num_compiles": sum(1 for e, _, _ in self.events if e == COMPILE_EVENT),
             "num_program_names": len(programs),
+            "cache_hits": self.cache_events.count(CACHE_HIT_EVENT),
+            "cache_misses": self.cache_events.count(CACHE_MISS_EVENT),
             "programs": ranked[:top],
         }
 
