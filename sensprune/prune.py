@@ -96,6 +96,8 @@ def search_selection(
         sel = selections[b]
         return fixed - zeroing.zeroed_other(sel) + int(sum(sel.layer_size(name) for name in sel.masks))
 
+    if zero_dead and spec.retrainable:  # masks only: its gradient program compiles alongside the pass
+        zeroing.compile_ahead(ctx)
     guess = int(round(target - fixed))
     chosen, size, ok = budget_lib.search_budget(achieved, target, guess, kernel_alive, rtol=rtol)
     return selections[chosen], chosen, size, ok, len(selections)

@@ -59,6 +59,7 @@ one warning is logged, and ``info['zero_dead']`` is ``{'skipped': reason}``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any, Mapping, Optional
@@ -157,6 +158,56 @@ def _not_differentiable(ctx: PruneContext, params: Any, args: tuple) -> Optional
     return None
 
 
+def _chunk_args(ctx: PruneContext, index: int) -> tuple:
+    """``(x, y, index)`` of chunk ``index`` of S as :func:`dead_params` passes them. The last
+    chunk repeats its first point up to the chunk size: one compiled shape, and a repeated point
+    adds the same |gradient| again, which keeps the exact-zero pattern."""
+    n = points_lib.num_points(ctx.data)
+    chunk = max(1, min(int(ctx.chunk_size), n))
+    start = index * chunk
+    stop = min(start + chunk, n)
+    rows = np.concatenate([np.arange(start, stop), np.full(chunk - (stop - start), start)])
+    labels = np.zeros(n, np.int32) if ctx.labels is None else np.asarray(ctx.labels)
+    return jax.tree.map(lambda a: np.asarray(a)[rows], ctx.data), labels[rows], np.int32(index)
+
+
+def _num_chunks(ctx: PruneContext) -> int:
+    n = points_lib.num_points(ctx.data)
+    return -(-n // max(1, min(int(ctx.chunk_size), n)))
+
+
+def _compile(ctx: PruneContext) -> None:
+    """Compiles the gradient program for the arguments :func:`dead_params` will pass (masked
+    params have the kernels' shapes, dtypes and placement), filling jit's cache."""
+    from sensprune.prune import _pruned_params
+
+    sel = registry.Selection(masks={layer.name: np.ones((), bool) for layer in ctx.layers})
+    params = _pruned_params(ctx.params, ctx.layers, sel)
+    program: Any = _program(ctx)
+    args = (ctx.variables, params, *_chunk_args(ctx, 0))
+    if isinstance(program, functools.partial):  # the shared jit, its static arguments bound
+        jitted: Any = program.func
+        jitted.lower(*args, **program.keywords).compile()
+    else:
+        program.lower(*args).compile()
+
+
+def _compile_ahead(ctx: PruneContext) -> concurrent.futures.Future:
+    """:func:`_compile` started in a background thread (XLA compiles without the GIL, so on a
+    multi-core CPU it overlaps the pass and its compiles)."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensprune-zeroing")
+    future = executor.submit(_compile, ctx)
+    executor.shutdown(wait=False)
+    return future
+
+
+def compile_ahead(ctx: PruneContext) -> None:
+    """Starts compiling the gradient program of :func:`dead_params` in the background, once
+    per context; :func:`dead_params` waits for it (a failure there is ignored: the program is
+    then compiled, and any error raised, on first use)."""
+    ctx.memo(_compile_ahead)
+
+
 def dead_params(ctx: PruneContext, params: Any) -> Any:
     """Tree of bool like ``params``: True where the gradient over S is exactly zero.
 
@@ -165,18 +216,11 @@ def dead_params(ctx: PruneContext, params: Any) -> Any:
     chunks cannot cancel each other. The points may be any pytree
     (:mod:`sensprune.points`).
     """
+    ctx.memo(_compile_ahead).exception()  # waits; never compile the same program twice at once
     program = _program(ctx)
-    n = points_lib.num_points(ctx.data)
-    chunk = max(1, min(int(ctx.chunk_size), n))
-    labels = np.zeros(n, np.int32) if ctx.labels is None else np.asarray(ctx.labels)
     total = None
-    for i, start in enumerate(range(0, n, chunk)):
-        stop = min(start + chunk, n)
-        # The last chunk repeats its first point up to the chunk size: one compiled shape, and a
-        # repeated point adds the same |gradient| again, which keeps the exact-zero pattern.
-        rows = np.concatenate([np.arange(start, stop), np.full(chunk - (stop - start), start)])
-        x = jax.tree.map(lambda a: np.asarray(a)[rows], ctx.data)
-        args = (x, labels[rows], np.int32(i))
+    for i in range(_num_chunks(ctx)):
+        args = _chunk_args(ctx, i)
         try:
             g = jax.device_get(program(ctx.variables, params, *args))
         except Exception as err:
