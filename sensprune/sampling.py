@@ -86,6 +86,18 @@ def rng_from_key(key: jax.Array) -> np.random.Generator:
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
 
 
+def split_key(key: jax.Array | None, count: int) -> list[np.ndarray]:
+    """``count`` independent seeds for :func:`sample_counts` derived from ``key`` on the host
+    (``None``: ``PRNGKey(0)``'s data): the key's words plus the index, no ``jax.random.split``
+    program to compile. Same key, same seeds."""
+    if key is None:
+        base = np.zeros(2, np.uint32)
+    else:
+        data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        base = np.asarray(data, np.uint32).ravel()
+    return [np.concatenate([base, np.array([0x9E3779B9, i], np.uint32)]) for i in range(count)]
+
+
 def sample_counts(key: jax.Array, p: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """Multinomial counts for each row: ``counts[r] ~ Multinomial(draws[r], p[r])``.
 

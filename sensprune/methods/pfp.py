@@ -165,12 +165,12 @@ def _choose(variant: str, key, s, p, live, k: int) -> tuple[np.ndarray, np.ndarr
     return kept, scale
 
 
-def _layer_keys(variant: str, key: Optional[jax.Array], count: int) -> list[Optional[jax.Array]]:
-    """One key per layer for the sampling variants; none for ``pfp``, which reads no key (so its
-    first call compiles no key-splitting programs)."""
+def _layer_keys(variant: str, key: Optional[jax.Array], count: int) -> list[Optional[np.ndarray]]:
+    """One seed per layer for the sampling variants (host-side, :func:`sampling.split_key`: no
+    program compiled); none for ``pfp``, which reads no key."""
     if variant == "pfp":
         return [None] * count
-    return list(jax.random.split(key if key is not None else jax.random.PRNGKey(0), count))
+    return list(sampling.split_key(key, count))
 
 
 def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Array]) -> registry.Selection:

@@ -198,7 +198,7 @@ def _select_sampled(ctx: PruneContext, budget: int, key: Optional[jax.Array], hy
     per_layer, alloc = _allocation(ctx, budget)
     kernels = ctx.kernels()
     masks, scales, eps, det_rows = {}, {}, {}, {}
-    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), len(per_layer))
+    keys = sampling.split_key(key, len(per_layer))  # host-side: no key-splitting program
     for k, (name, (s2, live2, coef)) in zip(keys, per_layer.items()):
         x = alloc[name]
         shape = kernels[name].shape
