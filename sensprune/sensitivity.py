@@ -393,6 +393,12 @@ def _layer_step(
     )
 
 
+def _running_max(previous: tuple, mine: tuple) -> tuple:
+    """The running ``(ratio, window sums or None)`` of :func:`_ratio_step` / :func:`_bucket_step`
+    maxed with one chunk's (traced; both steps share it)."""
+    return jax.tree_util.tree_map(jnp.maximum, previous, mine)
+
+
 @functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
 def _ratio_step(
     layer: Layer,
@@ -411,8 +417,8 @@ def _ratio_step(
     final ratio is taken there too (:func:`sensitivity_from_ratio`), so the
     compiled program is the contraction alone (fewer fusions to compile, no
     per-chunk kernel preparation)."""
-    mine = layer_ratio(layer, w_split, positive, inputs, reduction=reduction, contraction=contraction, split=split)
-    return jax.tree_util.tree_map(jnp.maximum, previous, mine)
+    return _running_max(previous, layer_ratio(layer, w_split, positive, inputs, reduction=reduction,
+                                              contraction=contraction, split=split))
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "bucket"))
@@ -435,9 +441,8 @@ def _bucket_step(
     split: bool | None = None,
 ) -> tuple:
     """:func:`_ratio_step` of any conv of ``bucket`` (its rows, gather index and padded kernel)."""
-    mine = rows_ratio(rows, index, w_split, positive, num_patches=bucket.patches, reduction=reduction,
-                      contraction=contraction, split=split)
-    return jax.tree_util.tree_map(jnp.maximum, previous, mine)
+    return _running_max(previous, rows_ratio(rows, index, w_split, positive, num_patches=bucket.patches,
+                                             reduction=reduction, contraction=contraction, split=split))
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split", "mesh", "axis"))
