@@ -113,7 +113,8 @@ def test_first_call_breakdown_in_fresh_process():
     assert b["first_call_s"] > 0 and b["tracing_s"] > 0 and b["compile_s"] > 0 and b["pass_execution_s"] > 0
     parts = b["tracing_s"] + b["lowering_s"] + b["compile_s"] + b["pass_execution_s"] + b["search_s"] + b["rest_s"]
     assert parts == pytest.approx(b["first_call_s"])
-    assert b["compile_s"] < b["first_call_s"] and b["search_s"] > 0
+    # compiles of two threads (the pass, the zeroing's gradient program ahead) may overlap
+    assert b["compile_s"] < 2 * b["first_call_s"] and b["search_s"] > 0
     assert ev["num_compiles"] >= 4 and ev["programs"] and all(p["compile_s"] > 0 for p in ev["programs"])
     assert m["steady"]["pass"]["compile_s"] < 0.5 * b["compile_s"]  # the pass's programs were cache hits
     assert m["env"]["device"].startswith("cpu")

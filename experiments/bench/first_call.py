@@ -13,6 +13,9 @@ call into::
                + execution of the pass (steady median)
                + keep-ratio search (steady prune - steady pass)
                + rest (first-run overheads: allocation, dispatch caches, ...)
+
+The compile events of every thread are summed, so a program compiled in the
+background (the zeroing's gradient program) makes "rest" negative by its overlap.
 """
 
 from __future__ import annotations
