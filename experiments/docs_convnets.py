@@ -12,6 +12,7 @@ this module, not the page. Without any of the study's outputs :func:`render` lea
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -182,14 +183,38 @@ CAVEATS = (
 # ----------------------------------------------------------------------------
 # The page
 # ----------------------------------------------------------------------------
+def zeroing_setting(workdir: Path, name: str) -> bool | None:
+    """Whether the study ``name`` ran with data-dependent zeroing (``coresets.zero_dead``; a run whose config
+    predates the option ran without it); None when its config is missing."""
+    path = workdir / name / "runs" / MODE / "config.json"
+    if not path.exists():
+        return None
+    return bool(json.loads(path.read_text()).get("coresets", {}).get("zero_dead", False))
+
+
+def zeroing_line(settings: Mapping[str, bool | None]) -> list[str]:
+    """One sentence on the zeroing setting of each net (empty when no config was found)."""
+    known = {n: z for n, z in settings.items() if z is not None}
+    if not known:
+        return []
+    parts = [f"{'on' if z else 'off'} for {NET_NAMES.get(n, n)}" for n, z in known.items()]
+    text = "Data-dependent zeroing (`coresets.zero_dead`, see [zeroing.md](zeroing.md)): " + ", ".join(parts) + "."
+    if len(set(known.values())) > 1:
+        text += (" The runs with it off predate it becoming the default; they were kept rather than re-run "
+                 "(their dense nets and grids are the same kind), so compare across nets with that in mind.")
+    return [text, ""]
+
+
 def load(workdir: Path) -> dict[str, results_lib.Results]:
     """The study's finished nets: name -> cascade results (studies without outputs are left out)."""
     return {name: results_lib.Results.load_npz(path) for name in STUDIES
             if (path := workdir / name / f"{MODE}_results.npz").exists()}
 
 
-def page(studies: Mapping[str, results_lib.Results], images: Mapping[str, Sequence[str]]) -> str:
-    """The markdown of the page; ``images``: study -> relative paths of its figures."""
+def page(studies: Mapping[str, results_lib.Results], images: Mapping[str, Sequence[str]],
+         zeroing: Mapping[str, bool | None] | None = None) -> str:
+    """The markdown of the page; ``images``: study -> relative paths of its figures; ``zeroing``: study ->
+    whether it ran with data-dependent zeroing (None: unknown)."""
     missing = [n for n in STUDIES if n not in studies]
     lines = [
         "# Conv nets on Fashion-MNIST: PFP, the filter baselines and the weight methods",
@@ -207,6 +232,7 @@ def page(studies: Mapping[str, results_lib.Results], images: Mapping[str, Sequen
         "Settings: `configs/fashion/resnet20.py` and `configs/fashion/vgg_small.py` (1 net each, cascade: prune, "
         "retrain 60 steps, prune further; keep ratios 70 % -> 15 %, |S| = 128, full 10k test set).",
         "",
+        *zeroing_line(zeroing or {}),
     ]
     if missing:
         lines += [f"Not finished yet (left out): {', '.join(f'`{n}`' for n in missing)}.", ""]
@@ -256,7 +282,8 @@ def render(workdir: Path, out: Path) -> bool:
             dst = out / "img" / f"convnets_{name}_{plot}.png"
             images[name].append(docs_results.copy_png(src, dst).relative_to(out).as_posix() if src.exists() else "")
     out.mkdir(parents=True, exist_ok=True)
-    (out / PAGE).write_text(page(studies, images))
+    zeroing = {name: zeroing_setting(workdir, name) for name in studies}
+    (out / PAGE).write_text(page(studies, images, zeroing))
     return True
 
 

@@ -1,5 +1,7 @@
 """experiments.docs_convnets: docs/convnets.md from a tiny synthetic workdir of the conv-net study."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -114,3 +116,28 @@ def test_commensurate_table_marks_methods_missing_from_a_net():
     sipp = next(line for line in lines if line.startswith("| `sipp` |"))
     assert sipp.endswith("| — | — |")
     assert np.isfinite(docs_convnets.best_within(studies["fashion_vgg_small"], "ft", 1.0).params_removed)
+
+
+def _config(workdir, name, coresets):
+    path = workdir / name / "runs" / "cascade" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"coresets": coresets}))
+
+
+def test_page_states_each_nets_zeroing_setting(workdir, tmp_path):
+    _config(workdir, "fashion_resnet20", {"size": 128})  # predates the option: ran without zeroing
+    vgg = workdir / "fashion_vgg_small"
+    vgg.mkdir()
+    _results().save_npz(vgg / "cascade_results.npz")
+    _config(workdir, "fashion_vgg_small", {"size": 128, "zero_dead": True})
+    assert docs_convnets.zeroing_setting(workdir, "fashion_resnet20") is False
+    assert docs_convnets.zeroing_setting(workdir, "fashion_vgg_small") is True
+    assert docs_convnets.zeroing_setting(workdir, "nope") is None
+    out = tmp_path / "docs"
+    assert docs_convnets.render(workdir, out)
+    text = (out / "convnets.md").read_text()
+    assert "`coresets.zero_dead`" in text and "off for ResNet20, on for small VGG." in text
+    assert "predate it becoming the default" in text
+    assert docs_convnets.zeroing_line({"fashion_vgg_small": True}) == [
+        "Data-dependent zeroing (`coresets.zero_dead`, see [zeroing.md](zeroing.md)): on for small VGG.", ""]
+    assert docs_convnets.zeroing_line({"fashion_vgg_small": None}) == []
