@@ -189,7 +189,7 @@ def analyze(
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
       layers: the prunable layers (default: those of :func:`sensprune.find_layers` whose channels
-        can be followed: not shared layers or scan slices); grouped convs and kernel views whose
+        can be followed: not shared layers or slices of nested scans); grouped convs and kernel views whose
         feature axis is not the input's last are traced through, not marked.
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
@@ -197,7 +197,7 @@ def analyze(
         raise KeyError("variables has no 'params' collection")
     adapter = as_adapter(model, method, apply_kwargs)
     if layers is None:  # shared layers and slices of nested scans: their channels cannot be followed
-        layers = [layer for layer in adapter.find_layers(variables, x) if layer.calls == 1 and not layer.index]
+        layers = [layer for layer in adapter.find_layers(variables, x) if layer.calls == 1 and len(layer.index) <= 1]
     layers = tuple(layer for layer in layers if _marked(layer))
     scan = ScanState() if any(layer.index for layer in layers) else None
     if scan is None:

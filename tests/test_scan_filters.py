@@ -12,6 +12,7 @@ import pytest
 import sensprune as sp
 from experiments.models.scanned_lm import ScannedLM, unroll_params
 from sensprune import boxing, dependencies, layer_kinds
+from sensprune.shrink import predict_param_count
 
 DEPTH = 2
 SIZES = dict(vocab=16, dim=16, depth=DEPTH, heads=2, mlp_dim=32, max_len=8)
@@ -116,3 +117,88 @@ def test_slice_of_a_nested_scan_is_refused_with_the_reason():
     kept, dense = layer_kinds.structured_layers(layers)
     assert {layer.name for layer in kept} == {"stem", "head"}
     assert all("a slice of a nested scan" in dense[layer.name] for layer in nested)
+
+
+def _narrowed(masks):
+    """pfp's masks with slice 1 losing 5 more hidden units, and each slice a different head."""
+    m = jax.tree_util.tree_map(np.array, boxing.unbox(masks))
+    blocks = m["blocks"]
+    gone = np.flatnonzero(blocks["mlp_in"]["kernel"][1].any(axis=0))[:5]
+    blocks["mlp_in"]["kernel"][1][:, gone] = False
+    blocks["mlp_out"]["kernel"][1][gone] = False
+    for i, head in enumerate((1, 0)):
+        for name in ("query", "key", "value"):
+            blocks[name]["kernel"][i][:, head] = False
+        blocks["out"]["kernel"][i][head] = False
+    return m
+
+
+def test_shrink_of_scan_stacks_keeps_one_shape_and_the_outputs(twins):
+    model, variables, _, _, tokens = twins
+    res = sp.prune(model, variables, tokens, method="pfp", keep_ratio=0.8)
+    masks = _narrowed(res.masks)
+    shrunk = sp.shrink(model, variables, masks, x=tokens)
+    small = boxing.unbox(shrunk.variables["params"])["blocks"]
+    hidden = masks["blocks"]["mlp_in"]["kernel"].any(axis=1).sum(axis=1)  # kept hidden units per slice
+    assert hidden[1] == hidden[0] - 5
+    # every slice keeps as many hidden units as the widest one (the narrower padded with masked ones)
+    assert small["mlp_in"]["kernel"].shape == (DEPTH, 16, hidden[0]) and hidden[0] < 32
+    assert small["mlp_out"]["kernel"].shape == (DEPTH, hidden[0], 16)
+    assert small["mlp_in"]["bias"].shape == (DEPTH, hidden[0])
+    # one head per slice, a different one in each: each slice keeps its own head
+    assert small["query"]["kernel"].shape == (DEPTH, 16, 1, 8)
+    assert small["out"]["kernel"].shape == (DEPTH, 1, 8, 16)
+    query = boxing.unbox(variables["params"])["blocks"]["query"]["kernel"]
+    np.testing.assert_array_equal(small["query"]["kernel"][0], query[0][:, :1])
+    np.testing.assert_array_equal(small["query"]["kernel"][1], query[1][:, 1:])
+    assert "unshrunk" not in shrunk.meta
+    for i in range(DEPTH):  # slice i keeps its own units: the kept columns of its own mask
+        kept = shrunk.kept[f"blocks/mlp_in[{i}]"]["out"]
+        assert set(np.flatnonzero(masks["blocks"]["mlp_in"]["kernel"][i].any(axis=0))) <= set(kept.tolist())
+    masked = sp.apply_masks(boxing.unbox(variables["params"]), masks)
+    np.testing.assert_allclose(shrunk.apply(tokens), model.apply({"params": masked}, tokens), atol=1e-5)
+    assert isinstance(shrunk.variables["params"]["blocks"]["mlp_in"]["kernel"], nn.LogicallyPartitioned)
+    deps = dependencies.analyze(model, boxing.unbox_variables(variables), tokens[:1])
+    count = predict_param_count(deps, boxing.unbox(variables["params"]), masks)
+    assert count == sp.counting.count_params(boxing.unbox(shrunk.variables["params"]))
+
+
+def test_nnx_scan_stack_is_reported_dense_with_the_way_forward():
+    from flax import nnx
+
+    import sensprune.nnx as spn
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.mlp_in = nnx.Linear(8, 16, rngs=rngs)
+            self.mlp_out = nnx.Linear(16, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mlp_out(nnx.relu(self.mlp_in(x)))
+
+    class Stacked(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.Linear(4, 8, rngs=rngs)
+
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.blocks = make(rngs)
+            self.head = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def step(x, block):
+                return block(x)
+
+            return self.head(step(self.stem(x), self.blocks))
+
+    model = Stacked(nnx.Rngs(0))
+    x = np.ones((5, 4), np.float32)
+    res = spn.prune(model, x, method="wt", keep_ratio=0.9)
+    dense = res.info["dense_layers"]
+    assert set(dense) >= {"blocks/mlp_in", "blocks/mlp_out"}
+    assert "nnx.scan" in dense["blocks/mlp_in"] and "Linen nn.scan" in dense["blocks/mlp_in"]
+    assert set(res.layer_kept) == {"stem", "head"}
