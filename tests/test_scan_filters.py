@@ -202,3 +202,40 @@ def test_nnx_scan_stack_is_reported_dense_with_the_way_forward():
     assert set(dense) >= {"blocks/mlp_in", "blocks/mlp_out"}
     assert "nnx.scan" in dense["blocks/mlp_in"] and "Linen nn.scan" in dense["blocks/mlp_in"]
     assert set(res.layer_kept) == {"stem", "head"}
+
+
+class _MLPBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(4, name="down")(nn.relu(nn.Dense(6, name="up")(x))), None
+
+
+class _ScanThenRNN(nn.Module):
+    """Scanned MLP blocks, then a recurrent layer (a scan with no slices: stepped to its fixed point)."""
+
+    scan: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4, name="stem")(x)
+        if self.scan:
+            stack = nn.scan(_MLPBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            x, _ = stack(name="blocks")(x, None)
+        else:
+            for i in range(3):
+                x, _ = _MLPBlock(name=f"blocks_{i}")(x, None)
+        h = nn.RNN(nn.SimpleCell(5), name="rnn")(x)
+        return nn.Dense(2, name="head")(nn.Dense(7, name="mid")(h[:, -1]))
+
+
+def test_scan_slices_next_to_a_recurrent_scan():
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 9, 3)))
+    variables = _ScanThenRNN().init(jax.random.PRNGKey(0), x)
+    flat = {"params": {k: v for k, v in variables["params"].items() if k != "blocks"}}
+    for i in range(3):
+        flat["params"][f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], variables["params"]["blocks"])
+    deps = dependencies.analyze(_ScanThenRNN(), variables, x[:1])
+    ref = dependencies.analyze(_ScanThenRNN(scan=False), flat, x[:1])
+    assert {layer.name for layer in deps.layers} >= {"blocks/up[2]", "mid"}
+    assert _canonical(deps, _unrolled) == _canonical(ref, lambda n: n)
+    assert deps.removable[deps.out_group["blocks/up[1]"]].all() and deps.removable[deps.out_group["mid"]].all()
