@@ -435,7 +435,7 @@ def shrink(
     linen = adapter.model if isinstance(adapter, LinenAdapter) else None
     meta = {"module": _module_meta(linen), "apply_kwargs": _jsonable(apply_kwargs)} if linen is not None else {}
     if x is not None:
-        unshrunk = _unshrunk_stacks(adapter, variables, jax.tree_util.tree_map(lambda a: a[:1], x), deps)
+        unshrunk = stacks.unshrunk_stacks(adapter, variables, jax.tree_util.tree_map(lambda a: a[:1], x), deps)
         if unshrunk:
             meta["unshrunk"] = unshrunk
     if info is not None:
@@ -448,20 +448,6 @@ def shrink(
         _check(adapter, masked_vars, small, x, atol)
     shrunk.variables = {col: boxing.rebox_like(boxed[col], tree) for col, tree in small.items()}
     return shrunk
-
-
-def _unshrunk_stacks(adapter: ModelAdapter, variables: Mapping[str, Any], x: Any,
-                     deps: deps_lib.DependencyMap) -> dict[str, str]:
-    """Kernels stacked by ``nn.scan`` that keep their full size (not analysed slice by slice) -> why."""
-    find = getattr(adapter, "find_layers_report", None)
-    if find is None:
-        return {}
-    shrunk = {"/".join(layer.path) for layer in deps.layers if layer.index}
-    stacked = {"/".join(layer.path) for layer in find(variables, x)[0] if layer.index} - shrunk
-    why = ("stacked by nn.scan, but its slices are not in the channel analysis (slices of a nested scan, a "
-           "kernel traced through, or deps given without them), so it keeps its full size (pruned entries "
-           "stay zero)")
-    return {name: why for name in sorted(stacked)}
 
 
 def _check_params_like(params: Any, other: Any) -> None:

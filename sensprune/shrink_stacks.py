@@ -22,7 +22,7 @@ import numpy as np
 from sensprune import dependencies as deps_lib
 from sensprune.types import Layer, Path
 
-__all__ = ["slice_key", "slice_stacked", "split_slice", "uniform_stacks"]
+__all__ = ["slice_key", "slice_stacked", "split_slice", "stacked_steps", "uniform_stacks", "unshrunk_stacks"]
 
 _SLICE = re.compile(r"\[(\d+(?:, \d+)*)\]")
 
@@ -102,3 +102,17 @@ def stacked_steps(plan: Mapping[Path, Any], path: Path) -> Optional[dict[tuple[i
         if idx and base == path:
             out[idx] = steps
     return out or None
+
+
+def unshrunk_stacks(adapter: Any, variables: Mapping[str, Any], x: Any,
+                    deps: deps_lib.DependencyMap) -> dict[str, str]:
+    """Kernels stacked by ``nn.scan`` that keep their full size (not analysed slice by slice) -> why."""
+    find = getattr(adapter, "find_layers_report", None)
+    if find is None:
+        return {}
+    shrunk = {"/".join(layer.path) for layer in deps.layers if layer.index}
+    stacked = {"/".join(layer.path) for layer in find(variables, x)[0] if layer.index} - shrunk
+    why = ("stacked by nn.scan, but its slices are not in the channel analysis (slices of a nested scan, a "
+           "kernel traced through, or deps given without them), so it keeps its full size (pruned entries "
+           "stay zero)")
+    return {name: why for name in sorted(stacked)}

@@ -117,6 +117,9 @@ def test_slice_of_a_nested_scan_is_refused_with_the_reason():
     kept, dense = layer_kinds.structured_layers(layers)
     assert {layer.name for layer in kept} == {"stem", "head"}
     assert all("a slice of a nested scan" in dense[layer.name] for layer in nested)
+    keep_all = jax.tree_util.tree_map(lambda a: np.ones(np.shape(a), bool), variables["params"])
+    shrunk = sp.shrink(Nested(), variables, keep_all, x=x)
+    assert "nested scan" in shrunk.meta["unshrunk"]["outer/inner/mix"]
 
 
 def _narrowed(masks):
