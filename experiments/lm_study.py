@@ -1,16 +1,16 @@
 """Pruning a scanned, partitioned transformer LM: perplexity vs. kept parameters.
 
-  nice -n 10 python -m experiments.lm_study --workdir=runs/studies/lm
-  python -m experiments.docs_lm --workdir=runs/studies/lm --out=docs/
+  nice -n 10 python -m experiments.lm_study --workdir=runs/studies/lm2
+  python -m experiments.docs_lm --workdir=runs/studies/lm2 --out=docs/
 
 A character-level LM (:class:`experiments.models.scanned_lm.ScannedLM`: blocks under
 ``nn.scan`` + ``nn.remat``, params with logical axis names) is trained on an offline text
 (default: the GPL-3 text Debian ships in ``/usr/share/common-licenses``; nothing is
 downloaded), then pruned by sipp, wt and pfp at several keep ratios, once without retraining
 and once followed by a short masked retraining. Perplexity is measured on the last 10 % of
-the text (held out). Filter pruning does not follow channels through scan slices, so pfp is
-run on the unrolled copy of the same weights (the same function; equal sensitivities) and
-its masks are stacked back onto the scanned params.
+the text (held out). pfp prunes the scanned model itself: the channel analysis steps through
+the scan body, so each slice's hidden MLP units and attention heads are groups of their own
+(:mod:`sensprune.scan_flow`; the masks equal those of the unrolled copy).
 
 Resumable: the trained params and every finished ``(method, keep ratio)`` row are kept in
 ``WORKDIR`` (``dense.npz``, ``results.json``); a rerun only does what is missing.
@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 
 import sensprune as sp
-from experiments.models.scanned_lm import ScannedLM, unroll_params
+from experiments.models.scanned_lm import ScannedLM
 from sensprune import boxing
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
@@ -124,22 +124,19 @@ def _restore(path: Path, like: Any) -> Any:
 
 
 def stack_masks(unrolled: Mapping[str, Any], depth: int) -> dict[str, Any]:
-    """Masks of the unrolled model as masks of the scanned one (block masks stacked per step)."""
+    """Masks of the unrolled model as masks of the scanned one (block masks stacked per step;
+    e.g. to compare with a prune of the unrolled copy)."""
     out = {k: v for k, v in unrolled.items() if not k.startswith("blocks_")}
     out["blocks"] = jax.tree_util.tree_map(lambda *m: jnp.stack(m), *[unrolled[f"blocks_{i}"] for i in range(depth)])
     return out
 
 
 def prune_row(model, params, points, method: str, keep: float, opts: Options, vocab: int) -> dict[str, Any]:
-    """One pruned model: its masks and what was achieved (pfp: through the unrolled copy)."""
+    """One pruned model of the scanned LM: its masks and what was achieved."""
+    del vocab  # the scanned model is pruned directly, every method alike
     kwargs = dict(method=method, keep_ratio=keep, key=jax.random.PRNGKey(opts.seed), chunk_size=32)
-    if method != "pfp":
-        res = sp.prune(model, {"params": params}, points, **kwargs)
-        return {"masks": res.masks, "keep_ratio": res.keep_ratio, "note": ""}
-    flat = unroll_params(params, opts.depth)
-    res = sp.prune(_model(opts, vocab, scan=False), {"params": flat}, points, **kwargs)
-    masks = boxing.rebox_like(params, stack_masks(boxing.unbox(res.masks), opts.depth))
-    return {"masks": masks, "keep_ratio": res.keep_ratio, "note": "on the unrolled copy"}
+    res = sp.prune(model, {"params": params}, points, **kwargs)
+    return {"masks": res.masks, "keep_ratio": res.keep_ratio, "note": ""}
 
 
 def run(workdir: Path, opts: Options) -> dict[str, Any]:
@@ -201,7 +198,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", "runs/studies/lm", "where the study keeps its outputs")
+    flags.DEFINE_string("workdir", "runs/studies/lm2", "where the study keeps its outputs")
     flags.DEFINE_string("text", DEFAULT_TEXT, "an offline text file (character-level LM)")
     flags.DEFINE_integer("train_steps", Options.train_steps, "training steps of the dense LM")
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sensprune.axis_rows import Tracked, fold, tracked_rule
+from sensprune.scan_flow import ScanState, flatten, step_scan
 
 __all__ = ["n_rows", "propagate", "zeros"]
 
@@ -33,7 +34,7 @@ _ELEMENTWISE = frozenset(
     imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or
     population_count pow real reduce_precision rem round rsqrt select_n shift_left shift_right_arithmetic
     shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh xor sharding_constraint
-    mesh_cast device_put pvary""".split()
+    mesh_cast device_put pvary name""".split()
 )
 _REDUCTIONS = frozenset(
     "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin".split()
@@ -242,13 +243,28 @@ def _eqn_rule(eqn, ins: list[np.ndarray], notes: set[str], sliced: set[int]) -> 
     return [_full(n, everything) for n in n_out]
 
 
+def _leaf_rule(eqn, ins: list[Any], notes: set[str], sliced: set[int], scan: ScanState | None) -> list[Any]:
+    """Output rows of an equation without a sub-jaxpr (a tagged scan-slice input is recorded)."""
+    if scan is not None and eqn.primitive.name == "name":
+        scan.record(str(eqn.params.get("name", "")), ins[0], _shape(eqn.invars[0]))
+    if any(isinstance(r, Tracked) for r in ins):  # rows over several axes (attention heads)
+        outs = tracked_rule(eqn, ins, elementwise=eqn.primitive.name in _ELEMENTWISE)
+        if outs is not None:
+            return outs
+        ins = [fold(r, _shape(v)) for r, v in zip(ins, eqn.invars)]
+    return _eqn_rule(eqn, ins, notes, sliced)
+
+
 def propagate(
-    jaxpr, in_rows: list[Any], const_rows: list[np.ndarray], notes: set[str], sliced: set[int] | None = None
+    jaxpr, in_rows: list[Any], const_rows: list[np.ndarray], notes: set[str], sliced: set[int] | None = None,
+    scan: ScanState | None = None,
 ) -> list[Any]:
     """Rows of the jaxpr's outputs: plain last-axis rows, or :class:`~sensprune.axis_rows.Tracked`
     tables where the sources span several axes (attention heads); ``notes`` collects the primitives
     joined conservatively, ``sliced`` the sources (bitsets) of grouped-conv kernels
-    (:func:`_grouped_conv_rows`)."""
+    (:func:`_grouped_conv_rows`). With ``scan`` (scan slices marked: :mod:`sensprune.scan_flow`),
+    scan bodies are stepped through and tagged layer inputs recorded; otherwise a scan body is
+    read once."""
     sliced = set() if sliced is None else sliced
     env: dict[Any, Any] = {}
 
@@ -261,19 +277,21 @@ def propagate(
         env[v] = r
     for v, r in zip(jaxpr.invars, in_rows):
         env[v] = r
+
+    def run(sub, rows, consts, state):
+        return propagate(sub, rows, consts, notes, sliced, state)
+
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         sub = _sub_jaxpr(eqn)
-        if sub is not None:
+        if scan is not None and eqn.primitive.name == "scan":
+            outs = step_scan(eqn, ins, scan, run, zeros)
+        elif sub is not None:  # a call: stacked rows pass through to the scans inside
             consts = [zeros(n_rows(_shape(c))) for c in sub.constvars]
-            outs = propagate(sub, ins, consts, notes, sliced)
-        elif any(isinstance(r, Tracked) for r in ins):  # rows over several axes (attention heads)
-            outs = tracked_rule(eqn, ins, elementwise=eqn.primitive.name in _ELEMENTWISE)  # type: ignore[assignment]
-            if outs is None:
-                outs = _eqn_rule(eqn, [fold(r, _shape(v)) for r, v in zip(ins, eqn.invars)], notes, sliced)
+            outs = propagate(sub, ins, consts, notes, sliced, scan)
         else:
-            outs = _eqn_rule(eqn, ins, notes, sliced)
+            outs = _leaf_rule(eqn, [flatten(r, _shape(v)) for r, v in zip(ins, eqn.invars)], notes, sliced, scan)
         for v, r in zip(eqn.outvars, outs):
             if type(v).__name__ != "DropVar":
                 env[v] = r
-    return [read(v) for v in jaxpr.outvars]
+    return [flatten(read(v), _shape(v)) for v in jaxpr.outvars]

@@ -50,6 +50,7 @@ import numpy as np
 from sensprune.adapter import as_adapter, trace_with_markers
 from sensprune.axis_rows import Tracked, flat_rows, source_table
 from sensprune.channel_flow import n_rows, propagate, zeros
+from sensprune.scan_flow import ScanState, Stacked, trace_stacked
 from sensprune.types import Layer, Path
 
 __all__ = [
@@ -188,39 +189,64 @@ def analyze(
       variables: its variables (only shapes and the tree structure are used).
       x: an example input ``[B, *input_shape]`` (B = 1 is enough).
       layers: the prunable layers (default: those of :func:`sensprune.find_layers` whose channels
-        can be followed: not shared layers or scan slices); grouped convs and kernel views whose
+        can be followed: not shared layers or slices of nested scans); grouped convs and kernel views whose
         feature axis is not the input's last are traced through, not marked.
       method, apply_kwargs: forwarded to ``model.apply`` (e.g. ``train=False``).
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise KeyError("variables has no 'params' collection")
     adapter = as_adapter(model, method, apply_kwargs)
-    if layers is None:  # shared layers and scan slices: their channels cannot be followed
-        layers = [layer for layer in adapter.find_layers(variables, x) if layer.calls == 1 and not layer.index]
+    if layers is None:  # shared layers and slices of nested scans: their channels cannot be followed
+        layers = [layer for layer in adapter.find_layers(variables, x) if layer.calls == 1 and len(layer.index) <= 1]
     layers = tuple(layer for layer in layers if _marked(layer))
-    closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
+    scan = ScanState() if any(layer.index for layer in layers) else None
+    if scan is None:
+        closed, shapes, markers = trace_with_markers(adapter, variables, x, layers)
+    else:
+        closed, shapes, markers = trace_stacked(adapter, variables, x, layers)
     sources = _sources(variables, x, markers, layers)
     notes: set[str] = set()
     sliced: set[int] = set()
     consts = [zeros(n_rows(np.shape(c))) for c in closed.consts]
     in_channels = {layer.name: layer.in_channels for layer in layers}
     outputs, consumed = _split_outputs(
-        shapes, propagate(closed.jaxpr, sources.rows, consts, notes, sliced), in_channels
+        shapes, propagate(closed.jaxpr, sources.rows, consts, notes, sliced, scan), in_channels
     )
+    if scan is not None:
+        consumed.update(slice_inputs(scan, layers))
     joined = _join(layers, len(sources.kinds), consumed, outputs)
     members = _members(sources, joined, layers)
     var_rank = {_path_keys(p): len(np.shape(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    var_rank.update(sources.slice_rank)
     for b in (b for row in sliced for b in _bits(row)):  # grouped-conv kernels: last axis mapped exactly
         if sources.kinds[b][0] == "var":
             var_rank[sources.kinds[b][1]] = 1  # sliced on its last axis like a per-channel vector
     return _dependency_map(layers, members, joined.output_roots, var_rank, tuple(sorted(notes)))
 
 
+def slice_inputs(scan: ScanState, layers: Sequence[Layer]) -> dict[str, np.ndarray]:
+    """Layer name -> input rows of each scan slice, from the inputs recorded at its own step."""
+    out = {}
+    for layer in layers:
+        if not layer.index:
+            continue
+        name = "/".join(layer.path)
+        found = [rec for (tag, steps), recs in scan.consumed.items() if tag == name
+                 and steps[: len(layer.index)] == layer.index for rec in recs]
+        if not found:
+            raise ValueError(f"layer {layer.name!r}: no input found at scan step {layer.index} (is it called "
+                             "inside nn.scan with params stacked on axis 0?)")
+        rows = [flat_rows(r, shape, layer.in_channels) for r, shape in found]
+        out[layer.name] = functools.reduce(operator.or_, rows)
+    return out
+
+
 def _marked(layer: Layer) -> bool:
     """Whether the trace replaces the layer by a marker; grouped convs (mapped group by group by
     :mod:`sensprune.channel_flow`), DenseGenerals contracting non-trailing axes and transposed-kernel
     ConvTransposes (views whose feature axis is not the input's last) are traced through."""
-    return layer.groups == 1 and not layer.input_axes and not (layer.conv_transpose and layer.transposed)
+    return (layer.groups == 1 and not layer.input_axes and not (layer.conv_transpose and layer.transposed)
+            and len(layer.index) <= 1)
 
 
 @dataclasses.dataclass
@@ -229,6 +255,17 @@ class _Sources:
 
     kinds: list[tuple[str, Any, int]] = dataclasses.field(default_factory=list)
     rows: list[Any] = dataclasses.field(default_factory=list)
+    slice_rank: dict[Path, int] = dataclasses.field(default_factory=dict)
+
+    def add_stacked(self, kind: str, owners: Sequence[Any], shape: Sequence[int], n: int, at: str) -> None:
+        """Appends the input rows of an array holding one slice per owner (``shape``: one slice's),
+        each with ``n`` new sources (:class:`~sensprune.scan_flow.Stacked`)."""
+        tables = []
+        for owner in owners:
+            start = len(self.kinds)
+            self.kinds.extend((kind, owner, c) for c in range(n))
+            tables.append(source_table(shape, n, start))
+        self.rows.append(Stacked(tuple(tables), at))
 
     def add(self, kind: str, owner: Any, n: int) -> None:
         """Appends the input rows of an array whose ``n`` last-axis entries are new sources."""
@@ -256,20 +293,61 @@ def _sources(variables: Mapping[str, Any], x: Any, markers: Mapping[str, Any], l
     """
     sources = _Sources()
     layer_paths = {tuple(layer.path) for layer in layers}
+    stacks = _stack_prefixes(layers)
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         keys = _path_keys(path)
         shape = tuple(np.shape(leaf))
         owned = keys[1:-1] in layer_paths  # kernels / biases of prunable layers
+        depth = next((n for prefix, n in stacks.items() if keys[1:1 + len(prefix)] == prefix), 0)
         if owned or len(shape) == 0 or shape[-1] <= 1:
             sources.add_none(shape)
+        elif depth and len(shape) >= 2 and shape[0] == depth:  # stacked by nn.scan: one slice per step
+            owners = [(*keys, f"[{i}]") for i in range(depth)]
+            sources.slice_rank.update({owner: len(shape) - 1 for owner in owners})
+            sources.add_stacked("var", owners, shape[1:], shape[-1], "xs")
         else:
             sources.add("var", keys, shape[-1])
     for i, leaf in enumerate(jax.tree_util.tree_leaves(x)):
         sources.add("input", i, n_rows(np.shape(leaf)))
     units = {layer.name: layer.out_channels for layer in layers}
+    slices: dict[str, list[Layer]] = {}
+    for layer in layers:
+        if layer.index:
+            slices.setdefault("/".join(layer.path), []).append(layer)
     for name in sorted(markers):  # dict leaves flatten in sorted key order
-        sources.add_units("producer", name, markers[name].shape, units[name])
+        if name in slices:
+            stack = sorted(slices[name], key=lambda layer: layer.index)
+            sources.add_stacked("producer", [layer.name for layer in stack], markers[name].shape,
+                                stack[0].out_channels, "const")
+        else:
+            sources.add_units("producer", name, markers[name].shape, units[name])
     return sources
+
+
+def _stack_prefixes(layers: Sequence[Layer]) -> dict[Path, int]:
+    """Module path of each scanned block (the common prefix of its scanned layers' module paths)
+    -> its number of slices."""
+    out: dict[Path, int] = {}
+    for layer in layers:
+        if len(layer.index) != 1:
+            continue
+        depth = layer.index[0] + 1
+        parent = tuple(layer.path[:-1])
+        for prefix in list(out):
+            common = _common_prefix(prefix, parent)
+            if common:
+                depth = max(depth, out.pop(prefix))
+                parent = common
+        if parent:
+            out[parent] = max(out.get(parent, 0), depth)
+    return out
+
+
+def _common_prefix(a: Path, b: Path) -> Path:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return tuple(a[:n])
 
 
 def _split_outputs(

@@ -363,7 +363,7 @@ def structured_layers(layers: Sequence[Layer]) -> tuple[list[Layer], dict[str, s
             continue
         why = (
             "a view of a non-2-D parameter" if layer.param_shape or layer.transposed
-            else "a scan slice" if layer.index
+            else "a slice of a nested scan" if len(layer.index) > 1
             else f"a {layer.param_name!r} parameter, not a kernel" if layer.param_name != "kernel"
             else f"shared ({layer.calls} calls)"
         )

@@ -188,6 +188,27 @@ class _Recorder:
         return out
 
 
+_STACKED_TEXT = (
+    "a kernel stacked by nnx.vmap (a block stack run by nnx.scan or nnx.vmap): sensprune does not see "
+    "the calls inside nnx.scan yet, so it is left dense. Way forward: unroll the stack (a Python loop over "
+    "an nnx.List of blocks), or write the blocks as a Linen nn.scan (each slice is pruned as its own layer)"
+)
+
+
+def _stacked_uncalled(module: nnx.Module, called: set[Path]) -> dict[str, str]:
+    """Layer name -> why, for the linear layers never seen called whose kernel has a leading stack axis."""
+    out = {}
+    for path, sub in nnx.iter_modules(module):
+        key = _str_path(path)
+        kernel = getattr(sub, "kernel", None)
+        if not isinstance(sub, PRUNABLE) or key in called or kernel is None:
+            continue
+        plain = 2 if isinstance(sub, nnx.Linear) else len(getattr(sub, "kernel_size", ())) + 2
+        if len(getattr(getattr(kernel, "value", kernel), "shape", ())) > plain:
+            out[_name(key)] = _STACKED_TEXT
+    return out
+
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -351,6 +372,8 @@ class NNXAdapter:
                     found.append(layer)
                 except ValueError as err:
                     dense[_name(path)] = str(err)
+
+            dense.update(_stacked_uncalled(self.module(variables), set(recorder.calls)))
 
         jax.eval_shape(trace, variables, x)
         geometry.check_kernels(found, variables)

@@ -57,6 +57,7 @@ from jax import lax
 from sensprune import boxing, masking, paths
 from sensprune import dependencies as deps_lib
 from sensprune import shrink_heads as heads
+from sensprune import shrink_stacks as stacks
 from sensprune.adapter import LayerCall, LinenAdapter, ModelAdapter, as_adapter
 from sensprune.geometry import resolve_padding
 from sensprune.types import Path
@@ -249,7 +250,12 @@ def removed_for(deps: deps_lib.DependencyMap, masks_or_params: Any, round_to: in
     round_to = deps_lib.check_round_to(round_to)
     removed = deps_lib.removed_groups(deps, _kernel_masks(deps, masks_or_params))
     removed = _round(deps, removed, round_to) if round_to > 1 else removed
-    return heads.representable(deps, removed)
+    removed = heads.representable(deps, removed)
+    while True:  # slices of a scanned stack keep one shape (restoring whole heads keeps boxes)
+        uniform = heads.representable(deps, stacks.uniform_stacks(deps, removed))
+        if np.array_equal(uniform, removed):
+            return removed
+        removed = uniform
 
 
 def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[tuple[int, np.ndarray]]]:
@@ -260,20 +266,22 @@ def _plan(deps: deps_lib.DependencyMap, removed: np.ndarray) -> dict[Path, list[
     for layer in deps.layers:
         ki, ko = np.flatnonzero(keep_in[layer.name]), np.flatnonzero(keep_out[layer.name])
         nd = len(layer.kernel_shape)
+        kernel, one = ("params",) + paths.kernel_path(layer), stacks.slice_key(layer)  # one: a scan slice's own
         if heads.view_dims(layer) is None:
-            plan[("params",) + paths.kernel_path(layer)] = [(nd - 2, ki), (nd - 1, ko)]
+            plan[kernel + one] = [(nd - 2, ki), (nd - 1, ko)]
             bias_steps = [(0, ko)]
         else:  # a DenseGeneral/Einsum kernel (*in axes, *out axes): whole slices per axis
-            plan[("params",) + paths.kernel_path(layer)], bias_steps = heads.view_steps(layer, ki, ko)
+            plan[kernel + one], bias_steps = heads.view_steps(layer, ki, ko)
         if layer.use_bias:
-            plan[("params",) + paths.bias_path(layer)] = bias_steps
+            plan[("params",) + paths.bias_path(layer) + one] = bias_steps
     return plan
 
 
 def _plan_variables(plan, deps, removed, variables) -> dict:
     drops = deps_lib.variable_keep(deps, removed)
     for path, drop in drops.items():
-        leaf = paths.get_path(variables, path)
+        base, index = stacks.split_slice(path)  # a stacked per-channel leaf: the slice's own entries
+        leaf = paths.get_path(variables, base)[index] if index else paths.get_path(variables, base)
         n = int(np.shape(leaf)[-1])
         plan[path] = [(len(np.shape(leaf)) - 1, np.setdiff1d(np.arange(n), drop))]
     return plan
@@ -281,7 +289,11 @@ def _plan_variables(plan, deps, removed, variables) -> dict:
 
 def _slice_tree(tree: Any, plan: Mapping[Path, list], prefix: Path = ()) -> Any:
     def one(key_path, leaf):
-        steps = plan.get(prefix + tuple(str(getattr(k, "key", k)) for k in key_path))
+        path = prefix + tuple(str(getattr(k, "key", k)) for k in key_path)
+        steps = plan.get(path)
+        per_slice = None if steps else stacks.stacked_steps(plan, path)
+        if per_slice:
+            return jnp.asarray(stacks.slice_stacked(leaf, per_slice))
         if not steps:
             return leaf
         host = np.asarray(leaf)
@@ -318,12 +330,13 @@ def predict_param_count(deps: deps_lib.DependencyMap, params: Any, masks_or_para
     keep_in = deps_lib.consumer_masks_for(deps, removed)
     keep_out = deps_lib.producer_masks_for(deps, removed)
     drops = deps_lib.variable_keep(deps, removed)
-    special = {}
+    special: dict[Path, int] = {}
     for layer in deps.layers:
         kin, kout = int(keep_in[layer.name].sum()), int(keep_out[layer.name].sum())
-        special[paths.kernel_path(layer)] = kin * layer.window_size * kout
+        kernel = paths.kernel_path(layer)  # the slices of a scanned stack add up
+        special[kernel] = special.get(kernel, 0) + kin * layer.window_size * kout
         if layer.use_bias:
-            special[paths.bias_path(layer)] = kout
+            special[paths.bias_path(layer)] = special.get(paths.bias_path(layer), 0) + kout
     total = 0
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = tuple(str(getattr(k, "key", k)) for k in key_path)
@@ -422,7 +435,7 @@ def shrink(
     linen = adapter.model if isinstance(adapter, LinenAdapter) else None
     meta = {"module": _module_meta(linen), "apply_kwargs": _jsonable(apply_kwargs)} if linen is not None else {}
     if x is not None:
-        unshrunk = _unshrunk_stacks(adapter, variables, jax.tree_util.tree_map(lambda a: a[:1], x))
+        unshrunk = stacks.unshrunk_stacks(adapter, variables, jax.tree_util.tree_map(lambda a: a[:1], x), deps)
         if unshrunk:
             meta["unshrunk"] = unshrunk
     if info is not None:
@@ -435,17 +448,6 @@ def shrink(
         _check(adapter, masked_vars, small, x, atol)
     shrunk.variables = {col: boxing.rebox_like(boxed[col], tree) for col, tree in small.items()}
     return shrunk
-
-
-def _unshrunk_stacks(adapter: ModelAdapter, variables: Mapping[str, Any], x: Any) -> dict[str, str]:
-    """Kernels stacked by ``nn.scan`` (kept at full size) -> why."""
-    find = getattr(adapter, "find_layers_report", None)
-    if find is None:
-        return {}
-    stacked = {"/".join(layer.path) for layer in find(variables, x)[0] if layer.index}
-    why = ("stacked by nn.scan: one array for every step must keep one shape, and its slices' channel masks "
-           "differ, so it keeps its full size (pruned entries stay zero)")
-    return {name: why for name in sorted(stacked)}
 
 
 def _check_params_like(params: Any, other: Any) -> None:

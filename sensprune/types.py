@@ -116,9 +116,9 @@ class Layer:
     def channel_structured(self) -> bool:
         """Whether filter methods may prune this layer: a Dense/Conv/ConvTranspose kernel or the 2-D
         view of a DenseGeneral/Einsum kernel contracting its trailing axes (attention projections),
-        called once, not a scan slice (the channel-dependency analysis reads these only)."""
+        called once, at most one scan deep (the channel-dependency analysis reads these only)."""
         return (
-            not self.transposed and not self.input_axes and not self.index
+            not self.transposed and not self.input_axes and len(self.index) <= 1
             and self.groups == 1 and self.calls == 1 and self.param_name == "kernel"
         )
 

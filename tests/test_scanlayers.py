@@ -33,7 +33,7 @@ def test_scan_slices_are_layers_in_call_order(lm):
     block = ["query", "key", "value", "out", "mlp_in", "mlp_out"]
     assert names == [f"blocks/{n}[{i}]" for i in range(DEPTH) for n in block] + ["logits"]
     assert all(layer.calls == 1 for layer in layers)
-    assert not any(layer.channel_structured for layer in layers if layer.index)
+    assert all(layer.channel_structured for layer in layers if layer.index)  # filter methods follow each slice
     # each slice's view is the kernel of one step
     plain = boxing.unbox(variables["params"])
     kernel = sp.paths.get_kernel(plain, layers[4 + len(block)])  # blocks/mlp_in[1]
@@ -76,12 +76,14 @@ def test_every_method_on_the_scanned_partitioned_lm(lm, method):
     try:
         res = sp.prune(model, variables, tokens, method=method, keep_ratio=0.6, key=jax.random.PRNGKey(0),
                        labels=tokens)
-    except ValueError as err:  # filter methods: the scan slices stay dense, so only a refusal naming the range
+    except ValueError as err:  # filter methods may refuse, naming the reachable range
         assert spec.structured, f"weight method {method} refused: {err}"
         assert "smallest reachable keep ratio" in str(err), err
         return
-    if not spec.structured:  # svd moves in rank steps of fan_in + units (at most 16 + 32 parameters here)
-        step = 48 / sp.counting.count_params(boxing.unbox(variables["params"])) if method == "svd" else 0
+    # svd moves in rank steps of fan_in + units (at most 16 + 32 parameters here); thinet's greedy
+    # channel selection misses the target on the unrolled twin alike (0.5514: test_scan_filters)
+    step = {"svd": 48}.get(method, 0) / sp.counting.count_params(boxing.unbox(variables["params"]))
+    if method != "thinet":
         assert abs(res.keep_ratio - 0.6) <= 0.005 * 0.6 + step, res.keep_ratio
     mask = res.masks["blocks"]["mlp_in"]["kernel"]
     assert isinstance(mask, nn.LogicallyPartitioned) and mask.names == ("layers", "embed", "mlp")
@@ -101,13 +103,15 @@ def test_sipp_budgets_differ_per_slice(lm):
     assert kept[0] != kept[1]  # one budget per slice, not one for the stack
 
 
-def test_shrink_leaves_the_stack_uniform_and_says_why(lm):
+def test_shrink_keeps_the_stack_uniform(lm):
     model, variables, tokens = lm
     res = sp.prune(model, variables, tokens, method="wt", keep_ratio=0.5)
     shrunk = sp.shrink(model, variables, res.masks, x=tokens)
     stack = boxing.unbox(shrunk.variables["params"])["blocks"]["mlp_in"]["kernel"]
-    assert stack.shape == (DEPTH, 16, 32)
-    assert "stacked by nn.scan" in shrunk.meta["unshrunk"]["blocks/mlp_in"]
+    # a weight method's masks: only hidden units dead in every consumer row go; every slice keeps one width
+    widths = {shrunk.widths[f"blocks/mlp_in[{i}]"] for i in range(DEPTH)}
+    assert len(widths) == 1 and stack.shape == (DEPTH, 16, widths.pop()[1])
+    assert "unshrunk" not in shrunk.meta
     np.testing.assert_allclose(shrunk.apply(tokens), model.apply({"params": res.params}, tokens), atol=1e-5)
 
 
