@@ -272,7 +272,7 @@ def prune(
         nnz = counting.layer_nonzero(new_params, layers)
         size += sum(kept[name] - nnz[name] for name in sel.sizes)
         by_layer = {layer.name: layer for layer in layers}
-        flops += sum(sel.flops[name] - nnz[name] * by_layer[name].num_patches for name in sel.flops)
+        flops += sum(sel.flops[name] - nnz[name] * counting.mac_positions(by_layer[name]) for name in sel.flops)
     return boxing.rebox_result(PruneResult(
         params=new_params,
         masks=masks,
