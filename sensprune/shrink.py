@@ -32,6 +32,9 @@ DenseGeneral kernel ``(*in axes, *out axes)`` loses whole slices of each axis
 (the q/k/v kernels ``[d, heads, head_dim]`` and the output kernel
 ``[heads, head_dim, d]`` lose the removed heads), and the module runs with its
 original ``num_heads`` field: the head count it computes with is the kernels'.
+``Shrunk.meta['fields']`` lists the field values the narrower kernels imply, per
+module path, and ``Shrunk.rebuilt()`` a module built with them
+(:mod:`sensprune.shrink_fields`).
 Groups that would cut a multi-axis kernel into a non-box shape stay (fully
 masked, so the outputs do not change).
 
@@ -54,7 +57,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from sensprune import boxing, masking, paths
+from sensprune import boxing, masking, paths, shrink_fields
 from sensprune import dependencies as deps_lib
 from sensprune import shrink_heads as heads
 from sensprune.adapter import LayerCall, LinenAdapter, ModelAdapter, as_adapter
@@ -205,6 +208,13 @@ class Shrunk:
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """``model.apply(variables, *args, **kwargs)``."""
         return self.model.apply(self.variables, *args, **kwargs)
+
+    def rebuilt(self) -> nn.Module:
+        """The Linen module with the field values of the narrower kernels (``meta['fields']``):
+        its plain ``apply(variables, ...)`` runs the shrunk variables (:mod:`sensprune.shrink_fields`)."""
+        if not isinstance(self.model.module, nn.Module) or "fields" not in self.meta:
+            raise ValueError("only a Linen model shrunk with an example input x has its fields recorded")
+        return shrink_fields.rebuild(self.model.module, self.meta["fields"])
 
 
 # --------------------------------------------------------------------------- which groups go
@@ -430,6 +440,10 @@ def shrink(
             meta["info"] = json.loads(json.dumps(dict(info)))
         except TypeError as err:
             raise ValueError(f"info must be JSON-serialisable: {err}") from None
+    if linen is not None and x is not None:  # the fields the narrower kernels imply (shrink_fields)
+        first = jax.tree_util.tree_map(lambda a: a[:1], x)
+        meta["fields"] = shrink_fields.new_fields(
+            lambda v, x: adapter.intercept(v, x, _direct_interceptor), small, first)
     shrunk = Shrunk(ShrunkModel(linen if linen is not None else adapter), small, widths, kept, small_opt, meta)
     if check and x is not None:
         _check(adapter, masked_vars, small, x, atol)
@@ -589,5 +603,5 @@ def load_shrunk(path: str | os.PathLike, model: Optional[nn.Module | Callable[[]
     module = _build_module(meta, model)
     widths = {k: tuple(v) for k, v in meta.get("widths", {}).items()}
     kept = {k: {s: np.asarray(v[s], np.int64) for s in ("in", "out")} for k, v in meta.get("kept", {}).items()}
-    extra = {k: v for k, v in meta.items() if k in ("module", "info", "apply_kwargs")}
+    extra = {k: v for k, v in meta.items() if k in ("module", "info", "apply_kwargs", "fields")}
     return Shrunk(ShrunkModel(module), dict(variables), widths, kept, None, extra)
