@@ -99,28 +99,35 @@ def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array, bias: Optional[jax
     return y
 
 
+def _over_batch(fn: Callable[[jax.Array], jax.Array], x: jax.Array, rank: int) -> jax.Array:
+    """``fn`` on ``x`` with its leading (batch) axes flattened into one, as Flax convs allow any number."""
+    batch_shape = x.shape[: x.ndim - rank - 1]
+    y = fn(x.reshape((-1,) + x.shape[x.ndim - rank - 1 :]))
+    return y.reshape(batch_shape + y.shape[1:])
+
+
 def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    batch_shape = x.shape[: x.ndim - rank - 1]
-    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
     strides = _as_tuple(module.strides, rank)
     input_dilation = _as_tuple(module.input_dilation, rank)
     kernel_dilation = _as_tuple(module.kernel_dilation, rank)
-    padding = resolve_padding(
-        tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
-    )
     groups = x.shape[-1] // kernel.shape[-2]  # a grouped conv keeps whole groups: fewer of them
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    spec = (0, rank + 1) + tuple(range(1, rank + 1))
-    dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
-    y = lax.conv_general_dilated(
-        x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-        dimension_numbers=dn, feature_group_count=groups, precision=module.precision,
-    )
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y.reshape(batch_shape + y.shape[1:])
+
+    def one(x: jax.Array) -> jax.Array:
+        padding = resolve_padding(
+            tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
+        )
+        x, k, b = promote_dtype(x, kernel, bias, dtype=module.dtype)
+        spec = (0, rank + 1) + tuple(range(1, rank + 1))
+        dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
+        y = lax.conv_general_dilated(
+            x, k, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+            dimension_numbers=dn, feature_group_count=groups, precision=module.precision,
+        )
+        return y if b is None else y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
+
+    return _over_batch(one, x, rank)
 
 
 def _conv_transpose(module: nn.ConvTranspose, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
@@ -129,16 +136,16 @@ def _conv_transpose(module: nn.ConvTranspose, x: jax.Array, kernel: jax.Array, b
 
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    batch_shape = x.shape[: x.ndim - rank - 1]
-    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
     strides = _as_tuple(module.strides, rank)
     dilation = _as_tuple(module.kernel_dilation, rank)
     padding = transpose_padding(module.padding, window, strides, dilation)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    y = lax.conv_transpose(x, kernel, strides, padding, rhs_dilation=dilation, precision=module.precision)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y.reshape(batch_shape + y.shape[1:])
+
+    def one(x: jax.Array) -> jax.Array:
+        x, k, b = promote_dtype(x, kernel, bias, dtype=module.dtype)
+        y = lax.conv_transpose(x, k, strides, padding, rhs_dilation=dilation, precision=module.precision)
+        return y if b is None else y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
+
+    return _over_batch(one, x, rank)
 
 
 def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
