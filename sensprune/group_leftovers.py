@@ -73,8 +73,9 @@ def apply(ctx: PruneContext, sel: registry.Selection) -> registry.Selection:
     zeroed = sel.info.get("zero_dead", {}).get("dead")
     if zeroed is not None:  # counted there already
         tree = jax.tree.map(lambda t, z: t & ~np.asarray(z, bool), tree, zeroed)
-    other = sum(
-        int(np.count_nonzero(np.asarray(p)[t])) for p, t in zip(jax.tree.leaves(ctx.params), jax.tree.leaves(tree))
+    other = sum(  # only leaves with a leftover are read (no full copy of the params per searched budget)
+        int(np.count_nonzero(np.asarray(p)[t]))
+        for p, t in zip(jax.tree.leaves(ctx.params), jax.tree.leaves(tree)) if t.any()
     )
     return dataclasses.replace(sel, info=dict(sel.info, **{_KEY: {"dead": tree, "other": other}}))
 
