@@ -6,7 +6,8 @@ models). Conventions follow the reference (spec §1.1, §1.5):
 * ``count_nonzero`` counts nonzero entries of *every* leaf, biases and norm
   parameters included (torchprune's ``NetHandle.size()``).
 * ``flops`` counts multiply-accumulates of Dense/Conv layers only, per sample:
-  ``sum_l nnz(kernel_l) * num_patches_l``.
+  ``sum_l nnz(kernel_l) * positions_l`` (:func:`mac_positions`: the output
+  patches, or the input positions of a transposed conv).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "flops",
     "layer_nonzero",
     "layer_total",
+    "mac_positions",
     "sample_size",
 ]
 
@@ -106,19 +108,34 @@ def layer_nonzero(params: Mapping[str, Any], layers: Sequence[Layer]) -> dict[st
     return {layer.name: n for layer, n in zip(layers, _nonzero_per_leaf(kernels))}
 
 
+def mac_positions(layer: Layer) -> int:
+    """How often one sample applies each kernel entry, over all calls of ``layer``.
+
+    A Dense/Conv layer applies its kernel once per output patch (``num_patches``). A transposed
+    conv is scored as a stride-1 conv over its input dilated by the strides, but most taps of that
+    conv read the inserted zeros; what it computes is one kernel tap per *input* position (the
+    scatter form: input positions x taps x in x out), about ``prod(strides)`` times fewer.
+    """
+    if layer.conv_transpose:
+        positions = math.prod(layer.input_shape[:-1])  # [*spatial, channels] per sample
+    else:
+        positions = layer.num_patches
+    return positions * layer.calls  # calls: shared layers
+
+
 def flops(params: Mapping[str, Any], layers: Sequence[Layer]) -> int:
     """Per-sample multiply-accumulates of the Dense/Conv layers of ``params``.
 
-    ``sum_l nnz(kernel_l) * num_patches_l``; bias, norms, pooling and
+    ``sum_l nnz(kernel_l) * mac_positions(l)``; bias, norms, pooling and
     activations are not counted (spec §1.5).
     """
     nnz = layer_nonzero(params, layers)
-    return sum(nnz[layer.name] * layer.num_patches * layer.calls for layer in layers)  # calls: shared layers
+    return sum(nnz[layer.name] * mac_positions(layer) for layer in layers)
 
 
 def dense_flops(layers: Sequence[Layer]) -> int:
     """:func:`flops` of the unpruned network (every kernel entry kept)."""
-    return sum(layer.kernel_size * layer.num_patches * layer.calls for layer in layers)
+    return sum(layer.kernel_size * mac_positions(layer) for layer in layers)
 
 
 def sample_size(

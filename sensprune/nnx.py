@@ -254,7 +254,7 @@ def analyze(model: nnx.Module, x: Any, *, forward: Forward = None, eval_mode: bo
 
 
 def _set_shapes(module: nnx.Module) -> None:
-    """Makes the size attributes of Linear / LinearGeneral / Conv / norm layers and the head counts
+    """Makes the size attributes of Linear / LinearGeneral / Einsum / Conv / norm layers and the head counts
     of ``nnx.MultiHeadAttention`` match their (sliced) Variables."""
     for _, sub in nnx.iter_modules(module):
         kernel = getattr(sub, "kernel", None)
@@ -262,6 +262,8 @@ def _set_shapes(module: nnx.Module) -> None:
             shape = tuple(kernel.get_value().shape)
             n_in = len(sub.axis)
             sub.in_features, sub.out_features = shape[:n_in], shape[n_in:]
+        elif isinstance(sub, nnx.Einsum) and isinstance(kernel, nnx.Variable):
+            sub.kernel_shape = tuple(kernel.get_value().shape)  # nnx.Einsum shapes its bias by it
         elif isinstance(sub, nnx.MultiHeadAttention) and isinstance(sub.query, nnx.LinearGeneral):
             heads, head_dim = tuple(sub.query.kernel.get_value().shape[-2:])
             sub.num_heads, sub.head_dim, sub.qkv_features = heads, head_dim, heads * head_dim

@@ -13,6 +13,7 @@ from absl import logging
 
 from sensprune import boxing, counting, layer_kinds, masking, paths, reach, registry, validation, zeroing
 from sensprune import budget as budget_lib
+from sensprune import group_leftovers as leftovers
 from sensprune import points as points_lib
 from sensprune.context import PruneContext
 from sensprune.sensitivity import resolve_contraction
@@ -93,8 +94,11 @@ def search_selection(
                 validation.check_finite_sensitivities(ctx.computed_sensitivities(), spec.name, selections[b].scores)
             if zero_dead:
                 selections[b] = zeroing.apply(ctx, selections[b], structured=spec.structured)
+            if spec.structured:  # removed groups take their biases and norm channels along
+                selections[b] = leftovers.apply(ctx, selections[b])
         sel = selections[b]
-        return fixed - zeroing.zeroed_other(sel) + int(sum(sel.layer_size(name) for name in sel.masks))
+        freed = zeroing.zeroed_other(sel) + leftovers.removed_other(sel)
+        return fixed - freed + int(sum(sel.layer_size(name) for name in sel.masks))
 
     if zero_dead and spec.retrainable:  # masks only: its gradient program compiles alongside the pass
         zeroing.compile_ahead(ctx)
@@ -263,8 +267,10 @@ def prune(
     new_params = _pruned_params(params, layers, sel)
     masks = _kernel_masks_tree(params, layers, sel.masks)
     new_params, masks, zeroed = zeroing.zero_params(new_params, masks, sel)
+    new_params, masks = leftovers.zero_params(new_params, masks, sel)
     kept = {layer.name: sel.layer_size(layer.name) for layer in layers}
     info = dict(sel.info)
+    info.update(group_leftovers=leftovers.removed_other(sel))
     info.update(zero_dead=zeroed, nominal_budget=chosen, reachable=ok, searches=searches, method=method,
                 dense_layers=dense)
     size = counting.count_nonzero(new_params)
@@ -274,7 +280,7 @@ def prune(
         nnz = counting.layer_nonzero(new_params, layers)
         size += sum(kept[name] - nnz[name] for name in sel.sizes)
         by_layer = {layer.name: layer for layer in layers}
-        flops += sum(sel.flops[name] - nnz[name] * by_layer[name].num_patches for name in sel.flops)
+        flops += sum(sel.flops[name] - nnz[name] * counting.mac_positions(by_layer[name]) for name in sel.flops)
     return boxing.rebox_result(PruneResult(
         params=new_params,
         masks=masks,

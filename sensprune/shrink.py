@@ -32,6 +32,9 @@ DenseGeneral kernel ``(*in axes, *out axes)`` loses whole slices of each axis
 (the q/k/v kernels ``[d, heads, head_dim]`` and the output kernel
 ``[heads, head_dim, d]`` lose the removed heads), and the module runs with its
 original ``num_heads`` field: the head count it computes with is the kernels'.
+``Shrunk.meta['fields']`` lists the field values the narrower kernels imply, per
+module path, and ``Shrunk.rebuilt()`` a module built with them
+(:mod:`sensprune.shrink_fields`).
 Groups that would cut a multi-axis kernel into a non-box shape stay (fully
 masked, so the outputs do not change).
 
@@ -54,7 +57,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from sensprune import boxing, masking, paths
+from sensprune import boxing, masking, paths, shrink_fields
 from sensprune import dependencies as deps_lib
 from sensprune import shrink_heads as heads
 from sensprune import shrink_stacks as stacks
@@ -97,28 +100,35 @@ def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array, bias: Optional[jax
     return y
 
 
+def _over_batch(fn: Callable[[jax.Array], jax.Array], x: jax.Array, rank: int) -> jax.Array:
+    """``fn`` on ``x`` with its leading (batch) axes flattened into one, as Flax convs allow any number."""
+    batch_shape = x.shape[: x.ndim - rank - 1]
+    y = fn(x.reshape((-1,) + x.shape[x.ndim - rank - 1 :]))
+    return y.reshape(batch_shape + y.shape[1:])
+
+
 def _conv(module: nn.Conv, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    batch_shape = x.shape[: x.ndim - rank - 1]
-    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
     strides = _as_tuple(module.strides, rank)
     input_dilation = _as_tuple(module.input_dilation, rank)
     kernel_dilation = _as_tuple(module.kernel_dilation, rank)
-    padding = resolve_padding(
-        tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
-    )
     groups = x.shape[-1] // kernel.shape[-2]  # a grouped conv keeps whole groups: fewer of them
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    spec = (0, rank + 1) + tuple(range(1, rank + 1))
-    dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
-    y = lax.conv_general_dilated(
-        x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-        dimension_numbers=dn, feature_group_count=groups, precision=module.precision,
-    )
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y.reshape(batch_shape + y.shape[1:])
+
+    def one(x: jax.Array) -> jax.Array:
+        padding = resolve_padding(
+            tuple(module.path), module.padding, x.shape[1:-1], window, strides, kernel_dilation
+        )
+        x, k, b = promote_dtype(x, kernel, bias, dtype=module.dtype)
+        spec = (0, rank + 1) + tuple(range(1, rank + 1))
+        dn = lax.ConvDimensionNumbers(spec, (rank + 1, rank) + tuple(range(rank)), spec)
+        y = lax.conv_general_dilated(
+            x, k, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+            dimension_numbers=dn, feature_group_count=groups, precision=module.precision,
+        )
+        return y if b is None else y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
+
+    return _over_batch(one, x, rank)
 
 
 def _conv_transpose(module: nn.ConvTranspose, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
@@ -127,16 +137,16 @@ def _conv_transpose(module: nn.ConvTranspose, x: jax.Array, kernel: jax.Array, b
 
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    batch_shape = x.shape[: x.ndim - rank - 1]
-    x = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
     strides = _as_tuple(module.strides, rank)
     dilation = _as_tuple(module.kernel_dilation, rank)
     padding = transpose_padding(module.padding, window, strides, dilation)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
-    y = lax.conv_transpose(x, kernel, strides, padding, rhs_dilation=dilation, precision=module.precision)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y.reshape(batch_shape + y.shape[1:])
+
+    def one(x: jax.Array) -> jax.Array:
+        x, k, b = promote_dtype(x, kernel, bias, dtype=module.dtype)
+        y = lax.conv_transpose(x, k, strides, padding, rhs_dilation=dilation, precision=module.precision)
+        return y if b is None else y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
+
+    return _over_batch(one, x, rank)
 
 
 def _direct_interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, call: LayerCall) -> Any:
@@ -206,6 +216,13 @@ class Shrunk:
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """``model.apply(variables, *args, **kwargs)``."""
         return self.model.apply(self.variables, *args, **kwargs)
+
+    def rebuilt(self) -> nn.Module:
+        """The Linen module with the field values of the narrower kernels (``meta['fields']``):
+        its plain ``apply(variables, ...)`` runs the shrunk variables (:mod:`sensprune.shrink_fields`)."""
+        if not isinstance(self.model.module, nn.Module) or "fields" not in self.meta:
+            raise ValueError("only a Linen model shrunk with an example input x has its fields recorded")
+        return shrink_fields.rebuild(self.model.module, self.meta["fields"])
 
 
 # --------------------------------------------------------------------------- which groups go
@@ -443,6 +460,10 @@ def shrink(
             meta["info"] = json.loads(json.dumps(dict(info)))
         except TypeError as err:
             raise ValueError(f"info must be JSON-serialisable: {err}") from None
+    if linen is not None and x is not None:  # the fields the narrower kernels imply (shrink_fields)
+        first = jax.tree_util.tree_map(lambda a: a[:1], x)
+        meta["fields"] = shrink_fields.new_fields(
+            lambda v, x: adapter.intercept(v, x, _direct_interceptor), small, first)
     shrunk = Shrunk(ShrunkModel(linen if linen is not None else adapter), small, widths, kept, small_opt, meta)
     if check and x is not None:
         _check(adapter, masked_vars, small, x, atol)
@@ -591,5 +612,5 @@ def load_shrunk(path: str | os.PathLike, model: Optional[nn.Module | Callable[[]
     module = _build_module(meta, model)
     widths = {k: tuple(v) for k, v in meta.get("widths", {}).items()}
     kept = {k: {s: np.asarray(v[s], np.int64) for s in ("in", "out")} for k, v in meta.get("kept", {}).items()}
-    extra = {k: v for k, v in meta.items() if k in ("module", "info", "apply_kwargs")}
+    extra = {k: v for k, v in meta.items() if k in ("module", "info", "apply_kwargs", "fields")}
     return Shrunk(ShrunkModel(module), dict(variables), widths, kept, None, extra)

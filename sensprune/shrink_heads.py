@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,10 +45,16 @@ def dense_general(module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[j
 
 
 def nnx_direct(module: Any, args: tuple, kwargs: dict) -> Optional[jax.Array]:
-    """An ``nnx.LinearGeneral`` (no batch axes) computed from its (possibly narrower) kernel, else None
-    (other nnx layers compute from their kernels anyway)."""
+    """An ``nnx.LinearGeneral`` (no batch axes) or ``nnx.Einsum`` computed from its (possibly narrower)
+    kernel, else None (other nnx layers compute from their kernels anyway; ``nnx.Einsum`` would shape
+    its bias by its stale ``kernel_shape``)."""
     from flax import nnx
 
+    if isinstance(module, nnx.Einsum):
+        x = args[0] if args else kwargs["inputs"]
+        bias = module.bias[...] if module.bias is not None else None
+        spec = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        return einsum(module, x, module.kernel[...], bias, spec)
     if not isinstance(module, nnx.LinearGeneral) or module.batch_axis:
         return None
     x = args[0] if args else kwargs["inputs"]
@@ -57,12 +62,20 @@ def nnx_direct(module: Any, args: tuple, kwargs: dict) -> Optional[jax.Array]:
     return dense_general(module, x, module.kernel[...], bias)
 
 
-def einsum(module: nn.Einsum, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array],
+def einsum(module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array],
            einsum_str: Optional[str]) -> jax.Array:
-    """``nn.Einsum`` from its stored kernel (``einsum_str``: the one passed at call time, if any)."""
+    """``nn.Einsum`` / ``nnx.Einsum`` from its stored kernel (``einsum_str``: the one passed at call
+    time, if any). The bias lies on the output axes named in the kernel's subscripts."""
+    import opt_einsum
+
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
     spec = (einsum_str or module.einsum_str or "").replace(" ", "")
-    return add_bias(jnp.einsum(spec, x, kernel, precision=module.precision), bias)
+    y = jnp.einsum(spec, x, kernel, precision=module.precision)
+    if bias is None:
+        return y
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((spec, x, kernel))
+    rhs = operands.split(",")[1]
+    return y + jnp.reshape(bias, [kernel.shape[rhs.index(c)] if c in rhs else 1 for c in result])
 
 
 def view_dims(layer: Layer) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sensprune as sp
-from sensprune import zeroing
+from sensprune import group_leftovers, zeroing
 from sensprune.context import PruneContext
 from sensprune.layers import find_layers
 from sensprune.methods import filter_norm, random_pruning, thinet  # noqa: F401  (importing registers the methods)
@@ -265,13 +265,17 @@ def assert_hit_or_closest(res, model, variables, data, method, target, key, grid
     ctx = make_ctx(model, variables, data, **ctx_kw)
     dense = sp.count_params(variables["params"])
     fixed = sp.count_nonzero(variables["params"]) - sum(int(a.sum()) for a in ctx.alive().values())
-    select = sp.get_method(method).select
-    if res.info["zero_dead"]:  # sizes after the reference's zeroing, as the search counts them
-        def select(c, b, k, _select=select):
-            return zeroing.apply(c, _select(c, b, k), structured=True)
+    plain = sp.get_method(method).select
+
+    def select(c, b, k):  # sizes after the reference's zeroing and the removed groups' biases, as the search
+        sel = plain(c, b, k)
+        sel = zeroing.apply(c, sel, structured=True) if res.info["zero_dead"] else sel
+        return group_leftovers.apply(c, sel)
+
     budgets = np.linspace(0.6, 1.4, grid) * (target * dense - fixed)
     sels = [select(ctx, int(b), key) for b in budgets]
-    sizes = [fixed - zeroing.zeroed_other(sel) + sum(int(m.sum()) for m in sel.masks.values()) for sel in sels]
+    sizes = [fixed - zeroing.zeroed_other(sel) - group_leftovers.removed_other(sel)
+             + sum(int(m.sum()) for m in sel.masks.values()) for sel in sels]
     assert min(sizes) < target * dense < max(sizes)
     assert abs(res.keep_ratio - target) <= min(abs(s / dense - target) for s in sizes) + 1e-12
 

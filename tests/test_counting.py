@@ -128,3 +128,25 @@ def test_sample_size_rejects_bad_arguments():
             counting.sample_size(layers, 0.1, batch_size=b)
     with pytest.raises(ValueError, match="layers must contain at least one Layer"):
         counting.sample_size([], 0.1)
+
+
+@pytest.mark.parametrize("strides", [(2, 2), (3, 1)])
+def test_conv_transpose_flops_match_xla_cost_analysis(strides):
+    """A VALID ConvTranspose crops nothing, so every (input position, tap) pair is one MAC per
+    in/out channel pair: XLA's cost analysis of the lowered op (which skips the dilation holes)
+    is an independent count. The stride-1-over-dilated-input view would count ~prod(strides) more."""
+    import flax.linen as nn
+
+    import sensprune as sp
+
+    model = nn.ConvTranspose(5, (3, 2), strides=strides, padding="VALID", use_bias=False)
+    x = jnp.ones((1, 4, 3, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    (layer,) = sp.find_layers(model, variables, x)
+    cost = jax.jit(model.apply).lower(variables, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert counting.dense_flops([layer]) == 4 * 3 * (3 * 2) * 3 * 5 == cost["flops"] / 2
+    kernel = np.asarray(variables["params"]["kernel"]).copy()
+    kernel[:, :, 0, :] = 0.0  # prune one input channel: a third of the entries
+    assert counting.flops({"kernel": kernel}, [layer]) == 4 * 3 * (3 * 2) * 2 * 5
+    assert layer.num_patches > 4 * 3  # the dilated-conv view has more output patches than inputs

@@ -178,6 +178,30 @@ def test_pfp_three_ratios_shrink_save_load(setup, deps, tmp_path):
     assert fewer_heads
 
 
+@pytest.mark.parametrize("zero_dead", [False, True])
+def test_removed_heads_biases_are_not_kept(setup, deps, zero_dead):
+    """A removed head / MLP unit takes its producers' biases along in the masked model (zero, masked,
+    not counted), with or without data-dependent zeroing: the kept count is the shrunk model's size."""
+    model, variables, tokens = setup
+    params = variables["params"]
+    result = sp.prune(model, variables, tokens, method="pfp", keep_ratio=0.45, zero_dead=zero_dead,
+                      allow_dead_layers=True)
+    alive = _heads_alive(result.masks)
+    assert not all(alive)
+    for h in np.flatnonzero(~np.asarray(alive)):
+        for proj in ("query", "key", "value"):
+            assert not np.any(np.asarray(result.params[ATTN][proj]["bias"])[h])
+            assert not np.any(np.asarray(result.masks[ATTN][proj]["bias"])[h])
+    units = np.asarray(result.masks["Dense_0"]["kernel"]).any(axis=0)
+    np.testing.assert_array_equal(np.asarray(result.params["Dense_0"]["bias"]) != 0, units)
+    kept = round(result.keep_ratio * _size(params))
+    assert kept == sp.count_nonzero(result.params)
+    shrunk = sp.shrink(model, variables, result.masks, deps=deps)
+    assert _size(shrunk.params) == kept == predict_param_count(deps, params, result.masks)
+    if not zero_dead:  # zeroing (the default) finds these biases from their zero gradient first
+        assert result.info["group_leftovers"] > 0
+
+
 FILTER_METHODS = [m for m in sp.available_methods() if sp.get_method(m).structured]
 
 
@@ -195,6 +219,7 @@ def test_every_filter_method_prunes_heads(setup, deps, method):
         assert abs(result.keep_ratio - ratio) <= head / _size(variables["params"]), (method, result.keep_ratio)
     _check_removed_heads_zero(result.params, result.masks)
     shrunk = sp.shrink(model, variables, result.params, deps=deps)
+    assert _size(shrunk.params) == round(result.keep_ratio * _size(variables["params"]))  # kept = shrunk size
     want = _apply(model, variables, result.params, tokens)
     np.testing.assert_allclose(np.asarray(shrunk.apply(tokens), np.float64), want, rtol=0, atol=1e-5)
     heads = sum(_heads_alive(result.masks))

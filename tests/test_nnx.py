@@ -385,3 +385,31 @@ def test_shrink_matches_masked_model_and_predicted_count(kind, method):
     if kind == "mlp":  # bool masks of an already pruned model give the same network
         again = spx.shrink(masked, result.masks, x, deps=deps)
         jax.tree.map(np.testing.assert_array_equal, spx.params_dict(again), jax.tree.map(np.asarray, little))
+
+
+class _EinsumHeads(nnx.Module):
+    """Two nnx.Einsum layers with a head axis: 'btd,dhk->bthk' (biased), then 'bthk,hkc->btc'."""
+
+    def __init__(self, rngs):
+        self.mix = nnx.Einsum("btd,dhk->bthk", (6, 3, 4), (3, 4), rngs=rngs)
+        self.out = nnx.Einsum("bthk,hkc->btc", (3, 4, 5), (5,), rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.mix(x)))
+
+
+def test_nnx_einsum_shrinks_by_whole_heads():
+    model = _EinsumHeads(nnx.Rngs(0))
+    model.mix.bias.value = model.mix.bias.value + 0.3  # nonzero biases: a dropped head's must go with it
+    x = np.random.default_rng(4).standard_normal((4, 7, 6)).astype(np.float32)
+    masks = jax.tree.map(lambda a: np.ones(np.shape(a), bool), spx.params_dict(model))
+    masks["out"]["kernel"][1] = False  # head 1's consumer rows: the head goes, with its mix columns
+    masked = nnx.clone(model)
+    nnx.update(masked, spx.state_like(nnx.state(masked, nnx.Param), sp.apply_masks(spx.params_dict(model), masks)))
+    small = spx.shrink(model, masks, x)
+    assert small.mix.kernel.value.shape == (6, 2, 4) and small.mix.bias.value.shape == (2, 4)
+    assert small.out.kernel.value.shape == (2, 4, 5) and small.mix.kernel_shape == (6, 2, 4)
+    np.testing.assert_array_equal(small.mix.bias.value, np.delete(np.asarray(model.mix.bias.value), 1, axis=0))
+    want = np.asarray(masked(x))
+    np.testing.assert_allclose(np.asarray(small(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(small, x)), want, rtol=1e-5, atol=1e-5)

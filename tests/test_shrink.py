@@ -57,6 +57,8 @@ def test_pfp_shrunk_matches_masked_and_predicted_count(name):
         shrunk = sp.shrink(model, variables, res.masks, deps=deps, check=False, train=False)
         predicted = sp.predict_param_count(deps, variables["params"], res.masks)
         assert sp.count_params(shrunk.params) == predicted < dense
+        # Removed channels' biases and norm params are gone from the masked model too (BN params are nonzero).
+        assert sp.count_nonzero(shrunk.params) == sp.count_nonzero(res.params)
         # Every layer's kernel has the predicted widths.
         for layer in deps.layers:
             kernel = shrunk.params

@@ -13,6 +13,9 @@ and a final LayerNorm and a Dense classifier ``head``. No dropout, so
 
 from __future__ import annotations
 
+import re
+from typing import Any, Mapping, Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,11 +45,14 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    qkv_features: Optional[int] = None  # None: the input width
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nn.LayerNorm(name="ln1")(x)
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attn")(y, y)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, qkv_features=self.qkv_features, name="attn"
+        )(y, y)
         x = x + y
         y = nn.LayerNorm(name="ln2")(x)
         return x + MlpBlock(self.mlp_dim, name="mlp")(y)
@@ -64,6 +70,10 @@ class ViT(nn.Module):
       mlp_dim: hidden units of each block's MLP.
       pool: ``'cls'`` (a learned class token, read out at the end) or
         ``'mean'`` (average over the patch tokens).
+      block_heads, block_mlp_dims: per-block head counts and MLP widths of a
+        filter-pruned ViT (``None``: ``num_heads`` / ``mlp_dim`` in every block;
+        each head keeps ``hidden_size // num_heads`` dims); see
+        :meth:`with_shrunk_fields`.
     """
 
     num_classes: int
@@ -73,6 +83,25 @@ class ViT(nn.Module):
     num_heads: int = 4
     mlp_dim: int = 128
     pool: str = "cls"
+    block_heads: Optional[tuple[int, ...]] = None
+    block_mlp_dims: Optional[tuple[int, ...]] = None
+
+    def with_shrunk_fields(self, fields: Mapping[str, Mapping[str, Any]]) -> "ViT":
+        """This ViT with the per-block widths of a shrunk one (``Shrunk.meta['fields']``:
+        ``'block{i}/attn'``: ``num_heads``, ``'block{i}/mlp/fc1'``: ``features``); its plain
+        ``apply`` runs the shrunk variables. Any other changed field is a ``ValueError``."""
+        heads = list(self.block_heads or (self.num_heads,) * self.depth)
+        mlp = list(self.block_mlp_dims or (self.mlp_dim,) * self.depth)
+        for path, values in fields.items():
+            m = re.fullmatch(r"block(\d+)/(attn|mlp/fc1)", path)
+            if m is None or set(values) - {"num_heads", "qkv_features", "features"}:
+                raise ValueError(f"ViT.with_shrunk_fields: {path!r} {dict(values)} cannot be expressed by ViT fields")
+            i = int(m.group(1))
+            if m.group(2) == "attn":
+                heads[i] = int(values.get("num_heads", heads[i]))
+            elif m.group(2) == "mlp/fc1":
+                mlp[i] = int(values["features"])
+        return self.clone(block_heads=tuple(heads), block_mlp_dims=tuple(mlp))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -93,8 +122,15 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
         pos = self.param("pos_embed", _POS_INIT, (1, x.shape[1], self.hidden_size))
         x = x + pos
+        head_dim = self.hidden_size // self.num_heads
+        heads = self.block_heads or (self.num_heads,) * self.depth
+        mlp = self.block_mlp_dims or (self.mlp_dim,) * self.depth
+        if len(heads) != self.depth or len(mlp) != self.depth:
+            raise ValueError(f"ViT block_heads={self.block_heads} / block_mlp_dims={self.block_mlp_dims} must have "
+                             f"depth={self.depth} entries")
         for i in range(self.depth):
-            x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block{i}")(x)
+            qkv = None if heads[i] == self.num_heads else heads[i] * head_dim
+            x = EncoderBlock(heads[i], mlp[i], qkv_features=qkv, name=f"block{i}")(x)
         x = nn.LayerNorm(name="ln_final")(x)
         x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
         return nn.Dense(self.num_classes, name="head")(x)
