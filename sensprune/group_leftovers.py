@@ -24,6 +24,7 @@ import numpy as np
 from sensprune import dependencies as deps_lib
 from sensprune import paths, registry
 from sensprune import shrink_heads as heads
+from sensprune import shrink_stacks as stacks
 from sensprune.context import PruneContext
 
 __all__ = ["apply", "removed_other", "zero_params"]
@@ -48,14 +49,17 @@ def leftover_tree(deps: deps_lib.DependencyMap, params: Any, removed: np.ndarray
     for layer in deps.layers:
         if not layer.use_bias or keep_out[layer.name].all():
             continue
-        bias = paths.get_path(tree, paths.bias_path(layer))
-        tree = paths.set_path(tree, paths.bias_path(layer), (~keep_out[layer.name]).reshape(np.shape(bias)))
+        gone = np.array(paths.get_path(tree, paths.bias_path(layer)), bool)
+        at = layer.index or ()  # a scan slice owns its own row of the stacked bias
+        gone[at] = (~keep_out[layer.name]).reshape(gone[at].shape)
+        tree = paths.set_path(tree, paths.bias_path(layer), gone)
     for path, drop in deps_lib.variable_keep(deps, removed).items():
-        if path[0] != "params":
+        leaf_path, at = stacks.split_slice(path)  # stacked per-channel leaves: '[i]' names the slice
+        if leaf_path[0] != "params":
             continue
-        gone = np.array(paths.get_path(tree, path[1:]), bool)
-        gone[..., drop] = True
-        tree = paths.set_path(tree, path[1:], gone)
+        gone = np.array(paths.get_path(tree, leaf_path[1:]), bool)
+        gone[(*at, Ellipsis, drop)] = True  # type: ignore[index]
+        tree = paths.set_path(tree, leaf_path[1:], gone)
     return tree
 
 
