@@ -102,3 +102,24 @@ def test_lm_filter_methods_reach_the_target_or_say_it_is_too_coarse():
     reached = _check(ctx, ["thinet", "pfp_rand", "pfp_top"], (0.6, 0.7))
     # thinet used to stop at 0.5514 / 0.6511: one fraction for all layers drops both heads at once
     assert reached["thinet", 0.6] and reached["thinet", 0.7]
+
+
+def test_removal_schedule_keeps_one_fraction_up_to_a_channel():
+    from types import SimpleNamespace
+
+    sizes = {"a": 5, "b": 8, "c": 13, "p": 4}
+    ctx = SimpleNamespace(layers=[SimpleNamespace(name=n, order=i) for i, n in enumerate(sizes)])
+    live = {n: np.ones(k, bool) for n, k in sizes.items()}
+    live["b"][3] = False  # a dead channel is never scheduled
+    orders = {n: np.flatnonzero(live[n])[::-1] for n in sizes}
+    schedule = thinet.removal_schedule(ctx, orders, live, protected={"p"})
+    assert len(schedule) == sum(int(m.sum()) - 1 for n, m in live.items() if n != "p")
+    for m in range(len(schedule) + 1):
+        keep = thinet._keep_after(live, schedule[:m])
+        assert keep["p"].all() and not keep["b"][3]
+        kept = {n: int(keep[n].sum()) for n in ("a", "b", "c")}
+        n_live = {n: int(live[n].sum()) for n in kept}
+        assert min(kept.values()) >= 1
+        assert max((kept[n] - 1) / n_live[n] for n in kept) <= min((kept[n] + 1) / n_live[n] for n in kept)
+    for name in ("a", "b", "c"):  # each layer's removals follow its own order
+        assert [c for n, c in schedule if n == name] == list(orders[name][:-1])
