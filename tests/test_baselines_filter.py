@@ -242,15 +242,17 @@ def test_thinet_in_mode_protects_inputs_and_propagates():
     # The first layer reads the model input: its input channels are protected.
     first_inputs = np.asarray(variables["params"][names[0]]["kernel"]).any(1)
     np.testing.assert_array_equal(kmask(res, names[0]).any(1), first_inputs)
-    frac = res.info["fraction"]
+    low, high = [], []  # per layer, the fractions within a channel of what it keeps
     for i, name in enumerate(names):
         m = kmask(res, name)
         rows, filters = m.any(1), m.any(0)
         np.testing.assert_array_equal(m, rows[:, None] & filters[None, :])  # whole channels / filters
-        if i > 0:
-            assert rows.sum() == max(1, round(frac * m.shape[0]))
+        if i > 0 and name not in res.info["frozen"]:  # frozen layers stop where the next channel is too coarse
+            low.append((rows.sum() - 1) / m.shape[0])
+            high.append((rows.sum() + 1) / m.shape[0])
         if i + 1 < len(names):  # a filter survives exactly when its consumer keeps the channel
             np.testing.assert_array_equal(filters, kmask(res, names[i + 1]).any(1))
+    assert low and max(low) <= min(high)  # the others keep one fraction, up to a channel
     assert kmask(res, names[-1]).any(0).all()
 
 

@@ -19,8 +19,11 @@ channel chosen highest and keeps it, which inverts the paper; we follow the
 paper.)
 
 Every layer keeps the same fraction of its alive input channels (at least
-one); the fraction is found by bisection on a size model that accounts for the
-producing filters that die with their channels. Input channels of layers that
+one), up to one channel: the layers' single-channel removals are interleaved by
+the fraction at which each happens (:func:`removal_schedule`), and the budget
+picks a prefix of that schedule by bisection on a size model that accounts for
+the producing filters that die with their channels (a shared fraction alone
+moves every layer at once and can miss the budget by several percent). Input channels of layers that
 read the model input are protected when ``ctx.protect_input_channels``. Dropped
 channels are propagated to their producers by channel group
 (:func:`sensprune.propagation.propagate`, on the jaxpr analysis of
@@ -53,6 +56,7 @@ from sensprune.types import Layer
 SAMPLES = 400
 MAX_POINTS = 256
 _GRAM_MAX = 4096  # channels up to which the greedy steps use the precomputed Gram matrix
+SLACK = 0.002  # undershoot of the budget (fraction of the kernel entries) above which layers may deviate
 
 
 def greedy_removal_order(x: np.ndarray, candidates: Optional[np.ndarray] = None) -> np.ndarray:
@@ -185,56 +189,110 @@ def channel_ranks(ctx: PruneContext) -> dict[str, np.ndarray]:
     return out
 
 
-def _keep_channels(ctx: PruneContext, fraction: float, orders, live, protected) -> dict[str, np.ndarray]:
-    keep = {}
+def removal_schedule(ctx: PruneContext, orders, live, protected) -> list[tuple[str, int]]:
+    """Every single-channel removal ``(layer name, channel)`` in the order a falling fraction makes them.
+
+    A layer with ``n`` live input channels keeping ``round(f * n)`` (at least one) removes its
+    ``j``-th channel of ``orders`` once ``f`` drops below ``(n - j + 0.5) / n``; sorting every
+    layer's removals by that threshold (ties by layer order) interleaves the layers so that any
+    prefix keeps every layer within one channel of one common fraction. Each prefix removes one
+    channel more than the previous one, so the budget can be met channel by channel instead of
+    in the coarse steps of one fraction shared by all layers.
+    """
+    steps = []
     for layer in ctx.layers:
         name = layer.name
         n = int(live[name].sum())
         if name in protected or n == 0:
-            keep[name] = live[name].copy()
             continue
-        k = min(n, max(1, int(np.round(fraction * n))))
-        mask = live[name].copy()
-        mask[orders[name][: n - k]] = False
-        keep[name] = mask
+        for j in range(1, n):
+            steps.append(((n - j + 0.5) / n, layer.order, name, int(orders[name][j - 1])))
+    steps.sort(key=lambda s: (-s[0], s[1]))
+    return [(name, channel) for _, _, name, channel in steps]
+
+
+def _keep_after(live, removals: list[tuple[str, int]]) -> dict[str, np.ndarray]:
+    """Input channels kept once these ``(layer name, channel)`` removals are made."""
+    keep = {name: mask.copy() for name, mask in live.items()}
+    for name, channel in removals:
+        keep[name][channel] = False
     return keep
 
 
-def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None, iters: int = 50) -> registry.Selection:
-    """ThiNet: same fraction of input channels per layer, greedy reconstruction order."""
+def _shortest_prefix(size, steps: int, budget: int) -> int:
+    """Fewest steps ``m`` in ``[0, steps]`` with ``size(m) <= budget`` (``steps`` if none); ``size`` nonincreasing."""
+    lo, hi = 0, steps
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if size(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def fill_schedule(
+    size_of, schedule: list[tuple[str, int]], budget: int, slack: int
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """The removals meeting ``budget``: a prefix of ``schedule``, unless its last step is coarse.
+
+    ``size_of(removals)`` is the kept size after a list of removals (nonincreasing along any
+    prefix). The shortest prefix keeping at most ``budget`` is taken; when it undershoots the
+    budget by more than ``slack`` (its last step freed a whole channel group, e.g. an attention
+    head), that step's layer is frozen where it stands and the later removals of the other
+    layers fill the budget instead, again with bisection; repeated while it helps, the result
+    keeps the most entries within the budget.
+
+    Returns:
+      ``(removals, frozen layers)``.
+    """
+    taken: list[tuple[str, int]] = []
+    frozen: list[str] = []
+    rest, best = list(schedule), None
+    for _ in range(len(schedule) + 1):
+        m = _shortest_prefix(lambda k: size_of(taken + rest[:k]), len(rest), budget)
+        candidate = taken + rest[:m]
+        kept = size_of(candidate)
+        if best is None or best[1] > budget or budget >= kept > best[1]:
+            best = (candidate, kept, list(frozen))
+        if m == 0 or kept > budget or budget - kept <= slack:
+            break
+        frozen.append(rest[m - 1][0])
+        taken = taken + rest[: m - 1]
+        rest = [step for step in rest[m:] if step[0] != frozen[-1]]
+    assert best is not None
+    return best[0], best[2]
+
+
+def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
+    """ThiNet: (nearly) the same fraction of input channels per layer, greedy reconstruction order.
+
+    Takes the shortest prefix of :func:`removal_schedule` whose group-wise propagation keeps at
+    most ``budget`` kernel entries (:func:`fill_schedule`: layers whose next removal is too
+    coarse for the budget stop there while the others go on).
+    """
     orders = removal_orders(ctx)
     live = channel_alive(ctx)
     protected = ctx.input_layers() if ctx.protect_input_channels else set()
     deps = ctx.dependencies()
     allow = propagation.column_only_groups(ctx)
     counts = filter_norm.alive_counts(ctx)
+    schedule = removal_schedule(ctx, orders, live, protected)
 
-    def removed_at(fraction: float) -> np.ndarray:
-        keep = _keep_channels(ctx, fraction, orders, live, protected)
-        return dependencies.joint_removal(deps, keep, allow=allow)
+    def size_of(removals: list[tuple[str, int]]) -> int:
+        """Kernel entries the group-wise propagation keeps after these removals."""
+        removed = dependencies.joint_removal(deps, _keep_after(live, removals), allow=allow)
+        return propagation.kept_entries(deps, removed, counts)
 
-    def size(fraction: float) -> int:
-        """Kernel entries the group-wise propagation keeps for this fraction."""
-        return propagation.kept_entries(deps, removed_at(fraction), counts)
-
-    lo, hi = 0.0, 1.0
-    if size(hi) <= budget:
-        fraction = hi
-    elif size(lo) > budget:
-        fraction = lo
-    else:
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            if size(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid
-        fraction = lo
-    keep = _keep_channels(ctx, fraction, orders, live, protected)
+    slack = int(SLACK * size_of([]))
+    removals, frozen = fill_schedule(size_of, schedule, budget, slack)
+    keep = _keep_after(live, removals)
     alive = ctx.alive()
     masks = {layer.name: alive[layer.name] & keep[layer.name][:, None] for layer in ctx.layers}
     masks = propagation.propagate(ctx, masks)
-    info = {"fraction": fraction, "kept_channels": keep, "removal_order": orders}
+    fractions = [float(keep[n][live[n]].mean()) for n in live if n not in protected and live[n].any()]
+    info = {"fraction": float(np.mean(fractions)) if fractions else 1.0, "frozen": frozen, "kept_channels": keep,
+            "removal_order": orders}
     return registry.Selection(masks=masks, scores=channel_ranks(ctx), info=info)
 
 
