@@ -1,21 +1,28 @@
-"""Writes ``docs/results.md`` (and the figures it shows, ``docs/img/*.png``) from a workdir of studies.
+"""Writes ``docs/results.md`` (and the figures it shows, ``docs/img/*.png``) from a workdir of studies, and
+with it every other generated page of study results.
 
   python -m experiments.docs_results --workdir=runs/studies --out=docs/
 
 The studies write into one workdir (``--workdir``, ``runs/studies`` by default) and nothing into the
 source tree; this command reads what they left there and turns it into the page we publish:
 
-- ``WORKDIR/<study>/{cascade,prune-only}_results.npz`` and ``*_acc_param.png`` (``experiments.reproduce``);
+- ``WORKDIR/<study>/{cascade,prune-only}_results.npz`` and ``*_acc_param.png`` (``experiments.reproduce``)
+  of the studies in ``STUDY_COMMANDS``;
 - ``WORKDIR/guarantees/guarantees.json`` and ``{bound_vs_observed,s_sweep}.png`` (``experiments.guarantees``);
 - ``WORKDIR/sipp_ablation/ablation.json`` (``experiments.sipp_ablation``).
 
-Studies that are missing from the workdir are left out of the page. Every number on the page comes from
-those files, so edit this module, not ``docs/results.md``. Figures are copied as palette PNGs at most
-``MAX_IMAGE_WIDTH`` pixels wide so that the docs stay small.
+Studies that are missing from the workdir are left out of the page; without any of them the page is left
+untouched. Every number on the page comes from those files, so edit this module, not ``docs/results.md``.
+Figures are copied as palette PNGs at most ``MAX_IMAGE_WIDTH`` pixels wide so that the docs stay small.
+
+The same command then renders the per-topic pages (``TOPIC_PAGES``: ``docs_vit``, ``docs_convnets``,
+``docs_lm``, ``docs_zeroing``, each ``render(workdir, out) -> bool``) from their studies' folders; a page
+whose study outputs are missing is left untouched, and the command lists what it wrote and what it left.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -60,6 +67,16 @@ def copy_png(src: Path, dst: Path, max_width: int = MAX_IMAGE_WIDTH) -> Path:
 
 def _pct(value: float, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if np.isfinite(value) else "—"
+
+
+# The per-topic pages: (page, module with ``render(workdir, out) -> bool``, its workdir relative to
+# --workdir). The zeroing study's two pipeline workdirs sit next to the studies' (runs/zeroing/{on,off}).
+TOPIC_PAGES = (
+    ("vit.md", "experiments.docs_vit", "."),
+    ("convnets.md", "experiments.docs_convnets", "."),
+    ("lm.md", "experiments.docs_lm", "lm"),
+    ("zeroing.md", "experiments.docs_zeroing", "../zeroing"),
+)
 
 
 def _load_study(workdir: Path, name: str) -> dict[str, results_lib.Results]:
@@ -238,22 +255,30 @@ def ablation_section(result: Mapping[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------
 # The page
 # ----------------------------------------------------------------------------
-def build(workdir: str | Path, out: str | Path) -> Path:
-    """Writes ``out/results.md`` and ``out/img/*.png`` from ``workdir``; returns the page's path."""
-    workdir, out = Path(workdir), Path(out)
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"--workdir={workdir} does not exist; run the study commands first")
-    img = out / "img"
-    studies = {name: res for name in reproduce.STUDIES if (res := _load_study(workdir, name))}
+def _inputs(workdir: Path) -> tuple[dict[str, dict[str, results_lib.Results]], Any, Any]:
+    """The page's studies (those of ``STUDY_COMMANDS`` only: other studies in the workdir have their own
+    pages), guarantee rows and ablation found in ``workdir`` (None where missing)."""
+    studies = {name: res for name, _ in STUDY_COMMANDS if (res := _load_study(workdir, name))}
     guarantee_rows = None
     if (workdir / "guarantees" / "guarantees.json").exists():
         guarantee_rows = json.loads((workdir / "guarantees" / "guarantees.json").read_text())
     ablation = None
     if (workdir / "sipp_ablation" / "ablation.json").exists():
         ablation = json.loads((workdir / "sipp_ablation" / "ablation.json").read_text())
+    return studies, guarantee_rows, ablation
+
+
+def build(workdir: str | Path, out: str | Path) -> Path:
+    """Writes ``out/results.md`` and ``out/img/*.png`` from ``workdir``; returns the page's path."""
+    workdir, out = Path(workdir), Path(out)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"--workdir={workdir} does not exist; run the study commands first")
+    img = out / "img"
+    studies, guarantee_rows, ablation = _inputs(workdir)
     if not (studies or guarantee_rows or ablation):
-        raise FileNotFoundError(f"no study outputs under {workdir} (expected <study>/*_results.npz, "
-                                "guarantees/guarantees.json or sipp_ablation/ablation.json)")
+        raise FileNotFoundError(f"no study outputs under {workdir} (expected <study>/*_results.npz of "
+                                f"{', '.join(n for n, _ in STUDY_COMMANDS)}, guarantees/guarantees.json or "
+                                "sipp_ablation/ablation.json)")
 
     lines = [
         "# Results",
@@ -288,9 +313,31 @@ def build(workdir: str | Path, out: str | Path) -> Path:
         lines += guarantees_section(guarantee_rows, images)
     if ablation:
         lines += ablation_section(ablation)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "results.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+def render(workdir: Path, out: Path) -> bool:
+    """Writes ``out/results.md`` like :func:`build`; False (page untouched) without any of its studies' outputs."""
+    if not Path(workdir).is_dir() or not any(_inputs(Path(workdir))):
+        return False
+    build(workdir, out)
+    return True
+
+
+def render_all(workdir: str | Path, out: str | Path) -> dict[str, bool]:
+    """Renders ``results.md`` and every page of ``TOPIC_PAGES`` whose study outputs are in ``workdir``
+    (each topic from its folder relative to ``workdir``); page name -> written (False: left untouched)."""
+    workdir, out = Path(workdir), Path(out)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"--workdir={workdir} does not exist; run the study commands first")
+    written = {"results.md": render(workdir, out)}
+    for page, module, folder in TOPIC_PAGES:
+        # Imported here: docs_convnets imports this module (copy_png).
+        written[page] = bool(importlib.import_module(module).render(workdir / folder, out))
+    return written
 
 
 FLAGS = flags.FLAGS
@@ -298,14 +345,19 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/studies", "the studies' workdir (what their --workdir was)")
-    flags.DEFINE_string("out", "docs", "where results.md and img/ are written")
+    flags.DEFINE_string("out", "docs", "where the pages (results.md, ...) and img/ are written")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = build(FLAGS.workdir, FLAGS.out)
-    print(f"written: {path} and {path.parent / 'img'}/")
+    written = render_all(FLAGS.workdir, FLAGS.out)
+    out = Path(FLAGS.out)
+    for page, done in written.items():
+        print(f"written: {out / page}" if done else f"left untouched (no study outputs): {out / page}")
+    if not any(written.values()):
+        raise SystemExit(f"no study outputs under {FLAGS.workdir}: run the study commands first "
+                         "(docs/experiments.md)")
 
 
 if __name__ == "__main__":

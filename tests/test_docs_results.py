@@ -1,13 +1,21 @@
 """experiments.docs_results: docs/results.md from a (tiny, fake) workdir of studies."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import docs_results
+from experiments import docs_results, docs_vit, docs_zeroing
 from experiments.results import Results
+from tests.test_docs_vit import _results as vit_results
+from tests.test_docs_zeroing import _results as zeroing_results
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _study_results(accuracy_drop: float) -> Results:
@@ -99,3 +107,79 @@ def test_build_skips_missing_studies_and_refuses_an_empty_workdir(workdir, tmp_p
         docs_results.build(empty, tmp_path / "docs")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         docs_results.build(tmp_path / "nope", tmp_path / "docs")
+
+
+# ----------------------------------------------------------------------------
+# The one command for every generated page (docs_results.render_all and its CLI)
+# ----------------------------------------------------------------------------
+def _old_pages(out):
+    """Every page the command may write, each holding a marker that a rewrite would replace."""
+    out.mkdir(parents=True, exist_ok=True)
+    pages = ["results.md", *(page for page, _, _ in docs_results.TOPIC_PAGES)]
+    for page in pages:
+        (out / page).write_text(f"old {page}")
+    return pages
+
+
+@pytest.fixture
+def newer_studies(tmp_path):
+    """A workdir like this project's shared one: the ViT study (in ``reproduce.STUDIES``, not on
+    results.md), a study without outputs yet, the zeroing runs next to it, no LeNet study."""
+    wd = tmp_path / "runs" / "studies"
+    (wd / "digits_vit").mkdir(parents=True)
+    vit_results().save_npz(wd / "digits_vit" / "cascade_results.npz")
+    (wd / "fashion_resnet20" / "runs").mkdir(parents=True)
+    acc = {"sipp": [40.0, 20.0], "wt": [80.0, 60.0], "pfp": [25.0, 12.0], "ft": [28.0, 19.0]}
+    for mode in ("off", "on"):
+        (wd.parent / "zeroing" / mode).mkdir(parents=True)
+        zeroing_results(acc, 50.0).save_npz(wd.parent / "zeroing" / mode / "results.npz")
+    return wd
+
+
+def test_render_all_writes_pages_with_outputs_and_leaves_the_rest(newer_studies, tmp_path):
+    out = tmp_path / "docs"
+    _old_pages(out)
+    written = docs_results.render_all(newer_studies, out)
+    assert written == {"results.md": False, "vit.md": True, "convnets.md": False, "lm.md": False,
+                       "zeroing.md": True}
+    for page in ("results.md", "convnets.md", "lm.md"):
+        assert (out / page).read_text() == f"old {page}", page
+    assert not (out / "img").exists()
+    # The written pages are what each page's own generator writes from its folder.
+    solo = tmp_path / "solo"
+    assert docs_vit.render(newer_studies, solo) and docs_zeroing.render(newer_studies.parent / "zeroing", solo)
+    for page in ("vit.md", "zeroing.md"):
+        assert (out / page).read_text() == (solo / page).read_text() != f"old {page}", page
+    assert "## `digits_vit`" in (out / "vit.md").read_text()
+
+
+def test_render_all_rewrites_results_md_from_its_own_studies_only(workdir, tmp_path):
+    out = tmp_path / "docs"
+    pages = _old_pages(out)
+    (workdir / "digits_vit").mkdir()
+    vit_results().save_npz(workdir / "digits_vit" / "cascade_results.npz")
+    written = docs_results.render_all(workdir, out)
+    assert written == {page: page in ("results.md", "vit.md") for page in pages}
+    text = (out / "results.md").read_text()
+    assert "## `fashion_lenet300_100`" in text and "digits_vit" not in text  # vit.md shows it
+    assert "## Sampling guarantees" in text
+    assert docs_results.render(tmp_path / "nope", out) is False
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        docs_results.render_all(tmp_path / "nope", out)
+
+
+def test_command_lists_written_and_untouched_pages(newer_studies, tmp_path):
+    out = tmp_path / "docs"
+    _old_pages(out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "experiments.docs_results", f"--workdir={newer_studies}", f"--out={out}"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"written: {out / 'vit.md'}" in run.stdout and f"written: {out / 'zeroing.md'}" in run.stdout
+    assert f"left untouched (no study outputs): {out / 'results.md'}" in run.stdout
+    assert (out / "results.md").read_text() == "old results.md"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = subprocess.run(cmd[:3] + [f"--workdir={empty}", f"--out={out}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode != 0 and "no study outputs under" in run.stderr

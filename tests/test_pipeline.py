@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ def tiny(config, *, dataset="digits", methods=None, ratios=(0.5,)):
     config.coresets.size = 4
     config.coresets.chunk_size = 4
     config.eval_batch_size = 16
+    config.dataset.max_test = 64  # evaluation runs the same program on fewer batches
     return config
 
 
@@ -66,6 +68,10 @@ def test_every_config_loads_and_validates():
 HEAVY = {"resnet56", "resnet110", "wrn16_8", "resnet18", "resnet50", "resnet101", "vgg11_bn_imagenet",
          "vgg16_bn_imagenet", "wide_resnet50_2"}
 RUN_ALL = os.environ.get("SENSPRUNE_SLOW_TESTS") == "1"
+# The pipeline run of wide nets uses their layer structure (depth, pools, BatchNorm, head) at 1/8 of
+# the channels: VGG16's 15M weights made its global top-k sorts, zeroing and train steps cost ~100 s of
+# CPU; test_every_config_builds builds the full-width model of every config.
+NARROW = {"vgg16_bn": dict(cfg=tuple(v if v == "M" else int(v) // 8 for v in models_lib.CFGS["D"]))}
 
 
 def _synthetic(config):
@@ -84,17 +90,35 @@ def test_every_config_builds(path, tmp_path):
     assert exp.dense_flops > 0
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
-def test_every_config_runs_a_couple_of_steps(path, tmp_path, monkeypatch):
+def _smoke_config(path):
+    """The config of ``path`` shrunk for the pipeline smoke run: its first method, synthetic data."""
     config = load_config(path)
-    if config.network in HEAVY and not RUN_ALL:
-        pytest.skip(f"{config.network}: CPU compile too slow for CI (SENSPRUNE_SLOW_TESTS=1 runs it)")
     method = config.experiments.methods[0]
     if config.network in ("densenet22", "vgg16_bn"):
         # Many distinct layer geometries, each compiling a sensitivity kernel (minutes on CPU);
         # the pipeline path is the same for every method.
         method = "wt"
-    config = tiny(config, dataset=_synthetic(config), methods=[method])
+    return tiny(config, dataset=_synthetic(config), methods=[method])
+
+
+def _smoke_groups():
+    """CONFIGS grouped by equal smoke configs, one pipeline run per group: the digits and Fashion-MNIST
+    MobileNet / ViT configs differ only in their dataset, which the smoke run replaces."""
+    groups = {}
+    for path in CONFIGS:
+        key = json.dumps(_smoke_config(path).to_dict(), sort_keys=True, default=repr)
+        groups.setdefault(key, []).append(path)
+    return list(groups.values())
+
+
+@pytest.mark.parametrize("paths", _smoke_groups(), ids=lambda ps: "+".join(os.path.relpath(p, ROOT) for p in ps))
+def test_every_config_runs_a_couple_of_steps(paths, tmp_path, monkeypatch):
+    config = _smoke_config(paths[0])
+    if config.network in HEAVY and not RUN_ALL:
+        pytest.skip(f"{config.network}: CPU compile too slow for CI (SENSPRUNE_SLOW_TESTS=1 runs it)")
+    if config.network in NARROW:
+        get_model = models_lib.get_model
+        monkeypatch.setattr(models_lib, "get_model", lambda name, n, **kw: get_model(name, n, **NARROW[name], **kw))
     pruned = []
     prune = pipeline._prune
     monkeypatch.setattr(pipeline, "_prune", lambda *a, **k: pruned.append(prune(*a, **k)) or pruned[-1])
@@ -185,6 +209,8 @@ def _command(workdir):
     ]
 
 
+@pytest.mark.skipif(not RUN_ALL, reason="slow duplicate (SENSPRUNE_SLOW_TESTS=1 runs it): CI kills and resumes "
+                    "runs in test_faults (fault injection, exact results) and test_sharding (the launcher)")
 def test_killed_run_resumes_to_identical_results(tmp_path):
     """SIGKILL mid-run, re-run the same command: results equal an uninterrupted run."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
