@@ -1,6 +1,6 @@
 """Renders ``docs/lm.md`` from the outputs of :mod:`experiments.lm_study`.
 
-  python -m experiments.docs_lm --workdir=runs/studies/lm2 --out=docs/
+  python -m experiments.docs_lm --workdir=runs/studies/lm --out=docs/
 
 :func:`render` returns False and leaves the page untouched when the study's
 ``results.json`` is missing.
@@ -15,8 +15,8 @@ from typing import Any, Mapping
 from absl import app, flags
 
 PAGE = "lm.md"
-COMMAND = "nice -n 10 python -m experiments.lm_study --workdir=runs/studies/lm2"
-RENDER = "python -m experiments.docs_lm --workdir=runs/studies/lm2 --out=docs/"
+COMMAND = "nice -n 10 python -m experiments.lm_study --workdir=runs/studies/lm"
+RENDER = "python -m experiments.docs_lm --workdir=runs/studies/lm --out=docs/"
 
 
 def _row(row: Mapping[str, Any], dense: int) -> str:
@@ -45,7 +45,7 @@ def _pfp_note(results: Mapping[str, Any]) -> list[str]:
         "projection. pfp removes whole hidden units and whole heads (a head of a slice holds 4 x 48 x 12 "
         "kernel entries), so it lands above the smaller targets (see the achieved column; it warns).",
         "",
-        "**What changed** since the first run of this study (`runs/studies/lm`): pfp ran there on the unrolled "
+        "**What changed** since the first run of this study: pfp ran there on the unrolled "
         "copy, before attention heads were prunable, so it removed hidden MLP units only and refused keep "
         "ratios below 0.53 (pfp 0.80 / 0.60: perplexity 12.43 / 14.04 after retraining); now it prunes the "
         "scanned model and reaches 0.45 and 0.3. The trained dense LM is the same (the same options and seed; "

@@ -1,7 +1,7 @@
 """Pruning a scanned, partitioned transformer LM: perplexity vs. kept parameters.
 
-  nice -n 10 python -m experiments.lm_study --workdir=runs/studies/lm2
-  python -m experiments.docs_lm --workdir=runs/studies/lm2 --out=docs/
+  nice -n 10 python -m experiments.lm_study --workdir=runs/studies/lm
+  python -m experiments.docs_lm --workdir=runs/studies/lm --out=docs/
 
 A character-level LM (:class:`experiments.models.scanned_lm.ScannedLM`: blocks under
 ``nn.scan`` + ``nn.remat``, params with logical axis names) is trained on an offline text
@@ -198,7 +198,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", "runs/studies/lm2", "where the study keeps its outputs")
+    flags.DEFINE_string("workdir", "runs/studies/lm", "where the study keeps its outputs")
     flags.DEFINE_string("text", DEFAULT_TEXT, "an offline text file (character-level LM)")
     flags.DEFINE_integer("train_steps", Options.train_steps, "training steps of the dense LM")
 
