@@ -4,9 +4,12 @@ FT (Li et al. 2016, "Pruning Filters for Efficient ConvNets") scores every
 output filter ``f`` of a layer by the L1 norm of its kernel slice
 ``kernel[..., f]``; SoftNet (the scoring step of He et al. 2018, "Soft Filter
 Pruning") uses the L2 norm. Every prunable layer keeps the same fraction of
-its alive filters (at least one), the highest-scoring ones; the fraction is
-found by bisection so that the kernel entries left after propagation meet the
-budget. The outputs of the last layer (in call order: the model's outputs) are
+its alive filters (at least one), the highest-scoring ones, up to one filter:
+the layers' single-filter removals are interleaved by the fraction at which
+each happens and the budget (kernel entries left after propagation) picks a
+prefix of that schedule (:mod:`sensprune.filter_fill`; a layer whose next
+removal frees too much, e.g. a whole attention head, stops before or after it
+while the others fill the budget). The outputs of the last layer (in call order: the model's outputs) are
 never pruned.
 
 Filters are removed by channel group (:mod:`sensprune.dependencies`): a
@@ -23,7 +26,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from sensprune import dependencies, propagation, registry
+from sensprune import dependencies, filter_fill, propagation, registry
 from sensprune.context import PruneContext
 
 # --------------------------------------------------------------------------- helpers
@@ -80,16 +83,10 @@ def joint_scores(ctx: PruneContext, filter_scores: Mapping[str, np.ndarray]) -> 
     return {layer.name: mean[deps.out_group[layer.name]] for layer in ctx.layers}
 
 
-def _aligned(k: int, n: int, multiple: int) -> int:
-    """``k`` rounded up to a multiple of ``multiple``, at most ``n``."""
-    return min(n, -(-k // multiple) * multiple)
-
-
 def select_filters(
     ctx: PruneContext,
     budget: int,
     filter_scores: Mapping[str, np.ndarray],
-    iters: int = 50,
     *,
     joint: str = "best",
     round_to: int = 1,
@@ -100,7 +97,9 @@ def select_filters(
     group goes when every one of its producer filters ranks below the kept
     fraction of its layer (a group is scored by its best member), and then in
     every layer at once (filters, consumer columns). Groups that touch the
-    model input or output, or are not provably safe, are kept.
+    model input or output, or are not provably safe, are kept. The layers'
+    removals follow one falling fraction, removal by removal
+    (:func:`sensprune.filter_fill.fill_schedule`).
 
     Args:
       ctx: the prune context.
@@ -108,7 +107,6 @@ def select_filters(
         most ``budget`` entries is returned; if even one filter per layer
         exceeds it, that minimal configuration).
       filter_scores: layer name -> scores ``[out]`` (higher = more important).
-      iters: bisection steps over the kept fraction.
       joint: how the producers of one group are ranked. ``'best'``: each
         layer ranks its own scores and a group goes only when every producer
         ranks it out (a group is as good as its best member; residual streams
@@ -121,10 +119,11 @@ def select_filters(
         needs no padding.
 
     Returns:
-      The selection; ``info`` has ``fraction``, ``kept_filters`` (bool per
+      The selection; ``info`` has ``fraction`` (mean kept fraction of the
+      prunable layers), ``kept_filters`` (bool per
       layer), ``skipped`` (layer -> reason its filters are left dense, for
-      reasons other than feeding the model output) and ``groups`` (removed /
-      total).
+      reasons other than feeding the model output), ``groups`` (removed /
+      total) and ``frozen`` (layers stopped at a coarse removal).
     """
     if joint not in _JOINT:
         raise ValueError(f"joint must be one of {', '.join(map(repr, _JOINT))}, got {joint!r}")
@@ -139,43 +138,26 @@ def select_filters(
         layer.name for layer in ctx.layers
         if np.any(removable[deps.out_group[layer.name]] & alive_f[layer.name])
     ]
-    ranks = {}
-    for name in prunable:
+    orders = {}
+    for name in prunable:  # alive filters, lowest score first
         s = np.where(alive_f[name], np.asarray(filter_scores[name], np.float64), -np.inf)
-        order = np.argsort(-s, kind="stable")
-        r = np.empty_like(order)
-        r[order] = np.arange(order.size)
-        ranks[name] = r
+        orders[name] = np.argsort(-s, kind="stable")[: int(alive_f[name].sum())][::-1]
+    protected = {layer.name for layer in ctx.layers} - set(prunable)
+    schedule = filter_fill.removal_schedule(ctx.layers, orders, alive_f, protected, round_to=round_to)
 
-    def removed_at(fraction: float) -> np.ndarray:
+    def removed_by(removals: list[filter_fill.Step]) -> np.ndarray:
         kept = ~removable
-        for layer in ctx.layers:
-            name = layer.name
-            keep = alive_f[name]
-            if name in ranks:
-                n = int(alive_f[name].sum())
-                k = _aligned(max(1, int(np.round(fraction * n))), n, int(round_to))
-                keep = (ranks[name] < k) & alive_f[name]
+        for name, keep in filter_fill.keep_after(alive_f, removals).items():
             kept[deps.out_group[name][keep]] = True
         return ~kept
 
-    def size(removed: np.ndarray) -> int:
-        return propagation.kept_entries(deps, removed, counts)
+    def size(removals: list[filter_fill.Step]) -> int:
+        return propagation.kept_entries(deps, removed_by(removals), counts)
 
-    lo, hi = 0.0, 1.0
-    if size(removed_at(hi)) <= budget:
-        fraction = hi
-    elif size(removed_at(lo)) > budget:
-        fraction = lo
-    else:
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            if size(removed_at(mid)) <= budget:
-                lo = mid
-            else:
-                hi = mid
-        fraction = lo
-    removed = removed_at(fraction)
+    removals, frozen = filter_fill.fill_schedule(size, schedule, budget, int(filter_fill.SLACK * size([])))
+    removed = removed_by(removals)
+    kept_now = filter_fill.keep_after(alive_f, removals)
+    fraction = float(np.mean([kept_now[n][alive_f[n]].mean() for n in prunable])) if prunable else 1.0
     group_masks = dependencies.kernel_masks_for(deps, removed)
     alive = ctx.alive()
     masks = {layer.name: alive[layer.name] & group_masks[layer.name] for layer in ctx.layers}
@@ -185,6 +167,7 @@ def select_filters(
         "kept_filters": {n: keep_out[n] & alive_f[n] for n in prunable},
         "skipped": deps.layer_unsafe(),
         "groups": (int(removed.sum()), len(deps.groups)),
+        "frozen": frozen,
     }
     return registry.Selection(masks=masks, scores=dict(filter_scores), info=info)
 

@@ -10,10 +10,14 @@ samples of every layer,
     m_l(eps) = max(1, ceil(3 (6 + 2 eps) a_l / eps^2)),
 
 turned into an expected number of distinct channels
-u_l = ceil(sum_c 1 - (1 - p_c)^m_l). Epsilon is found by bisection so that the
-resulting size meets the budget; the size model removes a layer's output filters
-in proportion to the channels its next layer keeps (the outer keep-ratio search
-in :func:`sensprune.prune` then corrects for the real propagation).
+u_l = ceil(sum_c 1 - (1 - p_c)^m_l). As epsilon grows the layers give up their
+least sensitive channels one at a time, in an order fixed by these sample
+sizes (:func:`removal_times`); the budget picks a prefix of that schedule on
+the exact group-wise propagation of the ``pfp`` choice (:mod:`sensprune.filter_fill`:
+a layer whose next removal frees too much at once, e.g. a whole attention head,
+stops before or after it while the others fill the budget). The sampling
+variants keep each layer's count; their sampled channels may propagate to a
+slightly different size, which the outer keep-ratio search corrects.
 
 Variants choose the u_l channels differently:
 - ``pfp``: the u_l most sensitive channels, no reweighting (used in the paper's
@@ -36,11 +40,13 @@ from typing import Optional
 import jax
 import numpy as np
 
-from sensprune import propagation, registry, sampling
+from sensprune import dependencies, filter_fill, propagation, registry, sampling
 from sensprune.context import PruneContext
+from sensprune.methods import filter_norm
 from sensprune.methods.sipp import alpha
 
 _EPS = float(np.finfo(np.float32).eps)
+_ROWS_X_UNITS = 1 << 22  # probabilities held at once while solving for the draws of every count
 
 
 def channel_axis_mask(kernel_shape: tuple[int, ...], channels: np.ndarray) -> np.ndarray:
@@ -80,56 +86,50 @@ def _layer_stats(ctx: PruneContext):
     return stats, units
 
 
-def _channels_for(stats, eps: float) -> dict[str, int]:
-    counts = {}
+def max_draws(p: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """``[len(ks)]``: the most draws from ``p`` whose expected unique count is at most ``k`` (``k >= 1``,
+    below the support), with the ``1e-9`` slack of the sample-size rounding."""
+    out = []
+    rows = max(1, _ROWS_X_UNITS // max(p.size, 1))
+    for start in range(0, ks.size, rows):
+        k = ks[start : start + rows]
+        probs = np.broadcast_to(p, (k.size, p.size))
+        d = sampling.draws_for_unique(probs, k).astype(np.float64)  # ceil of the real solution
+        out.append(np.where(sampling.expected_unique(probs, d) <= k + 1e-9, d, d - 1.0))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def removal_times(stats) -> dict[str, list[tuple[float, int]]]:
+    """Layer name -> ``(time, unit)`` of each unit removal as epsilon grows (:mod:`sensprune.filter_fill`).
+
+    A layer draws ``m_l(eps) = ceil(g(eps) a_l)`` samples, ``g(eps) = 3 (6 + 2 eps) / eps^2``
+    falling in eps and shared by all layers, and keeps ``u_l = ceil(E[#unique])`` units (at least
+    one), its most sensitive ones for ``pfp``. It keeps at most ``k`` units once ``m_l`` is at
+    most :func:`max_draws` ``M_k``, i.e. once ``g(eps) <= M_k / a_l``: that ratio is the time of
+    its removal from ``k + 1`` to ``k`` units (larger = earlier; ``inf`` for units of zero
+    sensitivity and layers of zero mass, which no sample size reaches). Sorting every layer's
+    removals by it gives the paper's per-layer sample sizes as epsilon grows.
+    """
+    out = {}
     for name, (s, p, coef, live, protected) in stats.items():
         n_live = int(live.sum())
-        if protected or coef <= 0:
-            counts[name] = n_live if protected else min(1, n_live)
+        if protected or n_live <= 1:
             continue
-        with np.errstate(over="ignore", divide="ignore"):  # eps -> 0: unbounded samples, capped
-            m = min(max(1.0, np.ceil(3.0 * (6.0 + 2.0 * eps) * coef / eps**2)), 1e300)
-        u = int(np.ceil(sampling.expected_unique(p[None], np.array([m]))[0] - 1e-9))
-        counts[name] = int(min(max(u, 1), n_live))
-    return counts
+        order = np.argsort(-np.where(live, s, -np.inf), kind="stable")[:n_live]  # most sensitive first
+        ks = np.arange(n_live - 1, 0, -1)  # going from k + 1 to k units removes order[k]
+        times = np.full(ks.shape, np.inf)
+        finite = ks < int(np.sum(p > 0))
+        if coef > 0:
+            times[finite] = max_draws(p, ks[finite]) / coef
+        out[name] = [(float(t), int(u)) for t, u in zip(times, order[ks])]
+    return out
 
 
-def _model_size(ctx: PruneContext, stats, counts: dict[str, int]) -> float:
-    """Kernel entries kept if each layer keeps counts[l] input channels.
-
-    A layer's size is its *nonzero* entries (already sparse nets count what is
-    left, not the dense rows), scaled by the fraction of its live input
-    channels it keeps and by the fraction of its live output filters that
-    survive; the latter shrink in proportion to the channels its successor (in
-    call order) keeps. On a dense layer this is ``counts[l] * out * window``.
-    The outer keep-ratio search corrects for graphs where that is not exact.
-    """
-    layers = ctx.layers
-    alive = ctx.alive()
-    size = 0.0
-    for i, layer in enumerate(layers):
-        entries = float(alive[layer.name].sum())
-        entries *= counts[layer.name] / max(int(stats[layer.name][3].sum()), 1)
-        if i + 1 < len(layers):
-            nxt = layers[i + 1]
-            entries *= counts[nxt.name] / max(int(stats[nxt.name][3].sum()), 1)
-        size += entries
-    return size
-
-
-def solve_epsilon(ctx: PruneContext, stats, budget: int) -> tuple[float, dict[str, int]]:
-    """Bisection over log(eps) in [1e-300, 1e150] so that the size model meets the budget."""
-    lo, hi = np.log(1e-300), np.log(1e150)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _model_size(ctx, stats, _channels_for(stats, float(np.exp(mid)))) > budget:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-6:
-            break
-    eps = float(np.exp(hi))
-    return eps, _channels_for(stats, eps)
+def epsilon_at(time: float) -> float:
+    """The epsilon with ``g(eps) = 3 (6 + 2 eps) / eps^2 = time`` (0 for ``time = inf``)."""
+    if not np.isfinite(time):
+        return 0.0
+    return float((6.0 + np.sqrt(36.0 + 72.0 * time)) / (2.0 * time))
 
 
 def _choose(variant: str, key, s, p, live, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,13 +175,29 @@ def _layer_keys(variant: str, key: Optional[jax.Array], count: int) -> list[Opti
 
 def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Array]) -> registry.Selection:
     stats, units = _layer_stats(ctx)
-    eps, counts = solve_epsilon(ctx, stats, budget)
     kernels, alive, live_channels = ctx.kernels(), ctx.alive(), channel_alive(ctx)
+    deps, allow, entries = ctx.dependencies(), propagation.column_only_groups(ctx), filter_norm.alive_counts(ctx)
+    times = removal_times(stats)
+    schedule = filter_fill.interleave(ctx.layers, times)
+    live_units = {name: st[3] for name, st in stats.items()}
+
+    def size_of(removals: list[filter_fill.Step]) -> int:
+        """Kernel entries the group-wise propagation keeps when the top units are kept (``pfp``)."""
+        keep = filter_fill.keep_after(live_units, removals)
+        keep_ch = {name: keep[name][units[name]] & live_channels[name] for name in keep}
+        return propagation.kept_entries(deps, dependencies.joint_removal(deps, keep_ch, allow=allow), entries)
+
+    removals, frozen = filter_fill.fill_schedule(size_of, schedule, budget, int(filter_fill.SLACK * size_of([])))
+    top = filter_fill.keep_after(live_units, removals)
+    counts = {name: int(k.sum()) for name, k in top.items()}
     keys = _layer_keys(variant, key, len(ctx.layers))
     masks, scales, kept_channels = {}, {}, {}
     for k, layer in zip(keys, ctx.layers):
         s, p, _, live, _ = stats[layer.name]
-        kept, scale = _choose(variant, k, s, p, live, counts[layer.name])
+        if variant == "pfp":
+            kept, scale = top[layer.name], np.ones_like(p)
+        else:
+            kept, scale = _choose(variant, k, s, p, live, counts[layer.name])
         ids = units[layer.name]
         kept, scale = kept[ids] & live_channels[layer.name], scale[ids]  # units -> channels
         shape = kernels[layer.name].shape
@@ -190,7 +206,9 @@ def _select(variant: str, ctx: PruneContext, budget: int, key: Optional[jax.Arra
             scales[layer.name] = np.broadcast_to(scale[:, None], shape[-2:]) * np.ones(shape)
         kept_channels[layer.name] = kept
     masks = propagation.propagate(ctx, masks)
-    info = {"epsilon": eps, "channels": counts, "kept_channels": kept_channels}
+    time_of = {(name, unit): t for name, seq in times.items() for t, unit in seq}
+    eps = epsilon_at(min((time_of[step] for step in removals), default=np.inf))  # at the latest removal
+    info = {"epsilon": eps, "channels": counts, "kept_channels": kept_channels, "frozen": frozen}
     scores = {name: st[0][units[name]] for name, st in stats.items()}
     return registry.Selection(masks=masks, scales=scales, scores=scores, info=info)
 

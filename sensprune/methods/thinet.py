@@ -20,7 +20,7 @@ paper.)
 
 Every layer keeps the same fraction of its alive input channels (at least
 one), up to one channel: the layers' single-channel removals are interleaved by
-the fraction at which each happens (:func:`removal_schedule`), and the budget
+the fraction at which each happens (:func:`sensprune.filter_fill.removal_schedule`), and the budget
 picks a prefix of that schedule by bisection on a size model that accounts for
 the producing filters that die with their channels (a shared fraction alone
 moves every layer at once and can miss the budget by several percent). Input channels of layers that
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensprune import dependencies, patches, points, propagation, registry
+from sensprune import dependencies, filter_fill, patches, points, propagation, registry
 from sensprune.context import PruneContext
 from sensprune.methods import filter_norm
 from sensprune.sensitivity import capture_function
@@ -56,7 +56,6 @@ from sensprune.types import Layer
 SAMPLES = 400
 MAX_POINTS = 256
 _GRAM_MAX = 4096  # channels up to which the greedy steps use the precomputed Gram matrix
-SLACK = 0.002  # undershoot of the budget (fraction of the kernel entries) above which layers may deviate
 
 
 def greedy_removal_order(x: np.ndarray, candidates: Optional[np.ndarray] = None) -> np.ndarray:
@@ -189,87 +188,13 @@ def channel_ranks(ctx: PruneContext) -> dict[str, np.ndarray]:
     return out
 
 
-def removal_schedule(ctx: PruneContext, orders, live, protected) -> list[tuple[str, int]]:
-    """Every single-channel removal ``(layer name, channel)`` in the order a falling fraction makes them.
-
-    A layer with ``n`` live input channels keeping ``round(f * n)`` (at least one) removes its
-    ``j``-th channel of ``orders`` once ``f`` drops below ``(n - j + 0.5) / n``; sorting every
-    layer's removals by that threshold (ties by layer order) interleaves the layers so that any
-    prefix keeps every layer within one channel of one common fraction. Each prefix removes one
-    channel more than the previous one, so the budget can be met channel by channel instead of
-    in the coarse steps of one fraction shared by all layers.
-    """
-    steps = []
-    for layer in ctx.layers:
-        name = layer.name
-        n = int(live[name].sum())
-        if name in protected or n == 0:
-            continue
-        for j in range(1, n):
-            steps.append(((n - j + 0.5) / n, layer.order, name, int(orders[name][j - 1])))
-    steps.sort(key=lambda s: (-s[0], s[1]))
-    return [(name, channel) for _, _, name, channel in steps]
-
-
-def _keep_after(live, removals: list[tuple[str, int]]) -> dict[str, np.ndarray]:
-    """Input channels kept once these ``(layer name, channel)`` removals are made."""
-    keep = {name: mask.copy() for name, mask in live.items()}
-    for name, channel in removals:
-        keep[name][channel] = False
-    return keep
-
-
-def _shortest_prefix(size, steps: int, budget: int) -> int:
-    """Fewest steps ``m`` in ``[0, steps]`` with ``size(m) <= budget`` (``steps`` if none); ``size`` nonincreasing."""
-    lo, hi = 0, steps
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if size(mid) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def fill_schedule(
-    size_of, schedule: list[tuple[str, int]], budget: int, slack: int
-) -> tuple[list[tuple[str, int]], list[str]]:
-    """The removals meeting ``budget``: a prefix of ``schedule``, unless its last step is coarse.
-
-    ``size_of(removals)`` is the kept size after a list of removals (nonincreasing along any
-    prefix). The shortest prefix keeping at most ``budget`` is taken; when it undershoots the
-    budget by more than ``slack`` (its last step freed a whole channel group, e.g. an attention
-    head), that step's layer is frozen where it stands and the later removals of the other
-    layers fill the budget instead, again with bisection; repeated while it helps, the result
-    keeps the most entries within the budget.
-
-    Returns:
-      ``(removals, frozen layers)``.
-    """
-    taken: list[tuple[str, int]] = []
-    frozen: list[str] = []
-    rest, best = list(schedule), None
-    for _ in range(len(schedule) + 1):
-        m = _shortest_prefix(lambda k: size_of(taken + rest[:k]), len(rest), budget)
-        candidate = taken + rest[:m]
-        kept = size_of(candidate)
-        if best is None or best[1] > budget or budget >= kept > best[1]:
-            best = (candidate, kept, list(frozen))
-        if m == 0 or kept > budget or budget - kept <= slack:
-            break
-        frozen.append(rest[m - 1][0])
-        taken = taken + rest[: m - 1]
-        rest = [step for step in rest[m:] if step[0] != frozen[-1]]
-    assert best is not None
-    return best[0], best[2]
-
-
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
     """ThiNet: (nearly) the same fraction of input channels per layer, greedy reconstruction order.
 
-    Takes the shortest prefix of :func:`removal_schedule` whose group-wise propagation keeps at
-    most ``budget`` kernel entries (:func:`fill_schedule`: layers whose next removal is too
-    coarse for the budget stop there while the others go on).
+    Takes the shortest prefix of :func:`sensprune.filter_fill.removal_schedule` whose group-wise
+    propagation keeps at most ``budget`` kernel entries (:func:`sensprune.filter_fill.fill_schedule`:
+    a layer whose next removal is too coarse for the budget stops before or after it while the
+    others fill the budget).
     """
     orders = removal_orders(ctx)
     live = channel_alive(ctx)
@@ -277,16 +202,16 @@ def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> r
     deps = ctx.dependencies()
     allow = propagation.column_only_groups(ctx)
     counts = filter_norm.alive_counts(ctx)
-    schedule = removal_schedule(ctx, orders, live, protected)
+    schedule = filter_fill.removal_schedule(ctx.layers, orders, live, protected)
 
     def size_of(removals: list[tuple[str, int]]) -> int:
         """Kernel entries the group-wise propagation keeps after these removals."""
-        removed = dependencies.joint_removal(deps, _keep_after(live, removals), allow=allow)
+        removed = dependencies.joint_removal(deps, filter_fill.keep_after(live, removals), allow=allow)
         return propagation.kept_entries(deps, removed, counts)
 
-    slack = int(SLACK * size_of([]))
-    removals, frozen = fill_schedule(size_of, schedule, budget, slack)
-    keep = _keep_after(live, removals)
+    slack = int(filter_fill.SLACK * size_of([]))
+    removals, frozen = filter_fill.fill_schedule(size_of, schedule, budget, slack)
+    keep = filter_fill.keep_after(live, removals)
     alive = ctx.alive()
     masks = {layer.name: alive[layer.name] & keep[layer.name][:, None] for layer in ctx.layers}
     masks = propagation.propagate(ctx, masks)
