@@ -34,6 +34,26 @@ def test_fill_schedule_skips_a_coarse_step_and_fills_with_later_ones():
     assert filter_fill.fill_schedule(size_of, schedule, 2000, slack=5) == ([], [])
 
 
+def test_fill_schedule_takes_a_coarse_step_when_the_others_can_give_back():
+    schedule = [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("h", 0), ("a", 4)]
+    costs = {**{("a", i): 10 for i in range(5)}, ("h", 0): 100}
+    # prefix: 960 before the head, 860 after it; stopping "h" leaves only ("a", 4): 950 > 880.
+    # Taking the head, "a" gives back its last two removals: 1000 - 100 - 20 = 880
+    got, frozen = filter_fill.fill_schedule(_additive(costs, 1000), schedule, 880, slack=5)
+    assert sorted(got) == [("a", 0), ("a", 1), ("h", 0)] and frozen == ["h"]
+
+
+@pytest.mark.parametrize("n,round_to", [(10, 1), (10, 4), (16, 8), (7, 8), (5, 2)])
+def test_fraction_times_match_the_rounded_fraction(n, round_to):
+    """Reference: a layer keeps ``min(n, ceil(max(1, round(f n)) / r) * r)`` channels at fraction ``f``."""
+    order = list(np.random.default_rng(n).permutation(n))
+    steps = filter_fill.fraction_times(order, round_to)
+    for f in np.linspace(0.0013, 0.9987, 211):  # off the ties f * n = j + 1/2 (numpy rounds them to even)
+        k = min(n, -(-max(1, int(np.round(f * n))) // round_to) * round_to)
+        gone = [c for t, item in steps if t > f for c in np.atleast_1d(item)]
+        assert gone == order[: n - k], (f, k)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fill_schedule_never_worse_than_the_prefix(seed):
     rng = np.random.default_rng(seed)
