@@ -554,9 +554,15 @@ def test_zoo_models_prune(case, method):
         kept = np.asarray(mask, bool)
         if path[-1] != "kernel":
             continue
-        if name in dense:  # attention projections / depthwise convs stay dense under filter pruning
-            assert kept.all(), name
+        if name in dense:  # attention projections / depthwise convs are not scored by filter methods,
+            # but a removed channel takes its whole depthwise slice along (last axis: one channel each)
+            per_channel = kept.reshape(-1, kept.shape[-1])
+            assert (per_channel.all(axis=0) | ~per_channel.any(axis=0)).all(), name
             assert ("attn" in name) if case == "vit" else name.endswith("/dw")
+        elif kept.ndim == 3 and "attn" in name:  # whole heads: the head axis (out: 0, query/key/value: 1)
+            axis = 0 if name.endswith("/out") else 1
+            heads = np.moveaxis(kept, axis, 0).reshape(kept.shape[axis], -1)
+            assert (heads.all(axis=1) | ~heads.any(axis=1)).all(), name
         else:  # whole channels: the mask is (kept inputs) x (kept outputs, i.e. filters the consumers still read)
             k = kept.reshape(-1, *kept.shape[-2:])
             rows, cols = k.any(axis=(0, 2)), k.any(axis=(0, 1))
