@@ -36,21 +36,21 @@ def search_budget(
     guess: int,
     upper: int,
     rtol: float = 0.005,
-    max_iters: int = 64,
+    max_iters: int = 48,
 ) -> tuple[int, int, bool]:
     """Finds a nominal budget ``b`` in [0, upper] with ``achieved(b)`` close to ``target``.
 
-    A safeguarded secant search (as the reference's Brent search over the
+    First a safeguarded secant search (as the reference's Brent search over the
     nominal ratio): each step aims at the target along the line through the last
     two evaluations (slope 1 after the first: one nominal entry, one kept entry),
     inside the bracket of budgets not yet ruled out; a step outside the bracket,
     a non-increasing line, or a secant step that halved neither its bracket nor
-    the gap to the target makes the next step bisect. With data-dependent zeroing (each
-    evaluation a gradient pass over S) it typically meets ``rtol`` in 2-3
+    the gap to the target makes the next step bisect. With data-dependent zeroing
+    (each evaluation a gradient pass over S) it typically meets ``rtol`` in 2-3
     evaluations where bisecting took 7-9; the budget it returns is then another
-    one within ``rtol``. When ``achieved`` is nondecreasing and ``rtol`` cannot
-    be met, it ends, as bisection does, on the two adjacent budgets around the
-    target, and returns the closer.
+    one within ``rtol``. Where it does not meet ``rtol``, the plain bisection from
+    ``guess`` runs (evaluations shared), and its answer is returned: a target out
+    of reach ends exactly where it always did.
 
     Args:
       achieved: nominal budget -> achieved total size (about nondecreasing).
@@ -58,12 +58,53 @@ def search_budget(
       guess: first budget to try (exact for deterministic weight methods).
       upper: largest meaningful budget (all alive kernel entries).
       rtol: relative tolerance on the achieved size.
-      max_iters: evaluation limit.
+      max_iters: evaluation limit of the bisection (the secant search: 4/3 of it).
 
     Returns:
       ``(budget, achieved size, within_tolerance)``; when the tolerance cannot
-      be met, the closest budget found.
+      be met, the closest budget the bisection found.
     """
+    sizes: dict[int, int] = {}
+
+    def cached(b: int) -> int:
+        if b not in sizes:
+            sizes[b] = int(achieved(b))
+        return sizes[b]
+
+    found = _secant_search(cached, target, guess, upper, rtol, max_iters + max_iters // 3)
+    return found if found[2] else _bisection(cached, target, guess, upper, rtol, max_iters)
+
+
+def _bisection(
+    achieved: Callable[[int], int], target: float, guess: int, upper: int, rtol: float, max_iters: int
+) -> tuple[int, int, bool]:
+    """Bisection on the budget from ``guess``: the first within ``rtol``, else the closest evaluated."""
+    lo, hi = 0, int(upper)
+    b = int(min(max(guess, 0), upper))
+    best: Optional[tuple[int, int, float]] = None
+    for _ in range(max_iters):
+        size = achieved(b)
+        gap = abs(size - target)
+        if best is None or gap < best[2]:
+            best = (b, size, gap)
+        if gap <= rtol * target:
+            return b, size, True
+        if size > target:
+            hi = b - 1
+        else:
+            lo = b + 1
+        if lo > hi:
+            break
+        b = (lo + hi) // 2
+    assert best is not None  # the loop runs at least once
+    return best[0], best[1], False
+
+
+def _secant_search(
+    achieved: Callable[[int], int], target: float, guess: int, upper: int, rtol: float, max_iters: int
+) -> tuple[int, int, bool]:
+    """Secant steps safeguarded by bisection (:func:`search_budget`); the first budget within
+    ``rtol``, else ``(budget, size, False)`` of the closest evaluated."""
     lo, hi = 0, int(upper)
     b = int(min(max(guess, 0), upper))
     best: Optional[tuple[int, int, float]] = None
