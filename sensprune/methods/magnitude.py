@@ -27,11 +27,15 @@ def scores(ctx: PruneContext) -> dict[str, np.ndarray]:
     return ctx.memo(_magnitudes)
 
 
+def _ranking(ctx: PruneContext) -> selection.GlobalRanking:
+    return selection.rank_globally(scores(ctx), ctx.alive())
+
+
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
-    """Keeps the ``budget`` alive kernel entries of largest magnitude over all layers."""
-    s = scores(ctx)
-    masks = selection.global_topk(s, ctx.alive(), budget)
-    return registry.Selection(masks=masks, scores=s)
+    """Keeps the ``budget`` alive kernel entries of largest magnitude over all layers
+    (ranked once per context: each budget of the keep-ratio search is a threshold)."""
+    masks = selection.top_of(ctx.memo(_ranking), budget)
+    return registry.Selection(masks=masks, scores=scores(ctx))
 
 
 registry.register_method("wt", select, description="WT: global magnitude pruning, top-B |w| over all layers")

@@ -46,9 +46,13 @@ def _draw_scores(ctx: PruneContext, words: tuple[int, ...], per_filter: bool) ->
 
 def select_random(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
     """Keeps ``budget`` alive entries chosen uniformly at random over all layers."""
-    scores = random_scores(ctx, _need_key("random", key), per_filter=False)
-    masks = selection.global_topk(scores, ctx.alive(), budget)
-    return registry.Selection(masks=masks, scores=scores)
+    words = norm_sampling.key_words(_need_key("random", key))
+    masks = selection.top_of(ctx.memo(_ranking, words), budget)  # ranked once per context and key
+    return registry.Selection(masks=masks, scores=ctx.memo(_draw_scores, words, False))
+
+
+def _ranking(ctx: PruneContext, words: tuple[int, ...]) -> selection.GlobalRanking:
+    return selection.rank_globally(ctx.memo(_draw_scores, words, False), ctx.alive())
 
 
 def select_uniform_filters(

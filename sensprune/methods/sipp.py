@@ -142,8 +142,13 @@ def _sign_rows(ctx: PruneContext):
     return per_layer
 
 
+def _row_ranks(ctx: PruneContext) -> dict[str, np.ndarray]:
+    """Per layer: ranks of the sign rows' sensitivities within each row, once per context."""
+    return {name: selection.rank_rows(s2, live2) for name, (s2, live2, _) in ctx.memo(_sign_rows).items()}
+
+
 def _allocation(ctx: PruneContext, budget: int):
-    per_layer = _sign_rows(ctx)
+    per_layer = ctx.memo(_sign_rows)
     names = list(per_layer)
     coef = np.concatenate([per_layer[n][2] for n in names])
     cap = np.concatenate([per_layer[n][1].sum(-1) for n in names]).astype(np.float64)
@@ -188,10 +193,15 @@ def _combine_signs(rows: np.ndarray, shape, how: str = "or") -> np.ndarray:
 
 def select_det(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
     """Deterministic SiPP: global top-B by mean-over-patches sensitivity."""
-    sens = ctx.sensitivities("mean")
-    scores = {name: np.asarray(s.weight) for name, s in sens.items()}
-    masks = selection.global_topk(scores, ctx.alive(), budget)
-    return registry.Selection(masks=masks, scores=scores)
+    scores, ranking = ctx.memo(_det_ranking)
+    return registry.Selection(masks=selection.top_of(ranking, budget), scores=scores)
+
+
+def _det_ranking(ctx: PruneContext) -> tuple[dict[str, np.ndarray], selection.GlobalRanking]:
+    """The deterministic scores and their global ranking, once per context (the keep-ratio
+    search then selects each budget without sorting again)."""
+    scores = {name: np.asarray(s.weight) for name, s in ctx.sensitivities("mean").items()}
+    return scores, selection.rank_globally(scores, ctx.alive())
 
 
 def _select_sampled(ctx: PruneContext, budget: int, key: Optional[jax.Array], hybrid: bool) -> registry.Selection:
@@ -205,7 +215,7 @@ def _select_sampled(ctx: PruneContext, budget: int, key: Optional[jax.Array], hy
         mask_r, scale_r, _ = _sample_rows(k, s2, live2, x)
         err = rand_error(coef, x)
         if hybrid:
-            det_mask = selection.topk_per_row(s2, live2, x.astype(np.int64))
+            det_mask = selection.top_per_row(ctx.memo(_row_ranks)[name], live2, x.astype(np.int64))
             dropped = np.where(live2 & ~det_mask, s2, 0.0).sum(-1)
             use_det = (dropped <= err) | (x >= live2.sum(-1))
             mask_r = np.where(use_det[:, None], det_mask, mask_r)

@@ -86,11 +86,14 @@ def scores(ctx: PruneContext) -> dict[str, np.ndarray]:
     return ctx.memo(_scores)
 
 
+def _ranking(ctx: PruneContext) -> selection.GlobalRanking:
+    return selection.rank_globally(scores(ctx), ctx.alive())
+
+
 def select(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
-    """Keeps the ``budget`` alive entries of largest ``|g * w|`` over all layers."""
-    s = scores(ctx)
-    masks = selection.global_topk(s, ctx.alive(), budget)
-    return registry.Selection(masks=masks, scores=s)
+    """Keeps the ``budget`` alive entries of largest ``|g * w|`` over all layers (ranked once per context)."""
+    masks = selection.top_of(ctx.memo(_ranking), budget)
+    return registry.Selection(masks=masks, scores=scores(ctx))
 
 
 registry.register_method(
