@@ -141,3 +141,13 @@ def test_page_states_each_nets_zeroing_setting(workdir, tmp_path):
     assert docs_convnets.zeroing_line({"fashion_vgg_small": True}) == [
         "Data-dependent zeroing (`coresets.zero_dead`, see [zeroing.md](zeroing.md)): on for small VGG.", ""]
     assert docs_convnets.zeroing_line({"fashion_vgg_small": None}) == []
+
+
+def test_pfp_among_filters_counts_wins_and_reports_the_smallest_ratio():
+    text = docs_convnets.pfp_among_filters(_results())
+    # pfp beats ft at all three ratios; at keep 0.15: 88.00 vs 87.00, FLOPs removed 90.0 vs 85.0 %
+    assert "best accuracy of the filter methods at 3 of 3 ratios" in text
+    assert "at keep 0.15 it has 88.00 % against 87.00 % for the best baseline (`ft`)" in text
+    assert "removing 90.0 % of the FLOPs against 85.0-85.0 %" in text
+    assert docs_convnets.pfp_among_filters(_results(("sipp", "wt"))) is None
+    assert "`pfp` removes fewer FLOPs (30.1 % against 39.6 %)" in docs_convnets.paper_pattern()
