@@ -71,40 +71,17 @@ def search_budget(
             sizes[b] = int(achieved(b))
         return sizes[b]
 
-    found = _secant_search(cached, target, guess, upper, rtol, max_iters + max_iters // 3)
-    return found if found[2] else _bisection(cached, target, guess, upper, rtol, max_iters)
+    found = _bracket_search(cached, target, guess, upper, rtol, max_iters + max_iters // 3)
+    return found if found[2] else _bracket_search(cached, target, guess, upper, rtol, max_iters, secant=False)
 
 
-def _bisection(
-    achieved: Callable[[int], int], target: float, guess: int, upper: int, rtol: float, max_iters: int
+def _bracket_search(
+    achieved: Callable[[int], int], target: float, guess: int, upper: int, rtol: float, max_iters: int,
+    *, secant: bool = True,
 ) -> tuple[int, int, bool]:
-    """Bisection on the budget from ``guess``: the first within ``rtol``, else the closest evaluated."""
-    lo, hi = 0, int(upper)
-    b = int(min(max(guess, 0), upper))
-    best: Optional[tuple[int, int, float]] = None
-    for _ in range(max_iters):
-        size = achieved(b)
-        gap = abs(size - target)
-        if best is None or gap < best[2]:
-            best = (b, size, gap)
-        if gap <= rtol * target:
-            return b, size, True
-        if size > target:
-            hi = b - 1
-        else:
-            lo = b + 1
-        if lo > hi:
-            break
-        b = (lo + hi) // 2
-    assert best is not None  # the loop runs at least once
-    return best[0], best[1], False
-
-
-def _secant_search(
-    achieved: Callable[[int], int], target: float, guess: int, upper: int, rtol: float, max_iters: int
-) -> tuple[int, int, bool]:
-    """Secant steps safeguarded by bisection (:func:`search_budget`); the first budget within
-    ``rtol``, else ``(budget, size, False)`` of the closest evaluated."""
+    """Bisection on the budget from ``guess``, with secant steps where they shrink the bracket
+    (``secant``, :func:`search_budget`); the first budget within ``rtol``, else
+    ``(budget, size, False)`` of the closest evaluated."""
     lo, hi = 0, int(upper)
     b = int(min(max(guess, 0), upper))
     best: Optional[tuple[int, int, float]] = None
@@ -126,7 +103,7 @@ def _secant_search(
             break
         # a secant step that neither halved the bracket nor the gap to the target: bisect next
         slow = from_secant and 2 * (hi - lo) > width and previous is not None and 2 * gap > abs(previous[1] - target)
-        step = None if slow else _secant_step(b, size, previous, target)
+        step = None if slow or not secant else _secant_step(b, size, previous, target)
         previous = (b, size)
         from_secant = step is not None and lo <= step <= hi
         b = step if from_secant and step is not None else (lo + hi) // 2
