@@ -570,7 +570,7 @@ def test_zoo_models_prune(case, method):
     assert sum(not np.asarray(m).all() for m in masks.values()) >= 2  # something was pruned
 
 
-def test_vit_pfp_shrinks_mlp_units_with_attention_dense():
+def test_vit_pfp_shrinks_mlp_units_and_heads():
     import sensprune as sp
 
     model, variables, x, res = pruned_case("vit", "pfp")
@@ -583,7 +583,8 @@ def test_vit_pfp_shrinks_mlp_units_with_attention_dense():
     for block in ("block0", "block1"):
         rows = np.asarray(res.masks[block]["mlp"]["fc2"]["kernel"]).any(axis=1)  # MLP units still read
         assert shrunk.params[block]["mlp"]["fc1"]["kernel"].shape == (16, int(rows.sum()))
-        assert shrunk.params[block]["attn"]["query"]["kernel"].shape == (16, 2, 8)  # heads untouched today
+        heads = int(np.asarray(res.masks[block]["attn"]["out"]["kernel"]).any(axis=(1, 2)).sum())  # heads still read
+        assert shrunk.params[block]["attn"]["query"]["kernel"].shape == (16, heads, 8)
     assert sum(int(r.sum()) for r in (np.asarray(res.masks[b]["mlp"]["fc2"]["kernel"]).any(axis=1)
                                       for b in ("block0", "block1"))) < 64
 
