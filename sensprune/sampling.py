@@ -80,21 +80,24 @@ def draws_for_unique(p: np.ndarray, target: np.ndarray, iters: int = 50) -> np.n
     return np.where(active, draws, 0).astype(np.int64)
 
 
+def key_words(key: jax.Array) -> tuple[int, ...]:
+    """The bits of a ``jax.random`` key (raw or typed) as Python ints, to seed NumPy streams."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return tuple(int(v) for v in np.asarray(key, np.uint32).ravel())
+
+
 def rng_from_key(key: jax.Array) -> np.random.Generator:
     """A NumPy generator seeded by a ``jax.random`` key (same key, same stream)."""
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+    return np.random.default_rng(list(key_words(key)))
 
 
 def split_key(key: jax.Array | None, count: int) -> list[np.ndarray]:
     """``count`` independent seeds for :func:`sample_counts` derived from ``key`` on the host
     (``None``: ``PRNGKey(0)``'s data): the key's words plus the index, no ``jax.random.split``
     program to compile. Same key, same seeds."""
-    if key is None:
-        base = np.zeros(2, np.uint32)
-    else:
-        data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        base = np.asarray(data, np.uint32).ravel()
+    base = np.zeros(2, np.uint32) if key is None else np.asarray(key_words(key), np.uint32)
     return [np.concatenate([base, np.array([0x9E3779B9, i], np.uint32)]) for i in range(count)]
 
 

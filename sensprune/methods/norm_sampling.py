@@ -78,13 +78,6 @@ def row_targets(alive_rows: np.ndarray, fraction: float, offsets: np.ndarray) ->
     return np.where(nnz > 0, np.minimum(x, nnz), 0)
 
 
-def key_words(key: jax.Array) -> tuple[int, ...]:
-    """The bits of a ``jax.random`` key (raw or typed) as Python ints, to seed numpy streams."""
-    if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return tuple(int(v) for v in np.asarray(key, np.uint32).ravel())
-
-
 def _row_counts(rng: np.random.Generator, p: np.ndarray, m: int) -> np.ndarray:
     """Counts of ``m`` draws with replacement from ``p``: the first ``m`` of one fixed stream."""
     if m > _MAX_STREAM:  # only for rows asked to keep nearly everything under a very skewed p
@@ -140,7 +133,7 @@ def _select(kind: str, ctx: PruneContext, budget: int, key: Optional[jax.Array])
     total = sum(int(a.sum()) for a in alive.values())
     fraction = float(np.clip(budget / max(total, 1), 0.0, 1.0))
     score_fn = SCORES[kind]
-    words = key_words(key)
+    words = sampling.key_words(key)
     masks, scales, scores, draws, targets = {}, {}, {}, {}, {}
     first_row = 0
     for i, layer in enumerate(ctx.layers):

@@ -16,9 +16,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from sensprune import registry, selection
+from sensprune import registry, sampling, selection
 from sensprune.context import PruneContext
-from sensprune.methods import filter_norm, norm_sampling
+from sensprune.methods import filter_norm
 
 
 def _need_key(name: str, key: Optional[jax.Array]) -> jax.Array:
@@ -33,7 +33,7 @@ def random_scores(ctx: PruneContext, key: jax.Array, per_filter: bool) -> dict[s
     Drawn with numpy streams seeded by the key's bits and the layer index (no
     XLA compilation per kernel shape).
     """
-    return ctx.memo(_draw_scores, norm_sampling.key_words(key), per_filter)
+    return ctx.memo(_draw_scores, sampling.key_words(key), per_filter)
 
 
 def _draw_scores(ctx: PruneContext, words: tuple[int, ...], per_filter: bool) -> dict[str, np.ndarray]:
@@ -46,7 +46,7 @@ def _draw_scores(ctx: PruneContext, words: tuple[int, ...], per_filter: bool) ->
 
 def select_random(ctx: PruneContext, budget: int, key: Optional[jax.Array] = None) -> registry.Selection:
     """Keeps ``budget`` alive entries chosen uniformly at random over all layers."""
-    words = norm_sampling.key_words(_need_key("random", key))
+    words = sampling.key_words(_need_key("random", key))
     masks = selection.top_of(ctx.memo(_ranking, words), budget)  # ranked once per context and key
     return registry.Selection(masks=masks, scores=ctx.memo(_draw_scores, words, False))
 
