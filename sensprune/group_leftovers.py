@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from sensprune import dependencies as deps_lib
-from sensprune import paths, registry
+from sensprune import paths, registry, zeroing
 from sensprune import shrink_heads as heads
 from sensprune import shrink_stacks as stacks
 from sensprune.context import PruneContext
@@ -94,16 +94,4 @@ def zero_params(params: Any, masks: Any, sel: registry.Selection) -> tuple[Any, 
     record = sel.info.get(_KEY)
     if record is None:
         return params, masks
-
-    def where(fn: Any) -> Any:
-        def update(leaf: Any, dead: np.ndarray) -> Any:
-            if not dead.any():
-                return leaf
-            new, sharding = fn(np.asarray(leaf), dead), getattr(leaf, "sharding", None)
-            return jax.device_put(new, sharding) if sharding is not None else jax.device_put(new)
-
-        return update
-
-    params = jax.tree.map(where(lambda p, d: np.where(d, np.zeros_like(p), p)), params, record["dead"])
-    masks = jax.tree.map(where(lambda m, d: m.astype(bool) & ~d), masks, record["dead"])
-    return params, masks
+    return zeroing.clear(params, masks, record["dead"])

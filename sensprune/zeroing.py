@@ -336,10 +336,16 @@ def zero_params(params: Any, masks: Any, sel: registry.Selection) -> tuple[Any, 
         return params, masks, {"skipped": record["skipped"]}
     if "dead" not in record:
         return params, masks, {}
-    dead = record["dead"]
+    params, masks = clear(params, masks, record["dead"])
+    return params, masks, {"kernel": int(record["kernel"]), "other": int(record["other"])}
+
+
+def clear(params: Any, masks: Any, dead: Any) -> tuple[Any, Any]:
+    """``(params, masks)`` set to zero / False where the bool tree ``dead`` is True (on the host,
+    back on each leaf's device; leaves without a dead entry are returned as they are)."""
     params = jax.tree.map(_where_dead(lambda p, d: np.where(d, np.zeros_like(p), p)), params, dead)
     masks = jax.tree.map(_where_dead(lambda m, d: np.logical_and(np.asarray(m, bool), ~d)), masks, dead)
-    return params, masks, {"kernel": int(record["kernel"]), "other": int(record["other"])}
+    return params, masks
 
 
 
