@@ -25,14 +25,19 @@ TRAIN_SUBSET = 30000
 RETRAIN_STEPS = 60
 
 
-def get_config():
-    train = common.training(num_epochs=5, batch_size=128, learning_rate=0.1, lr_milestones=(3, 4), warmup=0,
-                            momentum=0.9, weight_decay=1e-4)
+def study_config(network: str, train):
+    """The conv-net study's experiment for ``network`` trained by ``train`` (shared with vgg_small.py)."""
     config = common.experiment(
-        network="resnet20", dataset="fashion_mnist", train=train,
+        network=network, dataset="fashion_mnist", train=train,
         retrain_overrides=dict(num_epochs=1, learning_rate=0.01, lr_milestones=(), max_steps_per_epoch=RETRAIN_STEPS),
         methods=CONV_METHODS, spacing=CONV_SPACING, mode="cascade",
         retrain_iterations=-1, num_nets=1, delta_s=1e-12, plot_min=0.1, plot_max=0.85, eval_batch_size=500)
     config.dataset.max_train = TRAIN_SUBSET
     config.coresets.size = 128
     return config
+
+
+def get_config():
+    train = common.training(num_epochs=5, batch_size=128, learning_rate=0.1, lr_milestones=(3, 4), warmup=0,
+                            momentum=0.9, weight_decay=1e-4)
+    return study_config("resnet20", train)

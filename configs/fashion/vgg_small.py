@@ -15,17 +15,10 @@ or the bare pipeline:
 """
 
 from configs import common
-from configs.fashion.resnet20 import CONV_METHODS, CONV_SPACING, RETRAIN_STEPS, TRAIN_SUBSET
+from configs.fashion.resnet20 import study_config
 
 
 def get_config():
     train = common.training(num_epochs=5, batch_size=128, learning_rate=0.05, lr_milestones=(3, 4), warmup=0,
                             momentum=0.9, weight_decay=5e-4)
-    config = common.experiment(
-        network="vgg_small_bn", dataset="fashion_mnist", train=train,
-        retrain_overrides=dict(num_epochs=1, learning_rate=0.01, lr_milestones=(), max_steps_per_epoch=RETRAIN_STEPS),
-        methods=CONV_METHODS, spacing=CONV_SPACING, mode="cascade",
-        retrain_iterations=-1, num_nets=1, delta_s=1e-12, plot_min=0.1, plot_max=0.85, eval_batch_size=500)
-    config.dataset.max_train = TRAIN_SUBSET
-    config.coresets.size = 128
-    return config
+    return study_config("vgg_small_bn", train)
