@@ -58,7 +58,7 @@ def leftover_tree(deps: deps_lib.DependencyMap, params: Any, removed: np.ndarray
         if leaf_path[0] != "params":
             continue
         gone = np.array(paths.get_path(tree, leaf_path[1:]), bool)
-        gone[(*at, Ellipsis, drop)] = True  # type: ignore[index]
+        gone[at][..., drop] = True  # gone[at]: a view (basic indexing), written through
         tree = paths.set_path(tree, leaf_path[1:], gone)
     return tree
 
