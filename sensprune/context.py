@@ -155,19 +155,14 @@ class PruneContext:
 
     @functools.cached_property
     def _input_layers(self) -> frozenset[str]:
-        from sensprune.sensitivity import _signed_capture_function
+        from sensprune.sensitivity import pass_capture
 
         # The first chunk of the sensitivity pass through its compiled capture (a cache hit
         # when the pass ran or runs; an eager forward would compile every op on its own).
         x = points.take(self.data, 0, min(self.chunk_size, points.num_points(self.data)))
-        inputs = _signed_capture_function(self.adapter, self.layers)(self.variables, x)[0]
-        flats = [np.asarray(leaf).reshape(np.shape(leaf)[0], -1) for leaf in jax.tree_util.tree_leaves(x)]
-        found = set()
-        for name, a in inputs.items():
-            flat_a = np.asarray(a).reshape(a.shape[0], -1)
-            if any(flat_a.shape == f.shape and np.array_equal(flat_a, f) for f in flats):
-                found.add(name)
-        return frozenset(found)
+        capture = pass_capture(self.adapter, self.layers, single_device=self.mesh is None)
+        reads_input = jax.device_get(capture(self.variables, x)[2])
+        return frozenset(name for name, flag in reads_input.items() if flag)
 
     def input_layers(self) -> frozenset[str]:
         """Names of layers whose input is the model input itself (cached)."""

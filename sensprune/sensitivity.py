@@ -25,6 +25,7 @@ from sensprune import paths, sharding
 from sensprune import points as points_lib
 from sensprune import sensitivity_buckets as buckets_lib
 from sensprune.adapter import ModelAdapter, as_adapter
+from sensprune.compile_tiers import LIGHT, tiered_jit
 from sensprune.sensitivity_kernels import (
     CONTRACTIONS,
     EPS,
@@ -40,6 +41,11 @@ from sensprune.sensitivity_kernels import (
     split_weights,
 )
 from sensprune.types import Layer, LayerSensitivity
+
+# Calls of one program specialisation on its quick build before its full one (sensprune.compile_tiers):
+# a capture runs once per chunk of S, a kernel once per layer of its geometry and chunk.
+CAPTURE_PROMOTE_AFTER = 4
+KERNEL_PROMOTE_AFTER = 16
 
 __all__ = [
     "CONTRACTIONS",
@@ -175,7 +181,6 @@ def compute_sensitivities(
     if fused:
         stacked = jax.tree_util.tree_map(lambda *c: np.stack([np.asarray(a) for a in c]), first, *chunks)
         return fused_pass(adapter, variables, stacked, layers, reduction=reduction, mesh=mesh, contraction=contraction)
-    capture = _signed_capture_function(adapter, layers)
     geometry = {layer.name: _geometry(layer) for layer in layers}
     layer_step: Callable[..., Any] = _layer_step
     if mesh is not None:
@@ -193,6 +198,7 @@ def compute_sensitivities(
     split_kernels = {name: tuple(jax.device_put(split_weights(m))) for name, m in matrices.items()}
     indices = {layer.name: jax.device_put(buckets_lib.row_index(layer, buckets[layer.name]))
                for layer in layers if layer.name in buckets}
+    capture = pass_capture(adapter, layers, single_device=mesh is None)
     result: dict[str, Any] = _zero_sensitivities(variables, [layer for layer in layers if layer.name not in host])
     result |= {layer.name: _zero_ratio(layer, matrices[layer.name], buckets.get(layer.name), reduction)
                for layer in layers if layer.name in matrices}
@@ -201,17 +207,16 @@ def compute_sensitivities(
     for chunk in itertools.chain([first], chunks):
         if mesh is not None:
             chunk = jax.tree_util.tree_map(lambda a: sharding.shard_points(a, mesh)[0], chunk)
-        inputs, negative = capture(variables, chunk)
+        inputs, negative, _ = capture(variables, chunk)
         negative = _sign_flags(negative)  # static sign split: one kernel branch compiled, not two
         for layer in layers:
             reduction_l = _layer_reduction(layer, reduction)
             step_kw = dict(contraction=contraction, split=negative[layer.name])
             previous = result[layer.name]
             if layer.name in buckets:
-                bucket = buckets[layer.name]
-                rows = _rows_step(geometry[layer.name], bucket, inputs[layer.name])
                 result[layer.name] = _bucket_step(
-                    bucket, reduction_l, rows, indices[layer.name], *split_kernels[layer.name], previous, **step_kw
+                    buckets[layer.name], reduction_l, inputs[layer.name], indices[layer.name],
+                    *split_kernels[layer.name], previous, **step_kw
                 )
             elif layer.name in host:
                 result[layer.name] = _ratio_step(
@@ -376,7 +381,8 @@ def _geometry(layer: Layer) -> Layer:
     return dataclasses.replace(layer, path=(), order=0, index=())
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
+@tiered_jit(static_argnames=("layer", "reduction", "contraction", "split"), quick_options=LIGHT,
+            promote_after=KERNEL_PROMOTE_AFTER)
 def _layer_step(
     layer: Layer,
     reduction: str,
@@ -399,7 +405,8 @@ def _running_max(previous: tuple, mine: tuple) -> tuple:
     return jax.tree_util.tree_map(jnp.maximum, previous, mine)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "reduction", "contraction", "split"))
+@tiered_jit(static_argnames=("layer", "reduction", "contraction", "split"), quick_options=LIGHT,
+            promote_after=KERNEL_PROMOTE_AFTER)
 def _ratio_step(
     layer: Layer,
     reduction: str,
@@ -421,13 +428,8 @@ def _ratio_step(
                                               contraction=contraction, split=split))
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "bucket"))
-def _rows_step(layer: Layer, bucket: buckets_lib.Bucket, inputs: jax.Array) -> jax.Array:
-    """A conv's chunk input laid out as its bucket's rows (a small per-geometry program)."""
-    return buckets_lib.to_rows(layer, bucket, inputs)
-
-
-@functools.partial(jax.jit, static_argnames=("bucket", "reduction", "contraction", "split"))
+@tiered_jit(static_argnames=("bucket", "reduction", "contraction", "split"), quick_options=LIGHT,
+            promote_after=KERNEL_PROMOTE_AFTER)
 def _bucket_step(
     bucket: buckets_lib.Bucket,
     reduction: str,
@@ -478,32 +480,62 @@ def _capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, 
     return adapter.capture_inputs(variables, x, layers)
 
 
-_cached_capture = jax.jit(_capture, static_argnames=("adapter", "layers"))
+_cached_capture = tiered_jit(_capture, static_argnames=("adapter", "layers"), promote_after=CAPTURE_PROMOTE_AFTER)
 
 
-def _signed_capture(variables: Mapping[str, Any], x: jax.Array, adapter: ModelAdapter, layers: tuple[Layer, ...]):
-    """:func:`_capture`, plus per layer whether its input holds a negative entry (decides the sign split)."""
+def _signed_capture(
+    variables: Mapping[str, Any], x: Any, adapter: ModelAdapter, layers: tuple[Layer, ...], rows: tuple = ()
+):
+    """:func:`_capture`, plus per layer whether its input holds a negative entry (decides the sign
+    split) and whether it equals one of the model's inputs (``x``'s leaves; the layers whose input
+    channels filter methods protect). ``rows``: ``(name, geometry, bucket)`` of the bucketed convs,
+    whose input comes laid out as the bucket's rows (:func:`sensitivity_buckets.to_rows`)."""
     inputs = adapter.capture_inputs(variables, x, layers)
-    return inputs, {name: jnp.any(a < 0) for name, a in inputs.items()}
+    negative = {name: jnp.any(a < 0) for name, a in inputs.items()}
+    flats = [leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree_util.tree_leaves(x)]
+    reads_input = {}
+    for name, a in inputs.items():
+        flat = a.reshape(a.shape[0], -1)
+        same = [jnp.array_equal(flat, f) for f in flats if f.shape == flat.shape]
+        reads_input[name] = functools.reduce(jnp.logical_or, same, jnp.zeros((), bool))
+    for name, layer, bucket in rows:
+        inputs[name] = buckets_lib.to_rows(layer, bucket, inputs[name])
+    return inputs, negative, reads_input
 
 
-_cached_signed_capture = jax.jit(_signed_capture, static_argnames=("adapter", "layers"))
+_cached_signed_capture = tiered_jit(_signed_capture, static_argnames=("adapter", "layers", "rows"),
+                                    promote_after=CAPTURE_PROMOTE_AFTER)
 
 
 def _bind_capture(
-    impl: Callable[..., Any], cached: Callable[..., Any], adapter: ModelAdapter, layers: Sequence[Layer]
+    impl: Callable[..., Any], cached: Callable[..., Any], adapter: ModelAdapter, layers: Sequence[Layer],
+    **static: Any,
 ) -> Callable[..., Any]:
     """``cached`` (one jit shared across calls) bound to a hashable adapter, else a fresh jit of ``impl``."""
     frozen = tuple(layers)
     try:
         hash((adapter, frozen))
     except TypeError:
-        return jax.jit(functools.partial(impl, adapter=adapter, layers=frozen))
-    return functools.partial(cached, adapter=adapter, layers=frozen)
+        return tiered_jit(functools.partial(impl, adapter=adapter, layers=frozen, **static),
+                          promote_after=CAPTURE_PROMOTE_AFTER)
+    return functools.partial(cached, adapter=adapter, layers=frozen, **static)
 
 
-def _signed_capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
-    """Jitted ``(variables, chunk) -> (layer inputs, layer -> any input < 0)`` (as :func:`capture_function`)."""
+def _bucketed_rows(layers: Sequence[Layer]) -> tuple:
+    """``(name, geometry, bucket)`` of the convs that share bucket kernels (single device)."""
+    by_name = {layer.name: layer for layer in layers}
+    buckets = buckets_lib.assign([layer for layer in layers if layer.groups == 1])
+    return tuple((name, _geometry(by_name[name]), bucket) for name, bucket in buckets.items())
+
+
+def pass_capture(adapter: ModelAdapter, layers: Sequence[Layer], single_device: bool = True) -> Callable[..., Any]:
+    """The capture program of :func:`compute_sensitivities`: jitted ``(variables, chunk) -> (layer
+    inputs, layer -> any input < 0, layer -> input is a model input)``, the inputs of bucketed
+    convs laid out as rows inside it (no layout program per geometry). Other users of the first
+    chunk's layer inputs call this one too, so they hit the pass's compiled program."""
+    rows = _bucketed_rows(layers) if single_device else ()
+    if rows:
+        return _bind_capture(_signed_capture, _cached_signed_capture, adapter, layers, rows=rows)
     return _bind_capture(_signed_capture, _cached_signed_capture, adapter, layers)
 
 

@@ -73,6 +73,7 @@ from jax import lax
 from sensprune import paths, registry
 from sensprune import points as points_lib
 from sensprune.adapter import with_params
+from sensprune.compile_tiers import tiered_jit
 from sensprune.context import PruneContext
 
 
@@ -115,12 +116,14 @@ def _cotangent(shape: tuple[int, ...], index: jax.Array, number: int) -> jax.Arr
     return unit.reshape(shape)
 
 
-_abs_grad = jax.jit(_abs_grad_impl, static_argnames=("adapter", "loss_fn"))
+PROMOTE_AFTER = 6  # gradient calls (budgets x chunks) on the quick build (sensprune.compile_tiers)
+_abs_grad = tiered_jit(_abs_grad_impl, static_argnames=("adapter", "loss_fn"), promote_after=PROMOTE_AFTER)
 
 
 def _closure_program(ctx: PruneContext):
     loss_fn = ctx.loss_fn if ctx.labels is not None else None
-    return jax.jit(functools.partial(_abs_grad_impl, adapter=ctx.adapter, loss_fn=loss_fn))
+    return tiered_jit(functools.partial(_abs_grad_impl, adapter=ctx.adapter, loss_fn=loss_fn),
+                      promote_after=PROMOTE_AFTER)
 
 
 def _program(ctx: PruneContext):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sensprune as sp
-from sensprune import paths, sensitivity, sensitivity_kernels
+from sensprune import compile_tiers, paths, sensitivity, sensitivity_kernels
 from sensprune.layers import capture_inputs, find_layers
 from sensprune.sensitivity import (
     EPS,
@@ -482,12 +482,16 @@ class _SmallConvNet(nn.Module):
 def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
     """The first sp.prune compiles the capture, one kernel per layer geometry and the zeroing's
     gradient program (one chunk shape), nothing per keep-ratio search iteration; later calls on
-    the same model (any ratio, any reduction already seen) compile nothing."""
+    the same model (any ratio, any reduction already seen) compile at most the full builds of
+    those programs once (sensprune.compile_tiers), then nothing."""
+    from collections import Counter
+
     model = _SmallConvNet()  # hashable (a Sequential's layer list is not: a fresh capture jit per call)
     x = _inputs(11, (12, 7, 7, 3), True)
     variables = _init(model, x)
-    pass_programs = {"jit(_signed_capture)", "jit(_ratio_step)", "jit(_rows_step)", "jit(_bucket_step)",
+    pass_programs = {"jit(_signed_capture)", "jit(_ratio_step)", "jit(_bucket_step)",
                      "jit(_abs_grad_impl)"}
+    firsts: Counter = Counter()
     for method in ("sipp", "pfp"):
         with _Compiles() as first:
             sp.prune(model, variables, x, method=method, keep_ratio=0.4, chunk_size=8, allow_dead_layers=True)
@@ -495,11 +499,22 @@ def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
         assert first.names.count("jit(_abs_grad_impl)") <= 1, first.names  # 11 points, chunks of 8: padded
         kernels = [n for n in first.names if n in ("jit(_ratio_step)", "jit(_bucket_step)")]
         assert len(kernels) <= 3  # three layers of distinct geometry
-        for keep_ratio in (0.4, 0.15):
-            with _Compiles() as later:
+        firsts += Counter(first.names)
+
+    def calls(ratios):
+        for method in ("sipp", "pfp"):
+            for keep_ratio in ratios:
                 sp.prune(model, variables, x, method=method, keep_ratio=keep_ratio, chunk_size=8,
                          allow_dead_layers=True)
-            assert later.names == [], (method, keep_ratio, later.names)
+
+    with _Compiles() as later:
+        calls((0.4, 0.15, 0.4, 0.15, 0.3))
+    assert not Counter(later.names) - firsts, later.names  # full builds at most, each once
+    compile_tiers.settle()
+    calls((0.15,))
+    with _Compiles() as settled:
+        calls((0.4, 0.15))
+    assert settled.names == [], settled.names
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[0]}s{c[1]}p{c[2]}d{c[3]}i{c[4]}")

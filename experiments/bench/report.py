@@ -154,19 +154,21 @@ def _first_call(results: Mapping[str, Any]) -> list[str]:
     rows, programs = [], []
     for name, m in results.items():
         if "error" in m:
-            rows.append([name, "failed (see JSON)"] + ["-"] * 10)
+            rows.append([name, "failed (see JSON)"] + ["-"] * 11)
             continue
         b, ev = m["breakdown"], m["events"]
         cpu = m.get("first_call_cpu_s")
         rows.append([name, m["sample_size"], m.get("cache", "off"), fmt_t(b["first_call_s"]),
-                     fmt_t(cpu) if cpu is not None else "-", fmt_t(b["tracing_s"]), fmt_t(b["lowering_s"]),
+                     fmt_t(cpu) if cpu is not None else "-", fmt_t(m["second_call_s"]) if "second_call_s" in m else "-",
+                     fmt_t(b["tracing_s"]), fmt_t(b["lowering_s"]),
                      f"{fmt_t(b['compile_s'])} ({ev['num_compiles']} programs)", fmt_t(b["pass_execution_s"]),
                      fmt_t(b["search_s"]), fmt_t(b["rest_s"]), fmt_t(m["setup_s"])])
         cached = (f" (persistent cache: {ev.get('cache_hits', 0)} hits, {ev.get('cache_misses', 0)} misses)"
                   if m.get("cache", "off") != "off" else "")
         programs.append(f"{name}{cached}: " + ", ".join(f"`{p['name']}` x{p['count']} {fmt_t(p['compile_s'])}"
                                                         for p in ev["programs"][:6]))
-    return [table(["model", "|S|", "compilation cache", "first sp.prune", "(its process CPU time)", "tracing",
+    return [table(["model", "|S|", "compilation cache", "first sp.prune", "(its process CPU time)",
+                   "second sp.prune", "tracing",
                    "lowering", "XLA compile", "pass execution",
                    "keep-ratio search", "rest", "(model set-up, before)"], rows),
             "", "Largest compiles (program, compiles, XLA time):", ""] + [f"- {p}" for p in programs]

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
+from sensprune import compile_tiers
+
 MIN_SAMPLE_S = 0.05  # fast calls are repeated back to back until a sample takes this long
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,8 +106,12 @@ def single_sample(seconds: float) -> dict[str, Any]:
 
 
 def _warm_up(case: Case) -> tuple[Optional[float], int]:
-    """First call (None if prewarmed) and the calls per sample of ``case``."""
+    """First call (None if prewarmed) and the calls per sample of ``case``. Steady calls time the
+    full builds a long job ends up on (``sensprune.compile_tiers``): every program seen is promoted
+    and compiled by one more call before any is timed."""
     first = None if case.prewarmed else timed(case.warm or case.run)[0]
+    compile_tiers.settle()
+    timed(case.run)
     guess = first if first is not None else (case.expected_s or 0.0)
     if guess < 1.0:  # possibly fast: calibrate with one steady call
         guess = timed(case.run)[0]
