@@ -353,8 +353,12 @@ def _ratio_over_groups(
     if pad:  # repeated points do not change a max
         inputs = jnp.concatenate([inputs, jnp.repeat(inputs[:1], pad, axis=0)])
     groups = inputs.reshape((-1, size) + inputs.shape[1:])
-    like = jax.eval_shape(group_max, groups[0])  # (ratio, window sums or None)
-    return _scan_max(group_max, (groups,), like)
+    if groups.shape[0] == 1:
+        return group_max(groups[0])
+    # the carry's shapes from the patch layout alone (tracing group_max twice doubled the kernel's trace)
+    _, num_patches, fan_in = jax.eval_shape(patch_fn, groups[0]).shape
+    sums = _like((channels,)) if reduction == "mean" and num_patches > 1 else None
+    return _scan_max(group_max, (groups,), (_like((fan_in, positive.shape[1])), sums))
 
 
 def sensitivity_from_ratio(
