@@ -27,10 +27,14 @@ such a map, a shared layer whose calls differ in shape, ...) stays dense:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from sensprune.geometry import conv_layer, dense_layer, layer_name
 from sensprune.types import Layer, Path
@@ -419,8 +423,37 @@ def discover(model: Any, variables: Any, x: Any, method: Any, apply_kwargs: Any,
     report = getattr(adapter, "find_layers_report", None)
     if report is None:  # a user adapter: its own find_layers
         return list(find_layers(adapter, variables, x)), {}
-    layers, dense = report(variables, x)
+    key = _shape_key(adapter, variables, x)
+    layers, dense = report(variables, x) if key is None else _report_by_shapes(*key)
     return list(layers), dict(dense)
+
+
+def _shape_key(adapter: Any, variables: Any, x: Any) -> Optional[tuple]:
+    """What a Linen model's layer report depends on: the adapter (module, method, apply keywords)
+    and the shapes and dtypes of ``variables`` and ``x`` (it traces abstractly); None if unhashable."""
+    from sensprune.adapter import LinenAdapter
+
+    if not isinstance(adapter, LinenAdapter):
+        return None
+    try:
+        hash(adapter)
+    except TypeError:
+        return None
+    v_leaves, v_def = jax.tree_util.tree_flatten(variables)
+    x_leaves, x_def = jax.tree_util.tree_flatten(x)
+    return adapter, v_def, _shapes(v_leaves), x_def, _shapes(x_leaves)
+
+
+def _shapes(leaves: Sequence[Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _report_by_shapes(adapter: Any, v_def: Any, v_shapes: tuple, x_def: Any, x_shapes: tuple) -> tuple:
+    """The layer report of a model on abstract variables and points, kept for later prune calls (a
+    steady ``sp.prune`` of a ResNet20 spent ~0.2 s of its ~0.45 s re-tracing the model here)."""
+    layers, dense = adapter.find_layers_report(v_def.unflatten(v_shapes), x_def.unflatten(x_shapes))
+    return tuple(layers), dict(dense)
 
 
 def choose_layers(
