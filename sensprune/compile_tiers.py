@@ -19,8 +19,11 @@ A :class:`TieredJit` is ``jax.jit`` with two builds of every specialisation
 - *full*: XLA's default options.
 
 A specialisation runs its quick build for its first ``promote_after`` calls
-in the process, then compiles and runs its full build (synchronously, so
-which build runs is a deterministic function of the call sequence). Both
+in the process and its full build from then on, so which build runs is a
+deterministic function of the call sequence. The full build is compiled in
+a background thread from the call ``compile_ahead`` calls before the switch
+(XLA compiles without the GIL, so on a second core it overlaps those calls);
+the switching call waits for it if it is not done. Both
 builds run the same operations; XLA may order the sums of a dot or reduce
 differently between them, so values can differ in the last bit, as between
 XLA versions or backends (``tests/test_compile_tiers.py``: sensitivities
@@ -33,11 +36,12 @@ sensprune to always use the full build (e.g. to compare).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import re
 import weakref
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import jax
 
@@ -70,6 +74,16 @@ def _leaf_signature(leaf: Any) -> Hashable:
 class _Specialisation:
     calls: int = 0
     promoted: bool = False
+    compiling: Optional[concurrent.futures.Future] = None
+
+
+# one background compile at a time (a second one would only compete for the same cores)
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensprune-tiers")
+
+
+def _compile(jitted: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
+    """Compiles ``jitted`` for these arguments, filling its cache (the call then reuses the executable)."""
+    jitted.lower(*args, **kwargs).compile()
 
 
 class TieredJit:
@@ -82,11 +96,16 @@ class TieredJit:
         static_argnames: Sequence[str] = (),
         quick_options: Mapping[str, Any] = QUICK,
         promote_after: int = 8,
+        compile_ahead: Optional[int] = None,
     ) -> None:
         if promote_after < 0:
             raise ValueError(f"promote_after must be >= 0, got {promote_after!r}")
+        ahead = promote_after // 2 if compile_ahead is None else compile_ahead
+        if not 0 <= ahead <= promote_after:
+            raise ValueError(f"compile_ahead must be in [0, promote_after={promote_after}], got {compile_ahead!r}")
         self.static_argnames = tuple(static_argnames)
         self.promote_after = int(promote_after)
+        self.compile_ahead = int(ahead)
         self.full = jax.jit(fun, static_argnames=self.static_argnames)
         self.quick = jax.jit(fun, static_argnames=self.static_argnames, compiler_options=_no_higher(quick_options))
         self._specs: dict[Hashable, _Specialisation] = {}
@@ -114,9 +133,15 @@ class TieredJit:
             return self.full(*args, **kwargs)
         spec = self._specs.setdefault(self._key(args, kwargs), _Specialisation())
         spec.calls += 1
-        if spec.promoted or spec.calls > self.promote_after:
+        if spec.calls > self.promote_after:
             spec.promoted = True
+        if spec.promoted:
+            if spec.compiling is not None:  # never compile one build twice at once; a failed one is redone here
+                spec.compiling.exception()
+                spec.compiling = None
             return self.full(*args, **kwargs)
+        if spec.compiling is None and spec.calls > self.promote_after - self.compile_ahead:
+            spec.compiling = _BACKGROUND.submit(_compile, self.full, args, dict(kwargs))
         return self.quick(*args, **kwargs)
 
     def promote(self) -> None:
@@ -140,11 +165,12 @@ def tiered_jit(
     static_argnames: Sequence[str] = (),
     quick_options: Mapping[str, Any] = QUICK,
     promote_after: int = 8,
+    compile_ahead: Optional[int] = None,
 ) -> Any:
     """:class:`TieredJit` as a decorator (``@tiered_jit(static_argnames=...)``) or a call."""
     def wrap(f: Callable[..., Any]) -> TieredJit:
         return TieredJit(f, static_argnames=static_argnames, quick_options=quick_options,
-                         promote_after=promote_after)
+                         promote_after=promote_after, compile_ahead=compile_ahead)
 
     return wrap if fun is None else wrap(fun)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 import flax.linen as nn
 import jax
@@ -23,12 +24,12 @@ class _Compiles:
 
     def __init__(self):
         self.names: list[str] = []
+        self.threads: list[str] = []
 
     def _listen(self, event, duration, **kw):
-        if event == "/jax/compilation_cache/compile_time_saved_sec":
-            return
         if event.endswith("backend_compile_duration"):
             self.names.append(str(kw.get("fun_name", "?")))
+            self.threads.append(threading.current_thread().name)
 
     def __enter__(self):
         jax.monitoring.register_event_duration_secs_listener(self._listen)
@@ -52,7 +53,8 @@ def test_first_calls_run_the_quick_build_then_the_full_one():
             outs.append(np.asarray(tiered(x, power=3)))
             builds.append(tiered.build(x, power=3) is tiered.quick)
     assert builds == [True, True, False, False, False]  # calls 1-2 quick, 3-4 full
-    assert compiles.names == ["jit(_poly)", "jit(_poly)"]  # each build compiled once
+    assert compiles.names == ["jit(_poly)", "jit(_poly)"]  # each build compiled once,
+    assert compiles.threads[1].startswith("sensprune-tiers")  # the full one in the background from call 2
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
     # a new specialisation (another static value, another shape) starts on its quick build again
     assert tiered.build(x, power=2) is tiered.quick
@@ -79,6 +81,8 @@ def test_disabled_tiers_always_run_the_full_build(monkeypatch):
 def test_promote_after_must_be_nonnegative():
     with pytest.raises(ValueError, match="promote_after"):
         TieredJit(_poly, promote_after=-1)
+    with pytest.raises(ValueError, match="compile_ahead"):
+        TieredJit(_poly, promote_after=2, compile_ahead=3)
 
 
 class _Net(nn.Module):
