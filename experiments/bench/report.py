@@ -158,8 +158,9 @@ def _first_call(results: Mapping[str, Any]) -> list[str]:
             continue
         b, ev = m["breakdown"], m["events"]
         cpu = m.get("first_call_cpu_s")
+        later = " / ".join(fmt_t(t) for t in m["later_calls_s"]) if "later_calls_s" in m else "-"
         rows.append([name, m["sample_size"], m.get("cache", "off"), fmt_t(b["first_call_s"]),
-                     fmt_t(cpu) if cpu is not None else "-", " / ".join(fmt_t(t) for t in m["later_calls_s"]) if "later_calls_s" in m else "-",
+                     fmt_t(cpu) if cpu is not None else "-", later,
                      fmt_t(b["tracing_s"]), fmt_t(b["lowering_s"]),
                      f"{fmt_t(b['compile_s'])} ({ev['num_compiles']} programs)", fmt_t(b["pass_execution_s"]),
                      fmt_t(b["search_s"]), fmt_t(b["rest_s"]), fmt_t(m["setup_s"])])
