@@ -36,10 +36,12 @@ sensprune to always use the full build (e.g. to compare).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import os
 import re
+import threading
 import weakref
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
@@ -79,6 +81,16 @@ class _Specialisation:
 
 # one background compile at a time (a second one would only compete for the same cores)
 _BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensprune-tiers")
+
+
+def _drop_pending() -> None:
+    """At interpreter exit: cancel the background compiles not yet started (their builds would never run;
+    the executor would otherwise run them all before the process ends)."""
+    _BACKGROUND.shutdown(wait=False, cancel_futures=True)
+
+
+# threading's exit hooks run before concurrent.futures joins its workers (it registers the same way)
+getattr(threading, "_register_atexit", atexit.register)(_drop_pending)
 
 
 def _compile(jitted: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
@@ -137,11 +149,14 @@ class TieredJit:
             spec.promoted = True
         if spec.promoted:
             if spec.compiling is not None:  # never compile one build twice at once; a failed one is redone here
-                spec.compiling.exception()
+                concurrent.futures.wait([spec.compiling])
                 spec.compiling = None
             return self.full(*args, **kwargs)
         if spec.compiling is None and spec.calls > self.promote_after - self.compile_ahead:
-            spec.compiling = _BACKGROUND.submit(_compile, self.full, args, dict(kwargs))
+            try:
+                spec.compiling = _BACKGROUND.submit(_compile, self.full, args, dict(kwargs))
+            except RuntimeError:  # the interpreter is exiting: the switching call compiles it, if it comes
+                pass
         return self.quick(*args, **kwargs)
 
     def promote(self) -> None:
