@@ -89,7 +89,8 @@ def _drop_pending() -> None:
     _BACKGROUND.shutdown(wait=False, cancel_futures=True)
 
 
-# threading's exit hooks run before concurrent.futures joins its workers (it registers the same way)
+# threading's exit hooks run before concurrent.futures joins its workers: a private hook of threading, the one
+# concurrent.futures itself registers through (plain atexit, which runs after that join, where it is missing)
 getattr(threading, "_register_atexit", atexit.register)(_drop_pending)
 
 
