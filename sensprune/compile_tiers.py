@@ -5,8 +5,8 @@ its fusions. A prune call runs most of its programs only a few times (the
 capture once per chunk of S, a conv kernel once per layer of its shape
 bucket and chunk, the zeroing's gradient once per searched budget and
 chunk), so on a first call the compile, not the run, is what the user waits
-for: ResNet20's first ``sp.prune`` spent 4.3 s of its 3.9 s wall compiling
-(two cores) and 0.5 s running.
+for: ResNet20's first ``sp.prune`` took 3.9 s of wall time, in which XLA
+compiled for 4.3 s (summed over two threads) and the programs ran for 0.5 s.
 
 A :class:`TieredJit` is ``jax.jit`` with two builds of every specialisation
 (static arguments and argument shapes):
@@ -23,11 +23,12 @@ in the process and its full build from then on, so which build runs is a
 deterministic function of the call sequence. The full build is compiled in
 a background thread from the call ``compile_ahead`` calls before the switch
 (XLA compiles without the GIL, so on a second core it overlaps those calls);
-the switching call waits for it if it is not done. Both
-builds run the same operations; XLA may order the sums of a dot or reduce
-differently between them, so values can differ in the last bit, as between
-XLA versions or backends (``tests/test_compile_tiers.py``: sensitivities
-within 1e-6, the same masks).
+the switching call waits for it if it is not done.
+
+Both builds run the same operations; XLA may order the sums of a dot or
+reduce differently between them, so values can differ in the last bit, as
+between XLA versions or backends (``tests/test_compile_tiers.py``:
+sensitivities within 1e-6, the same masks).
 
 Only on the CPU backend; elsewhere every call runs the full build. Set the
 environment variable ``SENSPRUNE_COMPILE_TIERS=0`` before importing
