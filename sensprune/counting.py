@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensprune.paths import get_kernel
+from sensprune.paths import stored_kernel
 from sensprune.types import Layer, PyTree
 
 __all__ = [
@@ -104,7 +104,7 @@ def layer_total(layers: Sequence[Layer]) -> dict[str, int]:
 
 def layer_nonzero(params: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, int]:
     """Nonzero kernel entries of each layer, by layer name (biases excluded)."""
-    kernels = [get_kernel(params, layer) for layer in layers]
+    kernels = [stored_kernel(params, layer) for layer in layers]
     return {layer.name: n for layer, n in zip(layers, _nonzero_per_leaf(kernels))}
 
 

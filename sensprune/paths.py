@@ -72,6 +72,14 @@ def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
     return kernel_view(get_path(params, kernel_path(layer)), layer)
 
 
+def stored_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
+    """The layer's kernel entries as stored: its leaf, or its ``layer.index`` slice of a stacked leaf,
+    without the ``kernel_shape`` view (enough to count entries; no reshape of a device array)."""
+    leaf = get_path(params, kernel_path(layer))
+    index = getattr(layer, "index", ())
+    return leaf[index] if index and hasattr(leaf, "shape") else leaf
+
+
 def kernel_view(leaf: Any, layer: Layer) -> Any:
     """What :func:`get_kernel` returns, from the layer's kernel leaf as stored (e.g. a NumPy copy
     read to the host): its ``layer.index`` slice, then the ``layer.kernel_shape`` view."""

@@ -47,8 +47,16 @@ def _kernel_masks_tree(params, layers: Sequence[Layer], masks: Mapping[str, np.n
     tree = masking.ones_like_masks(params)
     for layer in layers:
         if layer.name in masks:
-            tree = paths.set_kernel(tree, layer, jnp.asarray(masks[layer.name], bool))
+            tree = _set_kernel_on_host(tree, layer, np.asarray(masks[layer.name], bool))
     return tree
+
+
+def _set_kernel_on_host(tree, layer: Layer, value: np.ndarray):
+    """``paths.set_kernel`` with a NumPy value, then the leaf placed on the device: a kernel view
+    (e.g. DenseGeneral's) reshapes on the host, not in an eager program compiled per shape."""
+    tree = paths.set_kernel(tree, layer, value)
+    path = paths.kernel_path(layer)
+    return paths.set_path(tree, path, jax.device_put(paths.get_path(tree, path)))
 
 
 def _pruned_params(params, layers: Sequence[Layer], sel: registry.Selection):
@@ -57,7 +65,7 @@ def _pruned_params(params, layers: Sequence[Layer], sel: registry.Selection):
         new = np.asarray(sel.kernels.get(layer.name, kernel)) * sel.masks[layer.name]
         if layer.name in sel.scales:
             new = new * np.asarray(sel.scales[layer.name])
-        params = paths.set_kernel(params, layer, jax.device_put(np.asarray(new, kernel.dtype)))
+        params = _set_kernel_on_host(params, layer, np.asarray(new, kernel.dtype))
     return params
 
 
