@@ -5,11 +5,13 @@
 - ``np_init``: variables filled from NumPy (no XLA RNG compiles).
 - ``mlp()``: an untrained ``MLP`` with ``np_init`` variables.
 - ``trained_mlp()``: an ``MLP`` trained on the digits.
+- ``Compiles``: records the XLA programs compiled while active (names, and the compiling threads).
 
 The loaders are cached, so every test in a process shares one copy.
 """
 
 import functools
+import threading
 
 import flax.linen as nn
 import jax
@@ -99,3 +101,25 @@ def trained_mlp():
         params, opt, _ = step(params, opt, x[idx], y[idx])
     return model, {"params": params}
 
+
+class Compiles:
+    """Names of the XLA programs compiled while active (``jax.monitoring`` compile events, from any
+    thread), and the name of the thread that compiled each."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.names = []
+        self.threads = []
+
+    def _listen(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            self.names.append(str(kwargs.get("fun_name", "?")))
+            self.threads.append(threading.current_thread().name)
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import threading
 
 import flax.linen as nn
 import jax
@@ -15,28 +14,9 @@ import sensprune as sp
 from sensprune import compile_tiers, sensitivity, zeroing
 from sensprune.adapter import as_adapter
 from sensprune.compile_tiers import LIGHT, QUICK, TieredJit
+from tests.fixtures import Compiles
 
 pytestmark = pytest.mark.skipif(not compile_tiers.tiered_backend(), reason="quick builds are used on a CPU only")
-
-
-class _Compiles:
-    """Names of the XLA compiles while active, with their compile options' build ('quick' or 'full')."""
-
-    def __init__(self):
-        self.names: list[str] = []
-        self.threads: list[str] = []
-
-    def _listen(self, event, duration, **kw):
-        if event.endswith("backend_compile_duration"):
-            self.names.append(str(kw.get("fun_name", "?")))
-            self.threads.append(threading.current_thread().name)
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def _poly(x, *, power):
@@ -48,7 +28,7 @@ def test_first_calls_run_the_quick_build_then_the_full_one():
     x = jnp.linspace(-2.0, 3.0, 12).reshape(4, 3)
     builds = [tiered.build(x, power=3) is tiered.quick]
     outs = []
-    with _Compiles() as compiles:
+    with Compiles() as compiles:
         for _ in range(4):
             outs.append(np.asarray(tiered(x, power=3)))
             builds.append(tiered.build(x, power=3) is tiered.quick)

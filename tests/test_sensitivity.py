@@ -20,6 +20,7 @@ from sensprune.sensitivity import (
     max_sensitivity,
 )
 from sensprune.types import LayerSensitivity
+from tests.fixtures import Compiles
 
 # ---------------------------------------------------------------------------
 # Reference: explicit loops over points, output positions, rows and columns.
@@ -451,26 +452,6 @@ def test_pass_compiles_one_kernel_branch_per_sign(monkeypatch):
         _close(got[name], _pair(fused[name]))
 
 
-class _Compiles:
-    """Names of the XLA programs compiled while active (``jax.monitoring`` compile events)."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.names = []
-
-    def _listen(self, event, duration, **kwargs):
-        if event == self.EVENT:
-            self.names.append(str(kwargs.get("fun_name", "?")))
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
 class _SmallConvNet(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -493,7 +474,7 @@ def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
                      "jit(_abs_grad_impl)"}
     firsts: Counter = Counter()
     for method in ("sipp", "pfp"):
-        with _Compiles() as first:
+        with Compiles() as first:
             sp.prune(model, variables, x, method=method, keep_ratio=0.4, chunk_size=8, allow_dead_layers=True)
         assert set(first.names) <= pass_programs, first.names
         assert first.names.count("jit(_abs_grad_impl)") <= 1, first.names  # 11 points, chunks of 8: padded
@@ -507,12 +488,12 @@ def test_prune_compiles_only_the_pass_and_nothing_on_later_calls():
                 sp.prune(model, variables, x, method=method, keep_ratio=keep_ratio, chunk_size=8,
                          allow_dead_layers=True)
 
-    with _Compiles() as later:
+    with Compiles() as later:
         calls((0.4, 0.15, 0.4, 0.15, 0.3))
     assert not Counter(later.names) - firsts, later.names  # full builds at most, each once
     compile_tiers.settle()
     calls((0.15,))
-    with _Compiles() as settled:
+    with Compiles() as settled:
         calls((0.4, 0.15))
     assert settled.names == [], settled.names
 
@@ -573,7 +554,7 @@ def test_layers_of_a_bucket_share_one_kernel_and_match_the_reference(monkeypatch
     layers = find_layers(model, variables, x)
     assigned = buckets.assign(layers)
     assert set(assigned) == {"Conv_0", "Conv_1"} and assigned["Conv_0"] == assigned["Conv_1"]
-    with _Compiles() as compiles:
+    with Compiles() as compiles:
         got = compute_sensitivities(model, variables, x, reduction=reduction, chunk_size=2)
     assert len(calls) == 2 * 3 and len(set(calls)) == 1  # both convs, 3 chunks, one static bucket
     assert compiles.names.count("jit(_bucket_step)") <= 1
