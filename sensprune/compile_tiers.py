@@ -62,6 +62,7 @@ def _no_higher(options: Mapping[str, Any]) -> dict[str, Any]:
         out["xla_backend_optimization_level"] = min(int(out["xla_backend_optimization_level"]), int(_LEVEL.group(1)))
     return out
 
+
 _INSTANCES: "weakref.WeakSet[TieredJit]" = weakref.WeakSet()  # for :func:`settle`
 
 

@@ -75,7 +75,11 @@ def get_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
 def stored_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
     """The layer's kernel entries as stored: its leaf, or its ``layer.index`` slice of a stacked leaf,
     without the ``kernel_shape`` view (enough to count entries; no reshape of a device array)."""
-    leaf = get_path(params, kernel_path(layer))
+    return _own_slice(get_path(params, kernel_path(layer)), layer)
+
+
+def _own_slice(leaf: Any, layer: Layer) -> Any:
+    """The layer's ``layer.index`` slice of a leaf stacked by ``nn.scan`` (the leaf itself without one)."""
     index = getattr(layer, "index", ())
     return leaf[index] if index and hasattr(leaf, "shape") else leaf
 
@@ -83,9 +87,7 @@ def stored_kernel(params: Mapping[str, Any], layer: Layer) -> Any:
 def kernel_view(leaf: Any, layer: Layer) -> Any:
     """What :func:`get_kernel` returns, from the layer's kernel leaf as stored (e.g. a NumPy copy
     read to the host): its ``layer.index`` slice, then the ``layer.kernel_shape`` view."""
-    index = getattr(layer, "index", ())
-    if index and hasattr(leaf, "shape"):
-        leaf = leaf[index]
+    leaf = _own_slice(leaf, layer)
     if not _is_view(layer) or not hasattr(leaf, "reshape"):
         return leaf
     return (_swap_view(leaf) if layer.transposed else leaf).reshape(layer.kernel_shape)
