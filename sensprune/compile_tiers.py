@@ -139,17 +139,18 @@ class TieredJit:
         if not tiered_backend():
             return self.full
         spec = self._specs.get(self._key(args, kwargs))
-        if spec is None or not (spec.promoted or spec.calls >= self.promote_after):
-            return self.quick
-        return self.full
+        return self.full if spec is not None and self._full_next(spec) else self.quick
+
+    def _full_next(self, spec: _Specialisation) -> bool:
+        """Whether the specialisation's next call runs the full build."""
+        return spec.promoted or spec.calls >= self.promote_after
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not tiered_backend():
             return self.full(*args, **kwargs)
         spec = self._specs.setdefault(self._key(args, kwargs), _Specialisation())
+        spec.promoted = self._full_next(spec)
         spec.calls += 1
-        if spec.calls > self.promote_after:
-            spec.promoted = True
         if spec.promoted:
             if spec.compiling is not None:  # never compile one build twice at once; a failed one is redone here
                 concurrent.futures.wait([spec.compiling])
