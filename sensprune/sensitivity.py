@@ -190,7 +190,7 @@ def compute_sensitivities(
     # plain convs run one compiled kernel per shape bucket (sensitivity_buckets), not per geometry.
     host = {layer.name: _host_kernel(variables["params"], layer) for layer in layers
             if mesh is None and layer.groups == 1}
-    buckets = buckets_lib.assign([layer for layer in layers if layer.name in host])
+    buckets = _pass_buckets(layers, single_device=mesh is None)  # the layers of host with groups == 1
     matrices = {name: k.reshape(-1, k.shape[-1]) for name, k in host.items()}
     for layer in layers:
         if layer.name in buckets:
@@ -521,11 +521,9 @@ def _bind_capture(
     return functools.partial(cached, adapter=adapter, layers=frozen, **static)
 
 
-def _bucketed_rows(layers: Sequence[Layer]) -> tuple:
-    """``(name, geometry, bucket)`` of the convs that share bucket kernels (single device)."""
-    by_name = {layer.name: layer for layer in layers}
-    buckets = buckets_lib.assign([layer for layer in layers if layer.groups == 1])
-    return tuple((name, _geometry(by_name[name]), bucket) for name, bucket in buckets.items())
+def _pass_buckets(layers: Sequence[Layer], single_device: bool) -> dict[str, buckets_lib.Bucket]:
+    """Layer name -> shape bucket of the convs whose kernels the pass shares (single device only)."""
+    return buckets_lib.assign([layer for layer in layers if layer.groups == 1]) if single_device else {}
 
 
 def pass_capture(adapter: ModelAdapter, layers: Sequence[Layer], single_device: bool = True) -> Callable[..., Any]:
@@ -533,10 +531,10 @@ def pass_capture(adapter: ModelAdapter, layers: Sequence[Layer], single_device: 
     inputs, layer -> any input < 0, layer -> input is a model input)``, the inputs of bucketed
     convs laid out as rows inside it (no layout program per geometry). Other users of the first
     chunk's layer inputs call this one too, so they hit the pass's compiled program."""
-    rows = _bucketed_rows(layers) if single_device else ()
-    if rows:
-        return _bind_capture(_signed_capture, _cached_signed_capture, adapter, layers, rows=rows)
-    return _bind_capture(_signed_capture, _cached_signed_capture, adapter, layers)
+    by_name = {layer.name: layer for layer in layers}
+    rows = tuple((name, _geometry(by_name[name]), bucket)
+                 for name, bucket in _pass_buckets(layers, single_device).items())
+    return _bind_capture(_signed_capture, _cached_signed_capture, adapter, layers, rows=rows)
 
 
 def capture_function(adapter: ModelAdapter, layers: Sequence[Layer]) -> Callable[..., Any]:
